@@ -1,0 +1,105 @@
+"""Run parameters: one object, validated once, before any stage runs.
+
+The field names are the flow's parameter names and, dashed, the CLI's flags, so
+`python flows/train.py --train-limit 100` and
+`prefect deployment run 'train-flow/on-demand' --param train_limit=100` mean the same.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from tasks.datasets import DATASETS
+
+DEFAULT_STORAGE = "./artifacts"
+STORAGE_ENV = "TAPELINE_STORAGE"
+DEVICES = ("auto", "cpu", "gpu")
+
+# A run name becomes a directory under <storage>/runs: keep it one plain path segment.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ConfigError(ValueError):
+    """A run parameter is invalid; the message is one line, fit for a terminal."""
+
+
+def _help(text: str, **extra):
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: str = field(default="mnist", metadata=_help("dataset to train on", choices=tuple(DATASETS)))
+    source: str | None = field(
+        default=None,
+        metadata=_help("URL or local directory to take the dataset files from instead of the built-in mirrors"),
+    )
+    storage: str | None = field(
+        default=None, metadata=_help(f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+    )
+    run_name: str | None = field(default=None, metadata=_help("run id; default: a timestamp and a random suffix"))
+    epochs: int = field(default=5, metadata=_help("passes over the training split"))
+    batch_size: int = field(default=32, metadata=_help("samples per training step"))
+    learning_rate: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    seed: int = field(default=42, metadata=_help("seed for the validation split, data order and initial weights"))
+    train_limit: int | None = field(default=None, metadata=_help("use only the first N training samples (smoke runs)"))
+    validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
+    snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
+    device: str = field(default="auto", metadata=_help("where to train: auto uses a GPU when TensorFlow sees one", choices=DEVICES))
+
+    def validated(self) -> RunConfig:
+        """Check every parameter and resolve defaults that depend on the environment.
+
+        Writes nothing: a bad parameter must leave the storage root as it was.
+        """
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        for name in ("epochs", "batch_size", "snapshot_every"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("seed", self.seed, minimum=0)
+        _require_int("validation_size", self.validation_size, minimum=0)
+        if self.train_limit is not None:
+            _require_int("train_limit", self.train_limit, minimum=1)
+        if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be a number above 0, got {self.learning_rate!r}")
+        if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
+            raise ConfigError(
+                f"run_name {self.run_name!r} must be one path segment of letters, digits, '.', '_' or '-' (no '..')"
+            )
+        storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+        return replace(self, storage=str(_writable_root(storage)))
+
+    def parameters(self) -> dict:
+        """Every parameter by name, as recorded in run.json."""
+        return asdict(self)
+
+
+def parameter_fields():
+    """The run parameters, in declaration order (the CLI builds its flags from these)."""
+    return fields(RunConfig)
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _writable_root(storage: str) -> Path:
+    if "://" in storage and not storage.startswith("file://"):
+        raise ConfigError(f"storage {storage!r}: only local paths are supported so far")
+    path = Path(storage.removeprefix("file://")).expanduser().resolve()
+    # The root may not exist yet: it will be created under its nearest existing ancestor.
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"storage {storage!r}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage {storage!r}: {existing} is not writable")
+    return path

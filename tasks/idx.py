@@ -1,0 +1,53 @@
+"""The IDX file format of (Fashion-)MNIST: parse with validation, and encode.
+
+An IDX file is two zero bytes, a type code (0x08: unsigned byte), the number of
+dimensions, each dimension as a big-endian uint32, then the data in C order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+UBYTE = 0x08
+
+
+class IdxError(ValueError):
+    """An IDX file is malformed; the message names the file."""
+
+
+def read_idx_gz(path: Path, ndim: int) -> np.ndarray:
+    """Read a gzipped IDX file of unsigned bytes with `ndim` dimensions."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as error:
+        raise IdxError(f"{path.name}: not a complete gzip file ({error})") from None
+    return parse_idx(data, ndim, path.name)
+
+
+def parse_idx(data: bytes, ndim: int, name: str) -> np.ndarray:
+    if len(data) < 4:
+        raise IdxError(f"{name}: {len(data)} bytes is too short for an IDX header")
+    zero, dtype, dims = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != UBYTE:
+        raise IdxError(f"{name}: bad IDX magic number 0x{data[:4].hex()} (expected 0x0000{UBYTE:02x}{ndim:02x})")
+    if dims != ndim:
+        raise IdxError(f"{name}: {dims} dimensions, expected {ndim}")
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise IdxError(f"{name}: truncated IDX header")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise IdxError(f"{name}: {len(data)} bytes, but its header {list(shape)} needs {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX bytes of a uint8 array (the inverse of `parse_idx`)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return struct.pack(f">HBB{array.ndim}I", 0, UBYTE, array.ndim, *array.shape) + array.tobytes()
