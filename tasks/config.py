@@ -23,8 +23,12 @@ DEVICES = ("auto", "cpu", "gpu")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class ConfigError(ValueError):
-    """A run parameter is invalid; the message is one line, fit for a terminal."""
+class TapelineError(Exception):
+    """An error the user can act on; its message is one line, fit for a terminal."""
+
+
+class ConfigError(TapelineError, ValueError):
+    """A run parameter is invalid."""
 
 
 def _help(text: str, **extra):

@@ -23,7 +23,7 @@ import numpy as np
 from prefect import task
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, TapelineError
 from tasks.datasets import DATASETS, SPLIT_FILES, Dataset, DatasetFile
 from tasks.idx import encode_idx
 from tasks.storage import Storage, atomic_path, sha256_file, sha256_stream
@@ -34,11 +34,11 @@ TIMEOUT_SECONDS = 30
 KERAS_SPLITS = {"train_images": "x_train", "train_labels": "y_train", "test_images": "x_test", "test_labels": "y_test"}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(TapelineError):
     """No source produced a verified file."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(TapelineError, ValueError):
     """A file's content is not what the registry says it must be."""
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.config import TapelineError
+
 UBYTE = 0x08
 
 
-class IdxError(ValueError):
+class IdxError(TapelineError, ValueError):
     """An IDX file is malformed; the message names the file."""
 
 

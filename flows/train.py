@@ -1,0 +1,103 @@
+"""train-flow: download -> preprocess -> train (gpu) -> export gradients -> evaluate.
+
+Run it locally with `python flows/train.py --help`; with no PREFECT_API_URL set,
+Prefect starts a temporary local API for the run. Stages hand each other small
+references (paths, digests, counts), never arrays: every stage reads and writes
+files under the storage root, so any stage can run on another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry, and no errors offline
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+from prefect import flow  # noqa: E402
+
+from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields  # noqa: E402
+from tasks.download import download  # noqa: E402
+from tasks.evaluate import evaluate  # noqa: E402
+from tasks.export import export_gradients  # noqa: E402
+from tasks.manifest import StageClock, new_run_id, run_manifest_path, utc_now, write_run_manifest  # noqa: E402
+from tasks.model import resolve_device  # noqa: E402
+from tasks.preprocess import preprocess  # noqa: E402
+from tasks.train import train  # noqa: E402
+
+
+@flow(name="train-flow", log_prints=True)
+def train_flow(
+    dataset: str = RunConfig.dataset,
+    source: str | None = RunConfig.source,
+    storage: str | None = RunConfig.storage,
+    run_name: str | None = RunConfig.run_name,
+    epochs: int = RunConfig.epochs,
+    batch_size: int = RunConfig.batch_size,
+    learning_rate: float = RunConfig.learning_rate,
+    seed: int = RunConfig.seed,
+    train_limit: int | None = RunConfig.train_limit,
+    validation_size: int = RunConfig.validation_size,
+    snapshot_every: int = RunConfig.snapshot_every,
+    device: str = RunConfig.device,
+) -> dict:
+    """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
+    config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
+    resolve_device(config.device)  # fail on a missing GPU before any stage runs
+    run_id, started, stages = config.run_name or new_run_id(), utc_now(), StageClock()
+
+    files = stages.run(download, config)
+    data = stages.run(preprocess, config, files)
+    trained = stages.run(train, config, data, run_id)
+    exported = stages.run(export_gradients, trained)
+    scores = stages.run(evaluate, trained, data)
+
+    print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
+    return write_run_manifest(config, run_id, started, files, data, trained, exported, scores, stages.record)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage dump
+
+
+def _flag_type(name: str):
+    hint = typing.get_type_hints(RunConfig)[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    parser = _Parser(prog="flows/train.py", description=__doc__.split("\n\n")[0])
+    for f in parameter_fields():
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_flag_type(f.name),
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""),
+        )
+    args = vars(parser.parse_args(argv))
+    try:
+        config = RunConfig(**args).validated()
+        resolve_device(config.device)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parameters = parse_args(argv)
+    try:
+        manifest = train_flow(**parameters)
+    except TapelineError as error:
+        print(f"flows/train.py: error: {error}", file=sys.stderr)
+        return 1
+    print(run_manifest_path(manifest["parameters"]["storage"], manifest["run_id"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The run manifest, `<storage>/runs/<run_id>/run.json`: what one run did, and where it put it.
+
+    run_id, status, started, finished
+    parameters   every flow parameter, by name
+    dataset      name, and the SHA-256 of each IDX file
+    device       the TensorFlow device training ran on
+    stages       per task name: seconds, and whether it was served from cache
+    metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
+                 seconds, train_samples_per_second}], test_accuracy, test_loss
+    uris         model, gradients, steps, train, validation, test
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+from tasks.config import RunConfig
+from tasks.download import DatasetFiles
+from tasks.export import GradientExport
+from tasks.preprocess import PreparedData
+from tasks.storage import Storage, write_json
+from tasks.train import TrainedModel
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class StageClock:
+    """Runs the pipeline's stages in order and keeps, per stage, its seconds and cache status."""
+
+    def __init__(self):
+        self.record: dict[str, dict] = {}
+
+    def run(self, stage, *args):
+        started = time.perf_counter()
+        result = stage(*args)
+        self.record[stage.name] = {
+            "seconds": round(time.perf_counter() - started, 3),
+            "cached": bool(getattr(result, "cached", False)),
+        }
+        return result
+
+
+def write_run_manifest(
+    config: RunConfig,
+    run_id: str,
+    started: str,
+    files: DatasetFiles,
+    data: PreparedData,
+    trained: TrainedModel,
+    exported: GradientExport,
+    scores: dict,
+    stages: dict,
+) -> dict:
+    manifest = {
+        "run_id": run_id,
+        "status": "completed",
+        "started": started,
+        "finished": utc_now(),
+        "parameters": config.parameters(),
+        "dataset": {"name": files.dataset, "sha256": files.sha256, "preprocessed": data.directory},
+        "device": trained.device,
+        "stages": stages,
+        "metrics": {"epochs": trained.epochs, "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+        "uris": {
+            "model": trained.model_uri,
+            "gradients": exported.uri,
+            "steps": trained.steps_uri,
+            **data.uris,
+        },
+    }
+    write_json(run_manifest_path(config.storage, run_id), manifest)
+    return manifest
+
+
+def run_manifest_path(storage: str, run_id: str) -> Path:
+    return Storage(storage).run_dir(run_id) / "run.json"
