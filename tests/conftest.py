@@ -1,0 +1,76 @@
+"""Shared fixtures: small real IDX datasets, the real Fashion-MNIST files, one Prefect harness."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tasks.datasets import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
+from tasks.idx import encode_idx  # noqa: E402
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FILE_NAMES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def tiny_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """A learnable toy set: each class is a bright square at its own place."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 2 + row * 12 : 10 + row * 12, 1 + col * 5 : 5 + col * 5] = 230
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
+    """Write arrays as the four IDX gz files and return a registry entry that matches them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in SPLIT_FILES:
+        idx = encode_idx(arrays[split])
+        archive = gzip.compress(idx, mtime=0)
+        (directory / FILE_NAMES[split]).write_bytes(archive)
+        files[split] = DatasetFile(
+            FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
+        )
+    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"))
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Dataset, Path]:
+    """A tiny IDX dataset on disk, and its registry entry."""
+    source = tmp_path / "source"
+    return write_idx_dir(source, tiny_arrays()), source
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    if not (FASHION_MNIST_DIR / FILE_NAMES["train_images"]).exists():
+        pytest.fail(f"{FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
+    return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test harness (a real local API on a temporary database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
