@@ -1,0 +1,72 @@
+"""train-flow end to end, through a real Prefect API, on the real Fashion-MNIST files."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from flows.train import train_flow
+from tasks.config import ConfigError
+from tasks.model import build_model
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="module")
+def first_run(storage, fashion_mnist_dir) -> dict:
+    # The issue's budget: 1 epoch on 10,000 samples.
+    return train_flow(
+        dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
+        run_name="e2e", epochs=1, train_limit=10_000, snapshot_every=100,
+    )
+
+
+@pytest.mark.slow
+def test_end_to_end_on_fashion_mnist(first_run, storage):
+    manifest = json.loads((storage / "runs" / "e2e" / "run.json").read_text())
+    assert manifest == first_run
+    assert manifest["metrics"]["test_accuracy"] >= 0.80
+    assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate"}
+    assert not manifest["stages"]["download"]["cached"] and not manifest["stages"]["preprocess"]["cached"]
+    for name, uri in manifest["uris"].items():
+        assert Path(uri).exists(), name
+    assert manifest["parameters"]["train_limit"] == 10_000 and manifest["device"] == "/CPU:0"
+    epoch = manifest["metrics"]["epochs"][0]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "train_samples_per_second"} <= set(epoch)
+    assert len(manifest["dataset"]["sha256"]) == 4
+
+
+@pytest.mark.slow
+def test_gradient_rows_for_every_variable_readable_with_duckdb(first_run):
+    gradients = first_run["uris"]["gradients"]
+    rows = duckdb.sql(
+        f"SELECT variable, count(*) AS snapshots, max(step) AS last_step, "
+        f"max(len(\"values\")) AS size FROM read_parquet('{gradients}/step-*.parquet') GROUP BY variable"
+    ).fetchall()
+    expected = {v.path: int(v.numpy().size) for v in build_model().trainable_variables}
+    assert {name: size for name, _, _, size in rows} == expected
+    steps = 10_000 // 32 + 1  # 313 steps: snapshots at 1, 100, 200, 300 and the last
+    assert {(snapshots, last) for _, snapshots, last, _ in rows} == {(5, steps)}
+
+
+@pytest.mark.slow
+def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
+    second = train_flow(
+        dataset="fashion-mnist", source="/nonexistent", storage=str(storage),
+        run_name="again", epochs=1, train_limit=64,
+    )
+    assert second["stages"]["download"]["cached"] and second["stages"]["preprocess"]["cached"]
+    assert second["dataset"] == first_run["dataset"]
+    assert Path(second["uris"]["model"]).parent.name == "again"
+
+
+def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train_flow(storage=str(tmp_path / "store"), learning_rate=-1.0)
+    assert not (tmp_path / "store").exists()

@@ -1,0 +1,127 @@
+"""Training and gradient export on a tiny dataset: real TensorFlow, real Parquet, small budget."""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from tasks.config import RunConfig
+from tasks.download import fetch_dataset
+from tasks.export import GradientExportError, publish_gradients
+from tasks.gradients import GRADIENT_SCHEMA, STEP_SCHEMA
+from tasks.model import build_model
+from tasks.preprocess import prepare, read_split
+from tasks.storage import Storage
+from tasks.train import train_model
+
+EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import tiny_arrays, write_idx_dir
+
+    root = tmp_path_factory.mktemp("train")
+    dataset = write_idx_dir(root / "source", tiny_arrays())
+    config = RunConfig(
+        dataset="mnist", storage=str(root / "store"), epochs=EPOCHS, batch_size=BATCH, seed=3,
+        validation_size=40, snapshot_every=SNAPSHOT_EVERY,
+    ).validated()
+    storage = Storage(config.storage)
+    data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
+    return config, data, train_model(config, data, "run-1")
+
+
+def test_snapshots_hold_every_variable_at_the_right_steps(trained):
+    config, data, result = trained
+    steps_per_epoch = int(np.ceil(data.counts["train"] / BATCH))
+    assert result.steps == EPOCHS * steps_per_epoch
+    files = sorted(Path(result.gradients_uri).glob("step-*.parquet"))
+    table = pq.read_table(files)
+    assert table.schema.equals(GRADIENT_SCHEMA)
+    expected = sorted({1, result.steps} | set(range(SNAPSHOT_EVERY, result.steps + 1, SNAPSHOT_EVERY)))
+    assert sorted(set(table.column("step").to_pylist())) == expected
+    model = build_model()
+    for step in expected:
+        rows = table.filter(pc.equal(table.column("step"), step))
+        assert rows.column("variable").to_pylist() == [v.path for v in model.trainable_variables]
+        for row in rows.to_pylist():
+            assert int(np.prod(row["shape"])) == len(row["values"])
+            assert row["l2_norm"] == pytest.approx(np.linalg.norm(row["values"]), rel=1e-5)
+            assert row["run_id"] == "run-1" and row["epoch"] == (step - 1) // steps_per_epoch + 1
+
+
+def test_first_snapshot_is_exactly_tape_gradient(trained):
+    """Recompute step 1 from the seeded initial weights and the recorded batch."""
+    config, data, result = trained
+    steps = pq.read_table(Path(result.steps_uri) / "epoch-0001.parquet")
+    assert steps.schema.equals(STEP_SCHEMA)
+    batch_ids = steps.column("sample_ids")[0].as_py()
+    images, labels, sample_ids = read_split(data.uris["train"])
+    position = {sid: i for i, sid in enumerate(sample_ids)}
+    rows = [position[sid] for sid in batch_ids]
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model()
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[rows], model(images[rows], training=True))
+    expected = tape.gradient(loss, model.trainable_variables)
+
+    snapshot = pq.read_table(Path(result.gradients_uri) / "step-000000001.parquet").to_pylist()
+    assert steps.column("loss")[0].as_py() == pytest.approx(float(loss), rel=1e-5)
+    for row, gradient in zip(snapshot, expected):
+        np.testing.assert_allclose(np.reshape(row["values"], row["shape"]), gradient.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_step_table_covers_every_step_with_real_sample_ids(trained):
+    config, data, result = trained
+    steps = pq.read_table(sorted(Path(result.steps_uri).glob("*.parquet")))
+    assert steps.column("step").to_pylist() == list(range(1, result.steps + 1))
+    _, _, train_ids = read_split(data.uris["train"])
+    for epoch in range(1, EPOCHS + 1):
+        epoch_rows = steps.filter(pc.equal(steps.column("epoch"), epoch))
+        seen = [sid for ids in epoch_rows.column("sample_ids").to_pylist() for sid in ids]
+        assert sorted(seen) == sorted(train_ids)  # each training sample once per epoch
+
+
+def test_metrics_and_model(trained):
+    config, data, result = trained
+    assert [row["epoch"] for row in result.epochs] == [1, 2]
+    assert result.epochs[-1]["train_accuracy"] > 0.5  # the toy classes are easy
+    assert all(row["train_samples_per_second"] > 0 for row in result.epochs)
+    model = keras.models.load_model(result.model_uri, safe_mode=True)
+    images, _, _ = read_split(data.uris["test"])
+    assert model.predict(images[:4], verbose=0).shape == (4, 10)
+
+
+def test_publish_writes_a_manifest_and_ignores_partial_files(trained):
+    config, data, result = trained
+    directory = Path(result.gradients_uri)
+    partial = directory / ".step-000000999.tmp-deadbeef.parquet"
+    partial.write_bytes(b"PAR1 half a file")
+    try:
+        first = publish_gradients(result)
+        second = publish_gradients(result)  # exporting twice is harmless
+    finally:
+        partial.unlink()
+    assert first == second
+    manifest = json.loads(Path(first.manifest_uri).read_text())
+    assert [f["path"] for f in manifest["files"]] == [f"step-{s:09d}.parquet" for s in first.steps]
+    assert [v["variable"] for v in first.variables] == result.variables
+    assert all(v["max_l2_norm"] >= v["mean_l2_norm"] > 0 for v in first.variables)
+
+
+def test_publish_rejects_a_foreign_file(trained, tmp_path):
+    config, data, result = trained
+    foreign = Path(result.gradients_uri) / "step-000999999.parquet"
+    pq.write_table(pq.read_table(Path(result.steps_uri) / "epoch-0001.parquet"), foreign)
+    try:
+        with pytest.raises(GradientExportError, match="not the gradient schema"):
+            publish_gradients(result)
+    finally:
+        foreign.unlink()
