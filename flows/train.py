@@ -25,7 +25,7 @@ from tasks.export import export_gradients  # noqa: E402
 from tasks.manifest import StageClock, new_run_id, run_manifest_path, utc_now, write_run_manifest  # noqa: E402
 from tasks.model import resolve_device  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-from tasks.train import train  # noqa: E402
+from tasks.train import NonFiniteError, train  # noqa: E402
 
 
 @flow(name="train-flow", log_prints=True)
@@ -41,6 +41,8 @@ def train_flow(
     train_limit: int | None = RunConfig.train_limit,
     validation_size: int = RunConfig.validation_size,
     snapshot_every: int = RunConfig.snapshot_every,
+    checkpoint_every: int = RunConfig.checkpoint_every,
+    deterministic: bool = RunConfig.deterministic,
     device: str = RunConfig.device,
 ) -> dict:
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
@@ -50,7 +52,11 @@ def train_flow(
 
     files = stages.run(download, config)
     data = stages.run(preprocess, config, files)
-    trained = stages.run(train, config, data, run_id)
+    try:
+        trained = stages.run(train, config, data, run_id)
+    except NonFiniteError as error:
+        stages.run(export_gradients, error.trained)  # the failing step's gradients: the snapshot most needed
+        raise
     exported = stages.run(export_gradients, trained)
     scores = stages.run(evaluate, trained, data)
 
@@ -71,10 +77,14 @@ def _flag_type(name: str):
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = _Parser(prog="flows/train.py", description=__doc__.split("\n\n")[0])
     for f in parameter_fields():
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(f.name)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            continue
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag,
             dest=f.name,
-            type=_flag_type(f.name),
+            type=kind,
             default=f.default,
             choices=f.metadata.get("choices"),
             help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""),

@@ -53,6 +53,10 @@ class RunConfig:
     train_limit: int | None = field(default=None, metadata=_help("use only the first N training samples (smoke runs)"))
     validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
     snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
+    checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
+    deterministic: bool = field(
+        default=False, metadata=_help("deterministic ops: same seed, same machine -> identical weights and gradients")
+    )
     device: str = field(default="auto", metadata=_help("where to train: auto uses a GPU when TensorFlow sees one", choices=DEVICES))
 
     def validated(self) -> RunConfig:
@@ -64,12 +68,14 @@ class RunConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        for name in ("epochs", "batch_size", "snapshot_every"):
+        for name in ("epochs", "batch_size", "snapshot_every", "checkpoint_every"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("seed", self.seed, minimum=0)
         _require_int("validation_size", self.validation_size, minimum=0)
         if self.train_limit is not None:
             _require_int("train_limit", self.train_limit, minimum=1)
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"deterministic must be true or false, got {self.deterministic!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be a number above 0, got {self.learning_rate!r}")
         if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):

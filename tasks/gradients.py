@@ -9,7 +9,8 @@ Two Parquet datasets under a run:
 The values are the gradients exactly as `tape.gradient` returned them, before
 the optimizer applied them.
 
-`steps/` — one row per training step, one file per epoch:
+`steps/` — one row per training step, one file per stretch between checkpoints
+(named by its first step):
     step int64, epoch int32, loss float32, sample_ids list<int64>
 `sample_ids` are values of the training split's `sample_id` column.
 
@@ -121,7 +122,7 @@ class SnapshotWriter:
 
 
 def write_steps(directory: Path, epoch: int, steps: list[int], losses: list[float], sample_ids: list[np.ndarray]) -> Path:
-    """Persist one epoch of the per-step table."""
+    """Persist a stretch of the per-step table (a resumed run rewrites the same file name)."""
     table = pa.table(
         {
             "step": pa.array(steps, pa.int64()),
@@ -131,7 +132,7 @@ def write_steps(directory: Path, epoch: int, steps: list[int], losses: list[floa
         },
         schema=STEP_SCHEMA,
     )
-    path = directory / f"epoch-{epoch:04d}.parquet"
+    path = directory / f"steps-{steps[0]:09d}.parquet"
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, compression="zstd")
     return path

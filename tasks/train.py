@@ -1,10 +1,11 @@
-"""Stage 3, train: the example's custom GradientTape loop, compiled, with gradient snapshots.
+"""Stage 3, train: the example's custom GradientTape loop, compiled, checkpointed, with gradient snapshots.
 
 The loop reads as the algorithm: for each batch, compute the loss under a tape,
 take `tape.gradient`, apply it with Adam; every `snapshot_every` steps (and at the
 first and last step) hand the very gradients that were applied to the snapshot
-writer. Epoch order comes from (seed, epoch) alone, so a step's batch is known
-on the host without asking TensorFlow.
+writer. Epoch order comes from (seed, epoch) alone, so a step's batch is known on
+the host without asking TensorFlow, and a resumed run continues at the exact
+batch where the checkpoint was taken.
 """
 
 from __future__ import annotations
@@ -13,19 +14,25 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 from prefect import task
 
-from tasks.config import RunConfig
+from tasks.checkpoints import TrainingCheckpoint
+from tasks.config import RunConfig, TapelineError
 from tasks.gradients import SnapshotWriter, write_steps
 from tasks.model import build_model, resolve_device
 from tasks.preprocess import IMAGE_SHAPE, PreparedData, read_split
+from tasks.progress import TrainingProgress
 from tasks.storage import Storage, atomic_path
 
 EVAL_BATCH_SIZE = 1024
+BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
+# A checkpoint from another run must not be resumed under these changed.
+RESUME_PARAMETERS = ("dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -34,18 +41,61 @@ class TrainedModel:
 
     run_id: str
     device: str
-    model_uri: str
+    model_uri: str | None  # None when training stopped on a non-finite value
     gradients_uri: str
     steps_uri: str
+    tensorboard_uri: str
     variables: list[str]
     steps: int
+    resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
     epochs: list[dict]
 
 
-def train_model(config: RunConfig, data: PreparedData, run_id: str) -> TrainedModel:
+class NonFiniteError(TapelineError):
+    """Training produced a NaN or Inf; `trained` says where that step's gradients are."""
+
+    def __init__(self, message: str, trained: TrainedModel):
+        super().__init__(message)
+        self.trained = trained
+
+
+def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric) -> Callable:
+    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, all finite?)."""
+
+    @tf.function(input_signature=BATCH_SPEC)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = loss_fn(y, logits)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        loss_metric.update_state(loss)
+        accuracy_metric.update_state(y, logits)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in [loss, *gradients]])
+        return loss, gradients, finite
+
+    return train_step
+
+
+def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
+    @tf.function(input_signature=BATCH_SPEC)
+    def eval_step(x, y):
+        logits = model(x, training=False)
+        loss_metric.update_state(loss_fn(y, logits), sample_weight=tf.shape(y)[0])
+        accuracy_metric.update_state(y, logits)
+
+    return eval_step
+
+
+def train_model(
+    config: RunConfig, data: PreparedData, run_id: str, on_progress: Callable[[int, int, float], None] | None = None
+) -> TrainedModel:
+    """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step."""
     run_dir = Storage(config.storage).run_dir(run_id)
     device = resolve_device(config.device)
     print(f"training on {device} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
     val_images, val_labels, _ = read_split(data.uris["validation"])
@@ -53,56 +103,64 @@ def train_model(config: RunConfig, data: PreparedData, run_id: str) -> TrainedMo
     with tf.device(device):
         model = build_model()
         optimizer = keras.optimizers.Adam(config.learning_rate)
+        optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
         val_loss, val_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-        batch_spec = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
-
-        @tf.function(input_signature=batch_spec)
-        def train_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                loss = loss_fn(y, logits)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            train_loss.update_state(loss)
-            train_accuracy.update_state(y, logits)
-            return loss, gradients
-
-        @tf.function(input_signature=batch_spec)
-        def eval_step(x, y):
-            logits = model(x, training=False)
-            val_loss.update_state(loss_fn(y, logits), sample_weight=tf.shape(y)[0])
-            val_accuracy.update_state(y, logits)
+        train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy)
+        eval_step = make_eval_step(model, loss_fn, val_loss, val_accuracy)
+        parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
+        checkpoint = TrainingCheckpoint(run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
+        step, history = checkpoint.restore()
+        resumed_from = step
 
         variables = [v.path for v in model.trainable_variables]
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
         images_t, labels_t = tf.constant(images), tf.constant(labels)
-        history, step = [], 0
-        with SnapshotWriter(run_dir / "gradients", run_id, variables) as snapshots:
-            for epoch in range(1, config.epochs + 1):
+        summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        trained = TrainedModel(
+            run_id=run_id, device=device, model_uri=None, gradients_uri=str(run_dir / "gradients"),
+            steps_uri=str(run_dir / "steps"), tensorboard_uri=str(run_dir / "tensorboard"), variables=variables,
+            steps=step, resumed_from=resumed_from, epochs=history,
+        )  # fmt: skip
+
+        with SnapshotWriter(run_dir / "gradients", run_id, variables) as snapshots, summaries.as_default():
+            for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
+                first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
+                if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
+                    train_loss.reset_state()
+                    train_accuracy.reset_state()
                 order = epoch_order(len(images), config.seed, epoch)
-                step_numbers, losses, batch_ids = [], [], []
-                for metric in (train_loss, train_accuracy, val_loss, val_accuracy):
-                    metric.reset_state()
+                log = StepLog(run_dir / "steps", epoch)
                 started, timed_from, timed_samples = time.perf_counter(), None, 0
-                for i, (x, y) in enumerate(batches(images_t, labels_t, order, config.batch_size)):
-                    loss, gradients = train_step(x, y)
+                for i, (x, y) in enumerate(batches(images_t, labels_t, order, config.batch_size, first_batch), first_batch):
+                    loss, gradients, finite = train_step(x, y)
                     step += 1
-                    batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-                    step_numbers.append(step)
-                    losses.append(float(loss))
-                    batch_ids.append(sample_ids[batch])
+                    batch = sample_ids[order[i * config.batch_size : (i + 1) * config.batch_size]]
+                    loss = float(loss)
+                    log.append(step, loss, batch)
+                    if not finite:
+                        snapshots.write(step, epoch, [g.numpy() for g in gradients])
+                        log.flush()
+                        raise _non_finite(step, epoch, loss, variables, gradients, checkpoint, trained)
                     if step == 1 or step % config.snapshot_every == 0 or step == last_step:
                         snapshots.write(step, epoch, [g.numpy() for g in gradients])
+                    if step % 10 == 0:
+                        tf.summary.scalar("step/loss", loss, step=step)
+                    if step % config.checkpoint_every == 0 and step % steps_per_epoch:
+                        log.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
+                        checkpoint.save(step, history)
+                    if on_progress:
+                        on_progress(step, last_step, loss)
                     if timed_from is None:  # leave the first step (tracing, compiling) out of the speed
                         timed_from = time.perf_counter()
                     else:
                         timed_samples += len(batch)
-                seconds = time.perf_counter() - started
-                train_seconds = time.perf_counter() - timed_from
-                write_steps(run_dir / "steps", epoch, step_numbers, losses, batch_ids)
+                log.flush()
+                seconds, train_seconds = time.perf_counter() - started, time.perf_counter() - timed_from
+                for metric in (val_loss, val_accuracy):
+                    metric.reset_state()
                 for start in range(0, len(val_images), EVAL_BATCH_SIZE):
                     eval_step(val_images[start : start + EVAL_BATCH_SIZE], val_labels[start : start + EVAL_BATCH_SIZE])
                 history.append(
@@ -116,21 +174,32 @@ def train_model(config: RunConfig, data: PreparedData, run_id: str) -> TrainedMo
                         "train_samples_per_second": round(timed_samples / train_seconds, 1) if timed_samples else None,
                     }
                 )
+                _epoch_summaries(history[-1], step, config.learning_rate)
+                checkpoint.save(step, history)
                 print(_epoch_line(history[-1], config.epochs))
 
     model_path = run_dir / "model.keras"
     with atomic_path(model_path) as temporary:
         model.save(temporary)
-    return TrainedModel(
-        run_id=run_id,
-        device=device,
-        model_uri=str(model_path),
-        gradients_uri=str(run_dir / "gradients"),
-        steps_uri=str(run_dir / "steps"),
-        variables=variables,
-        steps=step,
-        epochs=history,
-    )
+    return TrainedModel(**{**trained.__dict__, "model_uri": str(model_path), "steps": step, "epochs": history})
+
+
+class StepLog:
+    """The per-step rows of one epoch, flushed to `steps/` at checkpoints and at the epoch's end."""
+
+    def __init__(self, directory: Path, epoch: int):
+        self.directory, self.epoch = directory, epoch
+        self.steps, self.losses, self.sample_ids = [], [], []
+
+    def append(self, step: int, loss: float, sample_ids: np.ndarray) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.sample_ids.append(sample_ids)
+
+    def flush(self) -> None:
+        if self.steps:
+            write_steps(self.directory, self.epoch, self.steps, self.losses, self.sample_ids)
+            self.steps, self.losses, self.sample_ids = [], [], []
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -138,14 +207,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Batches of (uint8 images, labels) in `order`: index batches gathered in one op, prefetched."""
+def batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size: int, skip: int = 0) -> tf.data.Dataset:
+    """Batches of (uint8 images, labels) in `order` from batch `skip` on: index batches gathered in one op, prefetched."""
     return (
-        tf.data.Dataset.from_tensor_slices(order)
+        tf.data.Dataset.from_tensor_slices(order[skip * batch_size :])
         .batch(batch_size)
         .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def _non_finite(step, epoch, loss, variables, gradients, checkpoint, trained) -> NonFiniteError:
+    bad = ["loss"] if not math.isfinite(loss) else []
+    bad += [name for name, g in zip(variables, gradients) if not np.all(np.isfinite(g.numpy()))]
+    return NonFiniteError(
+        f"non-finite values at step {step} (epoch {epoch}) in {', '.join(bad)}; "
+        f"the last good checkpoint is step {checkpoint.latest_step}, the gradients of step {step} were exported",
+        TrainedModel(**{**trained.__dict__, "steps": step}),
+    )
+
+
+def _epoch_summaries(row: dict, step: int, learning_rate: float) -> None:
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        if row[name] is not None:
+            tf.summary.scalar("epoch/" + name, row[name], step=step)
+    tf.summary.scalar("epoch/learning_rate", learning_rate, step=step)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -159,5 +245,9 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 @task(name="train", tags=["gpu"])
 def train(config: RunConfig, data: PreparedData, run_id: str) -> TrainedModel:
-    """Train the CNN with a compiled GradientTape step; save the model and gradient snapshots under the run."""
-    return train_model(config, data, run_id)
+    """Train the CNN with a compiled GradientTape step; save the model, checkpoints and gradient snapshots under the run."""
+    progress = TrainingProgress(run_id, config.batch_size)
+    try:
+        return train_model(config, data, run_id, on_progress=progress)
+    finally:
+        progress.close()

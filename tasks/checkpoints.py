@@ -1,0 +1,62 @@
+"""Training checkpoints: what a killed training task needs to resume where it died.
+
+One `tf.train.Checkpoint` holds the model, the optimizer (slots and iteration
+count), the global step, and a JSON string with the rest of the loop's state: the
+finished epochs' metrics, the running metrics of the current epoch, and the run's
+parameters. The data order needs nothing more: it is a function of (seed, epoch),
+so the step number alone says which batch comes next.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from tasks.config import ConfigError
+
+KEEP = 3  # checkpoints kept; older ones are deleted by the manager
+
+
+class TrainingCheckpoint:
+    def __init__(self, directory: Path, model: keras.Model, optimizer, metrics: list[keras.metrics.Metric], parameters: dict):
+        self.metrics, self.parameters = metrics, parameters
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._state = tf.Variable("{}", dtype=tf.string, trainable=False)
+        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, state=self._state)
+        self._manager = tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=KEEP)
+
+    def restore(self) -> tuple[int, list[dict]]:
+        """Load the latest checkpoint, if any: (the step it was taken after, finished epochs' metrics)."""
+        latest = self._manager.latest_checkpoint
+        if latest is None:
+            return 0, []
+        self._checkpoint.restore(latest).assert_existing_objects_matched()
+        state = json.loads(self._state.numpy().decode())
+        if state["parameters"] != self.parameters:
+            changed = sorted(k for k in self.parameters if state["parameters"].get(k) != self.parameters[k])
+            raise ConfigError(f"{latest} was trained with other values of {', '.join(changed)}: use a new run_name")
+        for metric, values in zip(self.metrics, state["metrics"]):
+            for variable, value in zip(metric.variables, values):
+                variable.assign(value)
+        print(f"resuming from checkpoint {latest} at step {int(self.step.numpy())}")
+        return int(self.step.numpy()), state["history"]
+
+    def save(self, step: int, history: list[dict]) -> str:
+        self.step.assign(step)
+        self._state.assign(
+            json.dumps(
+                {
+                    "parameters": self.parameters,
+                    "history": history,
+                    "metrics": [[v.numpy().tolist() for v in m.variables] for m in self.metrics],
+                }
+            )
+        )
+        return self._manager.save(checkpoint_number=step)
+
+    @property
+    def latest_step(self) -> int:
+        return int(self.step.numpy())

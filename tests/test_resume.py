@@ -1,0 +1,114 @@
+"""Checkpoints, resume after SIGKILL, determinism and non-finite values: real processes, tiny data."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import ConfigError, RunConfig
+from tasks.download import fetch_dataset
+from tasks.export import publish_gradients
+from tasks.preprocess import prepare
+from tasks.storage import Storage
+from tasks.train import NonFiniteError, train_model
+from tests.conftest import tiny_arrays, write_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    dataset = write_idx_dir(root / "source", tiny_arrays(n_train=2000, n_test=50))
+    config = RunConfig(
+        dataset="mnist", storage=str(root / "store"), epochs=2, batch_size=16, seed=5, validation_size=100,
+        snapshot_every=40, checkpoint_every=20, deterministic=True,
+    ).validated()
+    storage = Storage(config.storage)
+    data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
+    return config, data
+
+
+def weights(trained) -> list[np.ndarray]:
+    return [v.numpy() for v in keras.models.load_model(trained.model_uri, safe_mode=True).trainable_variables]
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    state = run_dir / "checkpoints" / "checkpoint"
+    if not state.exists():
+        return 0
+    line = state.read_text().splitlines()[0]  # model_checkpoint_path: "ckpt-40"
+    return int(line.rsplit("-", 1)[1].rstrip('"'))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    config, data = setup
+    return train_model(config, data, "straight")
+
+
+def test_same_seed_same_weights_and_gradients(setup, uninterrupted):
+    config, data = setup
+    again = train_model(config, data, "straight-again")
+    for a, b in zip(weights(uninterrupted), weights(again)):
+        assert np.array_equal(a, b)
+    for name in ("step-000000001.parquet", f"step-{uninterrupted.steps:09d}.parquet"):
+        first = pq.read_table(Path(uninterrupted.gradients_uri) / name).drop(["run_id"])
+        second = pq.read_table(Path(again.gradients_uri) / name).drop(["run_id"])
+        assert first.equals(second)
+
+
+def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
+    config, data = setup
+    run_dir = Storage(config.storage).run_dir("killed")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    steps_per_epoch = int(np.ceil(data.counts["train"] / config.batch_size))
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint_step(run_dir) < 60 and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(worker.pid, signal.SIGKILL)  # mid-epoch: 119 steps per epoch, killed after step 60
+    finally:
+        worker.wait()
+    killed_at = latest_checkpoint_step(run_dir)
+    assert worker.returncode == -signal.SIGKILL and 60 <= killed_at < 2 * steps_per_epoch
+
+    resumed = train_model(config, data, "killed")
+    assert resumed.resumed_from >= killed_at and resumed.steps == uninterrupted.steps
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        assert np.array_equal(a, b)
+    # The step table has every step exactly once, as if nothing had happened.
+    steps = pq.read_table(resumed.steps_uri)
+    assert sorted(steps.column("step").to_pylist()) == list(range(1, resumed.steps + 1))
+    assert steps.sort_by("step").column("loss").equals(pq.read_table(uninterrupted.steps_uri).sort_by("step").column("loss"))
+    assert [e["epoch"] for e in resumed.epochs] == [1, 2]
+
+
+def test_resuming_with_other_parameters_is_refused(setup, uninterrupted):
+    config, data = setup
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train_model(dataclasses.replace(config, learning_rate=0.5), data, "straight")
+
+
+def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup):
+    config, data = setup
+    config = dataclasses.replace(config, learning_rate=1e10, checkpoint_every=1, epochs=1)
+    with pytest.raises(NonFiniteError, match=r"non-finite values at step \d+ \(epoch 1\) in .*cnn/") as raised:
+        train_model(config, data, "explodes")
+    trained = raised.value.trained
+    exported = publish_gradients(trained)
+    assert exported.steps[-1] == trained.steps
+    assert f"last good checkpoint is step {trained.steps - 1}" in str(raised.value)
+    last = pq.read_table(Path(trained.gradients_uri) / f"step-{trained.steps:09d}.parquet")
+    assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
