@@ -54,6 +54,9 @@ class RunConfig:
     validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
     snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
+    jit_compile: bool = field(
+        default=True, metadata=_help("compile the train step with XLA, as one fused program")
+    )
     deterministic: bool = field(
         default=False, metadata=_help("deterministic ops: same seed, same machine -> identical weights and gradients")
     )
@@ -74,8 +77,9 @@ class RunConfig:
         _require_int("validation_size", self.validation_size, minimum=0)
         if self.train_limit is not None:
             _require_int("train_limit", self.train_limit, minimum=1)
-        if not isinstance(self.deterministic, bool):
-            raise ConfigError(f"deterministic must be true or false, got {self.deterministic!r}")
+        for name in ("jit_compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be a number above 0, got {self.learning_rate!r}")
         if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
