@@ -23,7 +23,7 @@ from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
 from tasks.manifest import StageClock, new_run_id, run_manifest_path, utc_now, write_run_manifest  # noqa: E402
-from tasks.model import resolve_device  # noqa: E402
+from tasks.devices import resolve_devices  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
 
@@ -45,10 +45,11 @@ def train_flow(
     jit_compile: bool = RunConfig.jit_compile,
     deterministic: bool = RunConfig.deterministic,
     device: str = RunConfig.device,
+    devices: int = RunConfig.devices,
 ) -> dict:
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
-    resolve_device(config.device)  # fail on a missing GPU before any stage runs
+    resolve_devices(config.device, config.devices)  # fail on missing devices before any stage runs
     run_id, started, stages = config.run_name or new_run_id(), utc_now(), StageClock()
 
     files = stages.run(download, config)
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     args = vars(parser.parse_args(argv))
     try:
         config = RunConfig(**args).validated()
-        resolve_device(config.device)
+        resolve_devices(config.device, config.devices)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args

@@ -61,6 +61,7 @@ class RunConfig:
         default=False, metadata=_help("deterministic ops: same seed, same machine -> identical weights and gradients")
     )
     device: str = field(default="auto", metadata=_help("where to train: auto uses a GPU when TensorFlow sees one", choices=DEVICES))
+    devices: int = field(default=1, metadata=_help("train on N devices with MirroredStrategy (GPUs, else CPU cores)"))
 
     def validated(self) -> RunConfig:
         """Check every parameter and resolve defaults that depend on the environment.
@@ -71,7 +72,7 @@ class RunConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        for name in ("epochs", "batch_size", "snapshot_every", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "snapshot_every", "checkpoint_every", "devices"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("seed", self.seed, minimum=0)
         _require_int("validation_size", self.validation_size, minimum=0)

@@ -1,11 +1,9 @@
-"""The model of the tf.GradientTape example, and where it runs."""
+"""The model of the tf.GradientTape example."""
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
-from tasks.config import ConfigError
 from tasks.preprocess import IMAGE_SHAPE
 
 
@@ -28,19 +26,3 @@ def build_model() -> keras.Model:
         ],
         name="cnn",
     )
-
-
-def resolve_device(requested: str) -> str:
-    """The TensorFlow device to train on: a GPU when asked for (or when `auto` finds one), else the CPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if requested == "gpu" and not gpus:
-        raise ConfigError("device 'gpu' was requested but TensorFlow sees no GPU (use --device auto or cpu)")
-    if requested == "cpu" or not gpus:
-        return "/CPU:0"
-    for gpu in gpus:
-        try:
-            # Grow GPU memory on demand instead of taking the whole card at start.
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # the GPU was initialised already in this process; the setting is fixed
-    return "/GPU:0"

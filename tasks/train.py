@@ -24,7 +24,8 @@ from prefect import task
 from tasks.checkpoints import TrainingCheckpoint
 from tasks.config import RunConfig, TapelineError
 from tasks.gradients import SnapshotWriter, write_steps
-from tasks.model import build_model, resolve_device
+from tasks.devices import resolve_devices
+from tasks.model import build_model
 from tasks.preprocess import IMAGE_SHAPE, PreparedData, read_split
 from tasks.progress import TrainingProgress
 from tasks.storage import Storage, atomic_path
@@ -81,6 +82,38 @@ def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit
     return train_step
 
 
+def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric) -> Callable:
+    """The same step on `strategy`'s replicas, each on its slice of the batch.
+
+    Each replica's loss is its share of the whole batch's mean loss, so the sum of
+    the replicas' gradients, which the optimizer all-reduces and applies, is the
+    gradient of the whole batch. That sum is what this step returns and the run
+    exports. (No XLA here: it does not compile the cross-replica all-reduce.)
+    """
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def replica_step(x, y):
+        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss, gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
+
+    @tf.function
+    def train_step(x, y):
+        losses, gradients, logits, y = strategy.run(replica_step, args=(x, y))
+        loss = strategy.reduce("sum", losses, axis=None)
+        gradients = [strategy.reduce("sum", g, axis=None) for g in gradients]
+        loss_metric.update_state(loss)
+        accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in [loss, *gradients]])
+        return loss, gradients, finite
+
+    return train_step
+
+
 def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
     @tf.function(input_signature=BATCH_SPEC)
     def eval_step(x, y):
@@ -96,22 +129,26 @@ def train_model(
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step."""
     run_dir = Storage(config.storage).run_dir(run_id)
-    device = resolve_device(config.device)
-    print(f"training on {device} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
+    devices = resolve_devices(config.device, config.devices)
+    strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
+    print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
-    with tf.device(device):
+    with strategy.scope() if strategy else tf.device(devices[0]):
         model = build_model()
         optimizer = keras.optimizers.Adam(config.learning_rate)
         optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
         val_loss, val_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-        train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
+        if strategy:
+            train_step = make_distributed_train_step(strategy, model, optimizer, train_loss, train_accuracy)
+        else:
+            train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
         eval_step = make_eval_step(model, loss_fn, val_loss, val_accuracy)
         parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
         checkpoint = TrainingCheckpoint(run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
@@ -124,7 +161,7 @@ def train_model(
         images_t, labels_t = tf.constant(images), tf.constant(labels)
         summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
         trained = TrainedModel(
-            run_id=run_id, device=device, model_uri=None, gradients_uri=str(run_dir / "gradients"),
+            run_id=run_id, device=",".join(devices), model_uri=None, gradients_uri=str(run_dir / "gradients"),
             steps_uri=str(run_dir / "steps"), tensorboard_uri=str(run_dir / "tensorboard"), variables=variables,
             steps=step, resumed_from=resumed_from, epochs=history,
         )  # fmt: skip
@@ -138,7 +175,10 @@ def train_model(
                 order = epoch_order(len(images), config.seed, epoch)
                 log = StepLog(run_dir / "steps", epoch)
                 started, timed_from, timed_samples = time.perf_counter(), None, 0
-                for i, (x, y) in enumerate(batches(images_t, labels_t, order, config.batch_size, first_batch), first_batch):
+                epoch_batches = batches(images_t, labels_t, order, config.batch_size, first_batch)
+                if strategy:
+                    epoch_batches = strategy.experimental_distribute_dataset(epoch_batches)
+                for i, (x, y) in enumerate(epoch_batches, first_batch):
                     loss, gradients, finite = train_step(x, y)
                     step += 1
                     batch = sample_ids[order[i * config.batch_size : (i + 1) * config.batch_size]]

@@ -125,3 +125,14 @@ def test_publish_rejects_a_foreign_file(trained, tmp_path):
             publish_gradients(result)
     finally:
         foreign.unlink()
+
+
+def test_saved_model_predicts_exactly_what_training_left(trained):
+    """The final checkpoint holds the trained weights; the .keras file must predict exactly as they do."""
+    config, data, result = trained
+    model = build_model()
+    checkpoint_dir = Path(result.model_uri).parent / "checkpoints"
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(str(checkpoint_dir))).expect_partial()
+    saved = keras.models.load_model(result.model_uri, safe_mode=True)
+    images, _, _ = read_split(data.uris["test"])
+    np.testing.assert_array_equal(saved.predict(images, verbose=0), model.predict(images, verbose=0))

@@ -1,0 +1,67 @@
+"""--device and --devices: MirroredStrategy on the CPU split into 2 logical devices, against one device."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import ConfigError, RunConfig
+from tasks.devices import resolve_devices
+from tasks.download import fetch_dataset
+from tasks.preprocess import prepare
+from tasks.storage import Storage
+from tasks.train import train_model
+from tests.conftest import tiny_arrays, write_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_more_devices_than_the_machine_has():
+    with pytest.raises(ConfigError, match=f"devices {os.cpu_count() + 1}: this machine has no GPU"):
+        resolve_devices("auto", os.cpu_count() + 1)
+
+
+def test_gpu_without_a_gpu_is_an_error():
+    with pytest.raises(ConfigError, match="TensorFlow sees no GPU"):
+        resolve_devices("gpu")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 logical devices")
+def test_two_devices_match_one(tmp_path):
+    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=400, n_test=20))
+    config = RunConfig(
+        dataset="mnist", storage=str(tmp_path / "store"), epochs=1, batch_size=32, seed=9,
+        validation_size=16, snapshot_every=4, jit_compile=False,
+    ).validated()
+    storage = Storage(config.storage)
+    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    one = train_model(config, data, "one")
+
+    # Logical devices must be set before TensorFlow starts: a process of its own.
+    job = tmp_path / "job.json"
+    two_config = dataclasses.replace(config, devices=2)
+    job.write_text(json.dumps({"config": dataclasses.asdict(two_config), "data": dataclasses.asdict(data), "run_id": "two"}))
+    worker = subprocess.run(
+        [sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert "training on /CPU:0, /CPU:1" in worker.stdout
+    two = Path(config.storage) / "runs" / "two"
+
+    for name in sorted(p.name for p in Path(one.gradients_uri).glob("step-*.parquet")):
+        expected, actual = pq.read_table(Path(one.gradients_uri) / name), pq.read_table(two / "gradients" / name)
+        assert actual.column("variable").equals(expected.column("variable"))
+        for a, e in zip(actual.column("values").to_pylist(), expected.column("values").to_pylist()):
+            np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)  # all-reduced sum vs one device: rounding only
+    one_steps, two_steps = pq.read_table(one.steps_uri), pq.read_table(two / "steps")
+    np.testing.assert_allclose(two_steps.column("loss").to_numpy(), one_steps.column("loss").to_numpy(), rtol=1e-3)
+    weights = [keras.models.load_model(p, safe_mode=True).get_weights() for p in (one.model_uri, two / "model.keras")]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
