@@ -42,6 +42,7 @@ def train_flow(
     validation_size: int = RunConfig.validation_size,
     snapshot_every: int = RunConfig.snapshot_every,
     checkpoint_every: int = RunConfig.checkpoint_every,
+    precision: str = RunConfig.precision,
     jit_compile: bool = RunConfig.jit_compile,
     deterministic: bool = RunConfig.deterministic,
     device: str = RunConfig.device,

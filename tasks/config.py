@@ -18,6 +18,7 @@ from tasks.datasets import DATASETS
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
 DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 # A run name becomes a directory under <storage>/runs: keep it one plain path segment.
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -54,6 +55,10 @@ class RunConfig:
     validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
     snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
+    precision: str = field(
+        default="float32",
+        metadata=_help("compute precision; variables and exported gradients stay float32", choices=PRECISIONS),
+    )
     jit_compile: bool = field(
         default=True, metadata=_help("compile the train step with XLA, as one fused program")
     )
@@ -70,6 +75,8 @@ class RunConfig:
         """
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         for name in ("epochs", "batch_size", "snapshot_every", "checkpoint_every", "devices"):

@@ -7,22 +7,25 @@ import keras
 from tasks.preprocess import IMAGE_SHAPE
 
 
-def build_model() -> keras.Model:
+def build_model(precision: str = "float32") -> keras.Model:
     """Conv2D 32 3x3 relu -> Flatten -> Dense 128 relu -> Dense 10 logits.
 
     The model takes raw uint8 pixels: `Rescaling(1/255)` is the one place where
     pixels become float32 in [0, 1], so training, evaluation and anyone loading the
     saved `.keras` file feed it the same bytes the Parquet splits hold. The layer
     has no variables, so the trainable variables are exactly the example's.
+
+    Under a mixed `precision` the layers compute in 16 bits and keep float32
+    variables; the logits stay float32 so the softmax and loss do not lose range.
     """
     return keras.Sequential(
         [
             keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image"),
-            keras.layers.Rescaling(1.0 / 255, name="normalize"),
-            keras.layers.Conv2D(32, 3, activation="relu", name="conv"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="dense"),
-            keras.layers.Dense(10, name="logits"),
+            keras.layers.Rescaling(1.0 / 255, name="normalize", dtype=precision),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv", dtype=precision),
+            keras.layers.Flatten(name="flatten", dtype=precision),
+            keras.layers.Dense(128, activation="relu", name="dense", dtype=precision),
+            keras.layers.Dense(10, name="logits", dtype="float32"),
         ],
         name="cnn",
     )

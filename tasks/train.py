@@ -33,7 +33,9 @@ from tasks.storage import Storage, atomic_path
 EVAL_BATCH_SIZE = 1024
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 # A checkpoint from another run must not be resumed under these changed.
-RESUME_PARAMETERS = ("dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "deterministic")
+RESUME_PARAMETERS = (
+    "dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic",
+)
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,24 @@ def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit
     """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, all finite?).
 
     With XLA the step is one fused program; on CPU most of the gain is Adam, whose
-    ten element-wise passes over the 11 MB dense kernel become one.
+    ten element-wise passes over the 11 MB dense kernel become one. With a
+    LossScaleOptimizer (mixed_float16) the tape differentiates the scaled loss;
+    the returned gradients are divided back, so they are always the true ones.
     """
 
     @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
     def train_step(x, y):
+        scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = loss_fn(y, logits)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            scaled_loss = loss * scale
+        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
+        gradients = [g / scale for g in scaled_gradients]
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in [loss, *gradients]])
-        return loss, gradients, finite
+        return loss, gradients, _all_finite(optimizer, loss, gradients)
 
     return train_step
 
@@ -92,26 +98,41 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     """
     per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
-    def replica_step(x, y):
+    def replica_step(x, y, scale):
         batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss, gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
+            scaled_loss = loss * scale
+        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
+        return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
 
     @tf.function
     def train_step(x, y):
-        losses, gradients, logits, y = strategy.run(replica_step, args=(x, y))
+        scale = _loss_scale(optimizer)
+        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y, scale))
         loss = strategy.reduce("sum", losses, axis=None)
-        gradients = [strategy.reduce("sum", g, axis=None) for g in gradients]
+        gradients = [strategy.reduce("sum", g, axis=None) / scale for g in scaled_gradients]
         loss_metric.update_state(loss)
         accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in [loss, *gradients]])
-        return loss, gradients, finite
+        return loss, gradients, _all_finite(optimizer, loss, gradients)
 
     return train_step
+
+
+def _loss_scale(optimizer):
+    """The current loss scale under mixed_float16 (the optimizer unscales what it applies), else 1."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return tf.convert_to_tensor(optimizer.dynamic_scale)
+    return tf.constant(1.0)
+
+
+def _all_finite(optimizer, loss, gradients):
+    # Under loss scaling an overflowing step is expected now and then: the optimizer
+    # skips it and lowers the scale. Only a non-finite loss means training diverged.
+    checked = [loss] if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else [loss, *gradients]
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in checked])
 
 
 def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
@@ -139,8 +160,10 @@ def train_model(
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
-        model = build_model()
+        model = build_model(config.precision)
         optimizer = keras.optimizers.Adam(config.learning_rate)
+        if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
