@@ -54,6 +54,9 @@ class RunConfig:
     train_limit: int | None = field(default=None, metadata=_help("use only the first N training samples (smoke runs)"))
     validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
     snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
+    spike_factor: float = field(
+        default=10.0, metadata=_help("also snapshot in full when the global gradient norm exceeds this many times its running median")
+    )
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
     precision: str = field(
         default="float32",
@@ -90,6 +93,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be a number above 0, got {self.learning_rate!r}")
+        if not isinstance(self.spike_factor, (int, float)) or not math.isfinite(self.spike_factor) or self.spike_factor <= 1:
+            raise ConfigError(f"spike_factor must be a number above 1, got {self.spike_factor!r}")
         if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
             raise ConfigError(
                 f"run_name {self.run_name!r} must be one path segment of letters, digits, '.', '_' or '-' (no '..')"

@@ -5,20 +5,29 @@ Two Parquet datasets under a run:
 `gradients/` — full snapshots, one row per (step, variable), one file per step:
     run_id string, epoch int32, step int64, variable string,
     shape list<int32>, values large_list<float32> (flattened in C order),
-    l2_norm float32 (of `values`, so reports never need to read `values`).
+    l2_norm float32 (of `values`, so reports never need to read `values`),
+    reason string (why this step was kept in full: first, scheduled, last,
+    non-finite, norm-spike; comma-separated when several).
 The values are the gradients exactly as `tape.gradient` returned them, before
 the optimizer applied them.
 
-`steps/` — one row per training step, one file per stretch between checkpoints
-(named by its first step):
-    step int64, epoch int32, loss float32, sample_ids list<int64>
-`sample_ids` are values of the training split's `sample_id` column.
+`steps/` — one row per training step, and `stats/` — one row per (step,
+variable), computed inside the compiled step; one file each per stretch
+between checkpoints (named by its first step):
+    steps: step int64, epoch int32, loss float32, global_norm float32,
+           learning_rate float32, sample_ids list<int64>
+    stats: step int64, epoch int32, variable string, l2_norm, mean, std,
+           max_abs, zero_fraction float32, nan_count, inf_count int64
+`sample_ids` are values of the training split's `sample_id` column. A NaN or
+Inf in a gradient shows in its float statistics too; `nan_count` and
+`inf_count` say how many there were.
 
 Files appear under their final name only when complete (see tasks/storage.py).
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from pathlib import Path
@@ -38,10 +47,23 @@ GRADIENT_SCHEMA = pa.schema(
         ("shape", pa.list_(pa.int32())),
         ("values", pa.large_list(pa.float32())),
         ("l2_norm", pa.float32()),
+        ("reason", pa.string()),
     ]
 )
 STEP_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("epoch", pa.int32()), ("loss", pa.float32()), ("sample_ids", pa.list_(pa.int64()))]
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int32()),
+        ("loss", pa.float32()),
+        ("global_norm", pa.float32()),
+        ("learning_rate", pa.float32()),
+        ("sample_ids", pa.list_(pa.int64())),
+    ]
+)
+STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
+STATS_SCHEMA = pa.schema(
+    [("step", pa.int64()), ("epoch", pa.int32()), ("variable", pa.string())]
+    + [(name, pa.int64() if name.endswith("_count") else pa.float32()) for name in STAT_NAMES]
 )
 
 # Dictionary encoding of floats is slow and grows the file; BYTE_STREAM_SPLIT
@@ -57,7 +79,9 @@ def snapshot_file(directory: Path, step: int) -> Path:
     return directory / f"step-{step:09d}.parquet"
 
 
-def snapshot_table(run_id: str, epoch: int, step: int, variables: list[str], gradients: list[np.ndarray]) -> pa.Table:
+def snapshot_table(
+    run_id: str, epoch: int, step: int, reason: str, variables: list[str], gradients: list[np.ndarray]
+) -> pa.Table:
     flat = [np.asarray(g, dtype=np.float32).reshape(-1) for g in gradients]
     offsets = np.cumsum([0] + [f.size for f in flat], dtype=np.int64)
     n = len(variables)
@@ -71,9 +95,37 @@ def snapshot_table(run_id: str, epoch: int, step: int, variables: list[str], gra
             "values": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat))),
             # Accumulated in float64: a float32 sum over 2.7M squares drifts in the 5th digit.
             "l2_norm": pa.array([np.linalg.norm(f.astype(np.float64)) for f in flat], pa.float32()),
+            "reason": pa.array([reason] * n, pa.string()),
         },
         schema=GRADIENT_SCHEMA,
     )
+
+
+class SnapshotPolicy:
+    """Which steps are kept in full, and why: the first and last, every `every`-th,
+    and anomalies: a non-finite value, or a global norm above `spike_factor` times
+    the running median of the last `window` finite steps."""
+
+    def __init__(self, every: int, last_step: int, spike_factor: float, window: int = 100):
+        self.every, self.last_step, self.spike_factor = every, last_step, spike_factor
+        self._norms: collections.deque = collections.deque(maxlen=window)
+
+    def reason(self, step: int, global_norm: float, finite: bool) -> str:
+        """Comma-separated reasons to keep `step` in full; empty to keep only its statistics."""
+        reasons = [
+            name
+            for name, applies in (
+                ("first", step == 1),
+                ("scheduled", step % self.every == 0),
+                ("last", step == self.last_step),
+                ("non-finite", not finite),
+                ("norm-spike", finite and len(self._norms) >= 10 and global_norm > self.spike_factor * np.median(self._norms)),
+            )
+            if applies
+        ]
+        if finite:
+            self._norms.append(global_norm)
+        return ",".join(reasons)
 
 
 class SnapshotWriter:
@@ -90,9 +142,9 @@ class SnapshotWriter:
         self._thread = threading.Thread(target=self._run, name="gradient-writer", daemon=True)
         self._thread.start()
 
-    def write(self, step: int, epoch: int, gradients: list[np.ndarray]) -> None:
+    def write(self, step: int, epoch: int, reason: str, gradients: list[np.ndarray]) -> None:
         self._raise_if_failed()
-        self._queue.put((step, epoch, gradients))
+        self._queue.put((step, epoch, reason, gradients))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -108,9 +160,9 @@ class SnapshotWriter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
-                step, epoch, gradients = item
+                step, epoch, reason, gradients = item
                 try:
-                    table = snapshot_table(self.run_id, epoch, step, self.variables, gradients)
+                    table = snapshot_table(self.run_id, epoch, step, reason, self.variables, gradients)
                     with atomic_path(snapshot_file(self.directory, step)) as temporary:
                         pq.write_table(table, temporary, **PARQUET_OPTIONS)
                 except BaseException as error:  # surfaced on the training thread
@@ -121,18 +173,52 @@ class SnapshotWriter:
             raise RuntimeError(f"writing gradient snapshots failed: {self._error}") from self._error
 
 
-def write_steps(directory: Path, epoch: int, steps: list[int], losses: list[float], sample_ids: list[np.ndarray]) -> Path:
-    """Persist a stretch of the per-step table (a resumed run rewrites the same file name)."""
-    table = pa.table(
-        {
-            "step": pa.array(steps, pa.int64()),
-            "epoch": pa.array([epoch] * len(steps), pa.int32()),
-            "loss": pa.array(losses, pa.float32()),
-            "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
-        },
-        schema=STEP_SCHEMA,
-    )
-    path = directory / f"steps-{steps[0]:09d}.parquet"
-    with atomic_path(path) as temporary:
-        pq.write_table(table, temporary, compression="zstd")
-    return path
+class StepLog:
+    """Per-step rows and per-(step, variable) statistics, flushed to `steps/` and `stats/` together.
+
+    Flushed at checkpoints and epoch ends; a resumed run rewrites the same file
+    names from the checkpoint on, so no step is ever missing or doubled.
+    """
+
+    def __init__(self, run_dir: Path, variables: list[str]):
+        self.run_dir, self.variables = run_dir, variables
+        self._rows: list[tuple] = []
+
+    def append(self, step: int, epoch: int, loss: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray) -> None:
+        """`stats`: [variables, STAT_NAMES] as the compiled step computed them."""
+        self._rows.append((step, epoch, loss, learning_rate, sample_ids, stats))
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        steps, epochs, losses, rates, sample_ids, stats = zip(*self._rows)
+        stats = np.stack(stats)  # [steps, variables, stats]
+        n = len(self.variables)
+        step_table = pa.table(
+            {
+                "step": pa.array(steps, pa.int64()),
+                "epoch": pa.array(epochs, pa.int32()),
+                "loss": pa.array(losses, pa.float32()),
+                "global_norm": pa.array(np.sqrt(np.sum(np.square(stats[:, :, 0], dtype=np.float64), axis=1)), pa.float32()),
+                "learning_rate": pa.array(rates, pa.float32()),
+                "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
+            },
+            schema=STEP_SCHEMA,
+        )
+        stat_columns = {}
+        for i, name in enumerate(STAT_NAMES):
+            values = stats[:, :, i].reshape(-1)
+            stat_columns[name] = pa.array(values.astype(np.int64) if name.endswith("_count") else values, STATS_SCHEMA.field(name).type)
+        stat_table = pa.table(
+            {
+                "step": pa.array(np.repeat(steps, n), pa.int64()),
+                "epoch": pa.array(np.repeat(epochs, n), pa.int32()),
+                "variable": pa.array(self.variables * len(steps), pa.string()),
+                **stat_columns,
+            },
+            schema=STATS_SCHEMA,
+        )
+        for name, table in (("steps", step_table), ("stats", stat_table)):
+            with atomic_path(self.run_dir / name / f"{name}-{steps[0]:09d}.parquet") as temporary:
+                pq.write_table(table, temporary, compression="zstd")
+        self._rows = []

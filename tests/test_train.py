@@ -13,7 +13,7 @@ import tensorflow as tf
 from tasks.config import RunConfig
 from tasks.download import fetch_dataset
 from tasks.export import GradientExportError, publish_gradients
-from tasks.gradients import GRADIENT_SCHEMA, STEP_SCHEMA
+from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
 from tasks.storage import Storage
@@ -44,10 +44,12 @@ def test_snapshots_hold_every_variable_at_the_right_steps(trained):
     files = sorted(Path(result.gradients_uri).glob("step-*.parquet"))
     table = pq.read_table(files)
     assert table.schema.equals(GRADIENT_SCHEMA)
-    expected = sorted({1, result.steps} | set(range(SNAPSHOT_EVERY, result.steps + 1, SNAPSHOT_EVERY)))
-    assert sorted(set(table.column("step").to_pylist())) == expected
+    expected = {1, result.steps} | set(range(SNAPSHOT_EVERY, result.steps + 1, SNAPSHOT_EVERY))
+    kept = {row["step"]: row["reason"] for row in table.select(["step", "reason"]).to_pylist()}
+    assert expected <= set(kept) and kept[1] == "first" and "last" in kept[result.steps]
+    assert all(kept[step] == "norm-spike" for step in set(kept) - expected)
     model = build_model()
-    for step in expected:
+    for step in kept:
         rows = table.filter(pc.equal(table.column("step"), step))
         assert rows.column("variable").to_pylist() == [v.path for v in model.trainable_variables]
         for row in rows.to_pylist():
@@ -136,3 +138,35 @@ def test_saved_model_predicts_exactly_what_training_left(trained):
     saved = keras.models.load_model(result.model_uri, safe_mode=True)
     images, _, _ = read_split(data.uris["test"])
     np.testing.assert_array_equal(saved.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+def test_every_step_is_summarised_in_stats(trained):
+    config, data, result = trained
+    run_dir = Path(result.model_uri).parent
+    stats = pq.read_table(run_dir / "stats")
+    assert stats.schema.equals(STATS_SCHEMA)
+    assert stats.num_rows == result.steps * len(result.variables)
+    snapshots = pq.read_table(Path(result.gradients_uri), columns=["step", "variable", "values"]).to_pylist()
+    by_key = {(r["step"], r["variable"]): r for r in stats.to_pylist()}
+    for snapshot in snapshots:
+        row, values = by_key[(snapshot["step"], snapshot["variable"])], np.asarray(snapshot["values"], np.float64)
+        assert row["l2_norm"] == pytest.approx(np.linalg.norm(values), rel=1e-4)
+        assert row["mean"] == pytest.approx(values.mean(), rel=1e-3, abs=1e-7)
+        assert row["std"] == pytest.approx(values.std(), rel=1e-3, abs=1e-6)
+        assert row["max_abs"] == pytest.approx(np.abs(values).max(), rel=1e-6)
+        assert row["zero_fraction"] == pytest.approx(np.mean(values == 0), abs=1e-6)
+        assert row["nan_count"] == row["inf_count"] == 0
+    steps = pq.read_table(result.steps_uri).to_pandas()
+    first = stats.filter(pc.equal(stats.column("step"), 1)).column("l2_norm").to_numpy()
+    assert steps.loc[steps.step == 1, "global_norm"].item() == pytest.approx(np.linalg.norm(first), rel=1e-5)
+    assert np.allclose(steps.learning_rate, config.learning_rate)
+
+
+def test_snapshot_policy_keeps_spikes_and_non_finite_steps():
+    policy = SnapshotPolicy(every=100, last_step=1000, spike_factor=10)
+    reasons = [policy.reason(step, 1.0, True) for step in range(1, 51)]
+    assert reasons[0] == "first" and not any(reasons[1:])
+    assert policy.reason(51, 9.0, True) == ""
+    assert policy.reason(52, 11.0, True) == "norm-spike"
+    assert policy.reason(100, float("nan"), False) == "scheduled,non-finite"
+    assert policy.reason(1000, 1.0, True) == "scheduled,last"
