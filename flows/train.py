@@ -41,6 +41,8 @@ def train_flow(
     train_limit: int | None = RunConfig.train_limit,
     validation_size: int = RunConfig.validation_size,
     snapshot_every: int = RunConfig.snapshot_every,
+    snapshot_weights: bool = RunConfig.snapshot_weights,
+    gradient_dtype: str = RunConfig.gradient_dtype,
     spike_factor: float = RunConfig.spike_factor,
     checkpoint_every: int = RunConfig.checkpoint_every,
     precision: str = RunConfig.precision,

@@ -54,6 +54,12 @@ class RunConfig:
     train_limit: int | None = field(default=None, metadata=_help("use only the first N training samples (smoke runs)"))
     validation_size: int = field(default=5000, metadata=_help("training samples held out for validation"))
     snapshot_every: int = field(default=250, metadata=_help("full gradient snapshot every N steps"))
+    snapshot_weights: bool = field(
+        default=False, metadata=_help("store each scheduled snapshot's weights (before the update) beside its gradients")
+    )
+    gradient_dtype: str = field(
+        default="float32", metadata=_help("dtype of stored gradient values (statistics are float32)", choices=("float32", "float16"))
+    )
     spike_factor: float = field(
         default=10.0, metadata=_help("also snapshot in full when the global gradient norm exceeds this many times its running median")
     )
@@ -88,7 +94,9 @@ class RunConfig:
         _require_int("validation_size", self.validation_size, minimum=0)
         if self.train_limit is not None:
             _require_int("train_limit", self.train_limit, minimum=1)
-        for name in ("jit_compile", "deterministic"):
+        if self.gradient_dtype not in ("float32", "float16"):
+            raise ConfigError(f"unknown gradient_dtype {self.gradient_dtype!r}; choose float32 or float16")
+        for name in ("snapshot_weights", "jit_compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:

@@ -18,11 +18,10 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from tasks.config import TapelineError
-from tasks.gradients import GRADIENT_SCHEMA
+from tasks.gradients import GRADIENT_DTYPES, MANIFEST, gradient_schema
 from tasks.storage import write_json
 from tasks.train import TrainedModel
 
-MANIFEST = "_manifest.json"
 
 
 class GradientExportError(TapelineError):
@@ -45,7 +44,7 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
     tables = []
     for path in files:
         schema = pq.read_schema(path)
-        if not schema.equals(GRADIENT_SCHEMA):
+        if not any(schema.equals(gradient_schema(dtype)) for dtype in GRADIENT_DTYPES):
             raise GradientExportError(f"{path.name}: schema {schema} is not the gradient schema")
         table = pq.read_table(path, columns=["step", "variable", "shape", "l2_norm"])
         if table.column("variable").to_pylist() != trained.variables:

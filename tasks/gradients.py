@@ -38,18 +38,29 @@ import pyarrow.parquet as pq
 
 from tasks.storage import atomic_path
 
-GRADIENT_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("epoch", pa.int32()),
-        ("step", pa.int64()),
-        ("variable", pa.string()),
-        ("shape", pa.list_(pa.int32())),
-        ("values", pa.large_list(pa.float32())),
-        ("l2_norm", pa.float32()),
-        ("reason", pa.string()),
-    ]
-)
+MANIFEST = "_manifest.json"  # in gradients/: the complete files, written last by export_gradients
+GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def gradient_schema(dtype: str = "float32") -> pa.Schema:
+    """The snapshot schema; `values` and `weights` are stored in `dtype` (statistics are always float32)."""
+    stored = GRADIENT_DTYPES[dtype]
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("epoch", pa.int32()),
+            ("step", pa.int64()),
+            ("variable", pa.string()),
+            ("shape", pa.list_(pa.int32())),
+            ("values", pa.large_list(stored)),
+            ("l2_norm", pa.float32()),
+            ("reason", pa.string()),
+            ("weights", pa.large_list(stored)),  # null unless the run records weights
+        ]
+    )
+
+
+GRADIENT_SCHEMA = gradient_schema()
 STEP_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),
@@ -71,7 +82,7 @@ STATS_SCHEMA = pa.schema(
 PARQUET_OPTIONS = dict(
     compression="zstd",
     use_dictionary=["run_id", "variable"],
-    column_encoding={"values.list.element": "BYTE_STREAM_SPLIT"},
+    column_encoding={"values.list.element": "BYTE_STREAM_SPLIT", "weights.list.element": "BYTE_STREAM_SPLIT"},
 )
 
 
@@ -80,11 +91,25 @@ def snapshot_file(directory: Path, step: int) -> Path:
 
 
 def snapshot_table(
-    run_id: str, epoch: int, step: int, reason: str, variables: list[str], gradients: list[np.ndarray]
+    run_id: str,
+    epoch: int,
+    step: int,
+    reason: str,
+    variables: list[str],
+    gradients: list[np.ndarray],
+    weights: list[np.ndarray] | None = None,
+    dtype: str = "float32",
 ) -> pa.Table:
     flat = [np.asarray(g, dtype=np.float32).reshape(-1) for g in gradients]
     offsets = np.cumsum([0] + [f.size for f in flat], dtype=np.int64)
     n = len(variables)
+    schema = gradient_schema(dtype)
+    stored = schema.field("values").type.value_type.to_pandas_dtype()
+
+    def tensors(arrays: list[np.ndarray]) -> pa.Array:
+        values = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays]).astype(stored)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+
     return pa.table(
         {
             "run_id": pa.array([run_id] * n, pa.string()),
@@ -92,12 +117,13 @@ def snapshot_table(
             "step": pa.array([step] * n, pa.int64()),
             "variable": pa.array(variables, pa.string()),
             "shape": pa.array([list(g.shape) for g in gradients], pa.list_(pa.int32())),
-            "values": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat))),
+            "values": tensors(gradients),
             # Accumulated in float64: a float32 sum over 2.7M squares drifts in the 5th digit.
             "l2_norm": pa.array([np.linalg.norm(f.astype(np.float64)) for f in flat], pa.float32()),
             "reason": pa.array([reason] * n, pa.string()),
+            "weights": tensors(weights) if weights is not None else pa.nulls(n, schema.field("weights").type),
         },
-        schema=GRADIENT_SCHEMA,
+        schema=schema,
     )
 
 
@@ -109,6 +135,10 @@ class SnapshotPolicy:
     def __init__(self, every: int, last_step: int, spike_factor: float, window: int = 100):
         self.every, self.last_step, self.spike_factor = every, last_step, spike_factor
         self._norms: collections.deque = collections.deque(maxlen=window)
+
+    def scheduled(self, step: int) -> bool:
+        """Known before the step runs (so its weights can be read before the update)."""
+        return step == 1 or step % self.every == 0 or step == self.last_step
 
     def reason(self, step: int, global_norm: float, finite: bool) -> str:
         """Comma-separated reasons to keep `step` in full; empty to keep only its statistics."""
@@ -135,16 +165,18 @@ class SnapshotWriter:
     holding an unbounded number of snapshots in memory.
     """
 
-    def __init__(self, directory: Path, run_id: str, variables: list[str], max_pending: int = 2):
-        self.directory, self.run_id, self.variables = directory, run_id, variables
+    def __init__(self, directory: Path, run_id: str, variables: list[str], dtype: str = "float32", max_pending: int = 2):
+        self.directory, self.run_id, self.variables, self.dtype = directory, run_id, variables, dtype
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gradient-writer", daemon=True)
         self._thread.start()
 
-    def write(self, step: int, epoch: int, reason: str, gradients: list[np.ndarray]) -> None:
+    def write(
+        self, step: int, epoch: int, reason: str, gradients: list[np.ndarray], weights: list[np.ndarray] | None = None
+    ) -> None:
         self._raise_if_failed()
-        self._queue.put((step, epoch, reason, gradients))
+        self._queue.put((step, epoch, reason, gradients, weights))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -160,9 +192,9 @@ class SnapshotWriter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
-                step, epoch, reason, gradients = item
+                step, epoch, reason, gradients, weights = item
                 try:
-                    table = snapshot_table(self.run_id, epoch, step, reason, self.variables, gradients)
+                    table = snapshot_table(self.run_id, epoch, step, reason, self.variables, gradients, weights, self.dtype)
                     with atomic_path(snapshot_file(self.directory, step)) as temporary:
                         pq.write_table(table, temporary, **PARQUET_OPTIONS)
                 except BaseException as error:  # surfaced on the training thread

@@ -217,7 +217,7 @@ def train_model(
         learning_rate = float(optimizer.learning_rate.numpy())
         policy = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)
         log = StepLog(run_dir, variables)
-        with SnapshotWriter(run_dir / "gradients", run_id, variables) as snapshots, summaries.as_default():
+        with SnapshotWriter(run_dir / "gradients", run_id, variables, config.gradient_dtype) as snapshots, summaries.as_default():
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
@@ -229,6 +229,9 @@ def train_model(
                 if strategy:
                     epoch_batches = strategy.experimental_distribute_dataset(epoch_batches)
                 for i, (x, y) in enumerate(epoch_batches, first_batch):
+                    weights = None
+                    if config.snapshot_weights and policy.scheduled(step + 1):  # the values the gradient is taken at
+                        weights = [v.numpy() for v in model.trainable_variables]
                     loss, gradients, stats = train_step(x, y)
                     step += 1
                     batch = sample_ids[order[i * config.batch_size : (i + 1) * config.batch_size]]
@@ -239,7 +242,7 @@ def train_model(
                     log.append(step, epoch, loss, learning_rate, batch, stats)
                     reason = policy.reason(step, float(np.sqrt(np.sum(np.square(stats[:, 0], dtype=np.float64)))), finite)
                     if reason:
-                        snapshots.write(step, epoch, reason, [g.numpy() for g in gradients])
+                        snapshots.write(step, epoch, reason, [g.numpy() for g in gradients], weights)
                     if not finite:
                         log.flush()
                         raise _non_finite(step, epoch, loss, variables, stats, checkpoint, trained)

@@ -7,8 +7,10 @@ import duckdb
 import pytest
 
 from flows.train import train_flow
+from tasks import verify
 from tasks.config import ConfigError
 from tasks.model import build_model
+from tasks.reader import gradient_arrays, read_gradients
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -23,7 +25,7 @@ def first_run(storage, fashion_mnist_dir) -> dict:
     # The budget: 1 epoch on 10,000 samples.
     return train_flow(
         dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
-        run_name="e2e", epochs=1, train_limit=10_000, snapshot_every=100,
+        run_name="e2e", epochs=1, train_limit=10_000, snapshot_every=100, snapshot_weights=True,
     )
 
 
@@ -70,3 +72,26 @@ def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
     with pytest.raises(ConfigError, match="learning_rate"):
         train_flow(storage=str(tmp_path / "store"), learning_rate=-1.0)
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.slow
+def test_verify_recomputes_the_last_snapshot(first_run, capsys):
+    run_json = str(Path(first_run["uris"]["model"]).parent / "run.json")
+    assert verify.main([run_json]) == 0
+    assert "agrees" in capsys.readouterr().out
+    report = verify.verify_snapshot(run_json, step=1)
+    assert report["max_relative_difference"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_reader_and_duckdb_on_a_real_run(first_run):
+    run = Path(first_run["uris"]["model"]).parent
+    norms = read_gradients(run, columns=["step", "variable", "l2_norm"])
+    assert norms.column_names == ["step", "variable", "l2_norm"] and norms.num_rows == 5 * 6
+    arrays = gradient_arrays(run, 1, variables=["cnn/dense/kernel"])
+    assert arrays["cnn/dense/kernel"].shape == (21632, 128)
+    spikes = duckdb.sql(
+        f"SELECT step, variable, l2_norm, nan_count FROM read_parquet('{run}/stats/*.parquet') "
+        f"WHERE variable = 'cnn/dense/kernel' ORDER BY step"
+    ).fetchall()
+    assert [row[0] for row in spikes] == list(range(1, 314)) and all(row[3] == 0 for row in spikes)

@@ -51,3 +51,16 @@ def test_mixed_precision_exports_true_gradients(setup, precision):
 def test_unknown_precision(tmp_path):
     with pytest.raises(ConfigError, match="unknown precision 'float8'"):
         RunConfig(storage=str(tmp_path), precision="float8").validated()
+
+
+def test_float16_storage_of_gradients(setup):
+    config, data, reference = setup
+    trained = train_model(dataclasses.replace(config, gradient_dtype="float16", snapshot_weights=True), data, "stored-f16")
+    from tasks.export import publish_gradients
+
+    publish_gradients(trained)  # the float16 schema is a valid gradient schema
+    table = pq.read_table(Path(trained.gradients_uri) / "step-000000001.parquet")
+    assert table.schema.field("values").type.value_type == "halffloat"
+    assert table.schema.field("weights").type.value_type == "halffloat"
+    for stored, exact in zip(table.column("values").to_pylist(), step_one(reference)):
+        np.testing.assert_allclose(np.asarray(stored, np.float32), exact, rtol=1e-3, atol=1e-7)

@@ -16,6 +16,7 @@ from tasks.export import GradientExportError, publish_gradients
 from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
+from tasks.reader import NoGradientsError, gradient_arrays, read_gradients
 from tasks.storage import Storage
 from tasks.train import train_model
 
@@ -170,3 +171,16 @@ def test_snapshot_policy_keeps_spikes_and_non_finite_steps():
     assert policy.reason(52, 11.0, True) == "norm-spike"
     assert policy.reason(100, float("nan"), False) == "scheduled,non-finite"
     assert policy.reason(1000, 1.0, True) == "scheduled,last"
+
+
+def test_reader_trusts_only_the_manifest(trained, tmp_path):
+    config, data, result = trained
+    run = Path(result.model_uri).parent
+    publish_gradients(result)
+    table = read_gradients(run, variables=["cnn/conv/bias"], steps=[1], columns=["step", "variable", "values"])
+    assert table.num_rows == 1 and len(table.column("values")[0]) == 32
+    assert gradient_arrays(run, 1)["cnn/conv/kernel"].shape == (3, 3, 1, 32)
+    with pytest.raises(NoGradientsError, match="has no published gradients"):
+        read_gradients(tmp_path)
+    with pytest.raises(NoGradientsError, match="no weights"):
+        gradient_arrays(run, 1, field="weights")
