@@ -6,7 +6,8 @@ uint8 images (Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random by
 the same shape if it is missing), in ONE process:
 
   project  `tasks.train.make_train_step` (the run's default, XLA-compiled) fed by the
-           project's own `batches()` pipeline, reading loss and the finite flag each step
+           project's own `batches()` pipeline, reading the loss each step (the gradient
+           statistics and export are measured apart, by export_overhead.py)
   project --no-jit  the same step as a plain tf.function
   fit      `model.compile(...)` + `model.fit(x, y, batch_size, epochs=1, verbose=0)`
   eager    the classic loop: GradientTape in Python, no tf.function
@@ -61,8 +62,8 @@ def project_trainer(images, labels, batch_size, jit_compile):
 
     def run(n, epoch):
         for x, y in batches(images_t, labels_t, epoch_order(len(images), 0, epoch)[:n], batch_size):
-            loss, gradients, finite = train_step(x, y)
-            float(loss), bool(finite)  # train_model reads both every step
+            loss, gradients = train_step(x, y)
+            float(loss)  # train_model reads it every step
 
     return run
 
