@@ -8,6 +8,7 @@ sees a file that was still being written. It is safe to run twice.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import TapelineError
 from tasks.gradients import GRADIENT_DTYPES, MANIFEST, gradient_schema
-from tasks.storage import write_json
+from tasks.storage import atomic_path, write_json
 from tasks.train import TrainedModel
 
 
@@ -33,7 +34,8 @@ class GradientExport:
     uri: str
     manifest_uri: str
     steps: list[int]
-    variables: list[dict]  # per variable: name, shape, last and mean L2 norm
+    variables: list[dict]  # per variable: name, shape, last, mean and max L2 norm
+    anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
 
 
 def publish_gradients(trained: TrainedModel) -> GradientExport:
@@ -46,13 +48,19 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
         schema = pq.read_schema(path)
         if not any(schema.equals(gradient_schema(dtype)) for dtype in GRADIENT_DTYPES):
             raise GradientExportError(f"{path.name}: schema {schema} is not the gradient schema")
-        table = pq.read_table(path, columns=["step", "variable", "shape", "l2_norm"])
+        table = pq.read_table(path, columns=["step", "variable", "shape", "l2_norm", "reason"])
         if table.column("variable").to_pylist() != trained.variables:
             raise GradientExportError(f"{path.name}: variables {table.column('variable').to_pylist()} != {trained.variables}")
         tables.append(table)
     stats = pa.concat_tables(tables)
     steps = sorted(set(stats.column("step").to_pylist()))
     summary = _summarise(stats, trained.variables)
+    reasons = dict(zip(stats.column("step").to_pylist(), stats.column("reason").to_pylist()))
+    anomalies = [
+        {"step": step, "reason": reason}
+        for step, reason in sorted(reasons.items())
+        if "non-finite" in reason or "norm-spike" in reason
+    ]
     manifest = directory / MANIFEST
     write_json(
         manifest,
@@ -61,9 +69,31 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
             "files": [{"path": p.name, "rows": len(t), "bytes": p.stat().st_size} for p, t in zip(files, tables)],
             "steps": steps,
             "variables": summary,
+            "anomalies": anomalies,
         },
     )
-    return GradientExport(uri=str(directory), manifest_uri=str(manifest), steps=steps, variables=summary)
+    return GradientExport(uri=str(directory), manifest_uri=str(manifest), steps=steps, variables=summary, anomalies=anomalies)
+
+
+def plot_norms(run_dir: Path) -> Path:
+    """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a worker
+    from matplotlib import pyplot as plt
+
+    stats = pq.read_table(run_dir / "stats", columns=["step", "variable", "l2_norm"]).to_pandas()
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for variable, rows in stats.groupby("variable", sort=False):
+        axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)
+    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_dir.name}")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = run_dir / "gradient_norms.png"
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
+    plt.close(figure)
+    return path
 
 
 def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:
@@ -89,10 +119,18 @@ def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:
 def export_gradients(trained: TrainedModel) -> GradientExport:
     """Publish the run's gradient snapshots and report per-variable shape and L2 norm."""
     exported = publish_gradients(trained)
+    anomalies = ", ".join(f"step {a['step']} ({a['reason']})" for a in exported.anomalies) or "none"
     create_table_artifact(
         key="gradient-norms",
         table=exported.variables,
         description=f"Gradient L2 norms of run `{trained.run_id}` over {len(exported.steps)} snapshots "
-        f"(last: step {exported.steps[-1]}). Data: `{exported.uri}`",
+        f"(last: step {exported.steps[-1]}); anomalies: {anomalies}. Data: `{exported.uri}`",
+    )
+    plot = plot_norms(Path(trained.gradients_uri).parent)
+    image = base64.b64encode(plot.read_bytes()).decode()
+    create_markdown_artifact(
+        key="gradient-norm-plot",
+        markdown=f"## Gradient norms per layer, run `{trained.run_id}`\n\n![gradient norms](data:image/png;base64,{image})\n\n"
+        f"Anomalies: {anomalies}. Saved as `{plot}`.",
     )
     return exported

@@ -19,7 +19,8 @@ from tasks.download import fetch_dataset
 from tasks.export import publish_gradients
 from tasks.preprocess import prepare
 from tasks.storage import Storage
-from tasks.train import NonFiniteError, train_model
+from tasks.reader import read_gradients
+from tasks.train import NonFiniteError, TrainedModel, train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +110,34 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup):
     trained = raised.value.trained
     exported = publish_gradients(trained)
     assert exported.steps[-1] == trained.steps
+    assert exported.anomalies[-1]["step"] == trained.steps and "non-finite" in exported.anomalies[-1]["reason"]
     assert f"last good checkpoint is step {trained.steps - 1}" in str(raised.value)
     last = pq.read_table(Path(trained.gradients_uri) / f"step-{trained.steps:09d}.parquet")
     assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
+
+
+def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_path):
+    """SIGKILL during a stream of snapshot writes: every file under a final name is whole."""
+    config, data = dataclasses.replace(setup[0], snapshot_every=1, checkpoint_every=10**6), setup[1]
+    run_dir = Storage(config.storage).run_dir("killed-export")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-export"}))
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((run_dir / "gradients").glob("step-*.parquet"))) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait()
+    files = sorted((run_dir / "gradients").glob("step-*.parquet"))
+    assert worker.returncode == -signal.SIGKILL and len(files) >= 20
+    variables = pq.read_table(files[0]).column("variable").to_pylist()
+    trained = TrainedModel(
+        run_id="killed-export", device="/CPU:0", model_uri=None, gradients_uri=str(run_dir / "gradients"),
+        steps_uri=str(run_dir / "steps"), tensorboard_uri="", variables=variables, steps=0, resumed_from=0, epochs=[],
+    )  # fmt: skip
+    exported = publish_gradients(trained)  # reads every complete file; would fail on a torn one
+    assert exported.steps == [int(f.stem.split("-")[1]) for f in files]
+    table = read_gradients(run_dir, columns=["step", "variable", "values"])
+    assert table.num_rows == len(files) * len(variables)

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tasks.config import RunConfig
 from tasks.download import fetch_dataset
-from tasks.export import GradientExportError, publish_gradients
+from tasks.export import GradientExportError, plot_norms, publish_gradients
 from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
@@ -184,3 +184,9 @@ def test_reader_trusts_only_the_manifest(trained, tmp_path):
         read_gradients(tmp_path)
     with pytest.raises(NoGradientsError, match="no weights"):
         gradient_arrays(run, 1, field="weights")
+
+
+def test_norm_plot_is_a_png_under_the_run(trained):
+    config, data, result = trained
+    path = plot_norms(Path(result.model_uri).parent)
+    assert path.name == "gradient_norms.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
