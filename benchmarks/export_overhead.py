@@ -62,8 +62,9 @@ def trainer(images, labels, batch_size, export: bool, snapshot_every: int, direc
                 if not export:
                     continue
                 stats = gradient_stats(gradients).numpy()
-                log.append(state["step"], epoch, loss, 1e-3, order[i * batch_size : (i + 1) * batch_size], stats)
-                reason = policy.reason(state["step"], float(np.sqrt(np.sum(stats[:, 0] ** 2))), True)
+                global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
+                log.append(state["step"], epoch, loss, global_norm, 1e-3, order[i * batch_size : (i + 1) * batch_size], stats)
+                reason = policy.reason(state["step"], global_norm, True)
                 if reason:
                     writer.write(state["step"], epoch, reason, [g.numpy() for g in gradients])
         log.flush()

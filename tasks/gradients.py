@@ -216,14 +216,16 @@ class StepLog:
         self.run_dir, self.variables = run_dir, variables
         self._rows: list[tuple] = []
 
-    def append(self, step: int, epoch: int, loss: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray) -> None:
-        """`stats`: [variables, STAT_NAMES] as the compiled step computed them."""
-        self._rows.append((step, epoch, loss, learning_rate, sample_ids, stats))
+    def append(
+        self, step: int, epoch: int, loss: float, global_norm: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray
+    ) -> None:
+        """`stats`: [variables, STAT_NAMES], as `gradient_stats` computed them."""
+        self._rows.append((step, epoch, loss, global_norm, learning_rate, sample_ids, stats))
 
     def flush(self) -> None:
         if not self._rows:
             return
-        steps, epochs, losses, rates, sample_ids, stats = zip(*self._rows)
+        steps, epochs, losses, global_norms, rates, sample_ids, stats = zip(*self._rows)
         stats = np.stack(stats)  # [steps, variables, stats]
         n = len(self.variables)
         step_table = pa.table(
@@ -231,7 +233,7 @@ class StepLog:
                 "step": pa.array(steps, pa.int64()),
                 "epoch": pa.array(epochs, pa.int32()),
                 "loss": pa.array(losses, pa.float32()),
-                "global_norm": pa.array(np.sqrt(np.sum(np.square(stats[:, :, 0], dtype=np.float64), axis=1)), pa.float32()),
+                "global_norm": pa.array(global_norms, pa.float32()),
                 "learning_rate": pa.array(rates, pa.float32()),
                 "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
             },

@@ -10,6 +10,7 @@ batch where the checkpoint was taken.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -242,8 +243,9 @@ def train_model(
                     # Under loss scaling an overflowing gradient is expected now and then: the
                     # optimizer skips that step and lowers the scale. Only the loss decides there.
                     finite = math.isfinite(loss) and (loss_scaled or not stats[:, 5:].any())
-                    log.append(step, epoch, loss, learning_rate, batch, stats)
-                    reason = policy.reason(step, float(np.sqrt(np.sum(np.square(stats[:, 0], dtype=np.float64)))), finite)
+                    global_norm = float(np.sqrt(np.sum(np.square(stats[:, 0], dtype=np.float64))))
+                    log.append(step, epoch, loss, global_norm, learning_rate, batch, stats)
+                    reason = policy.reason(step, global_norm, finite)
                     if reason:
                         snapshots.write(step, epoch, reason, [g.numpy() for g in gradients], weights)
                     if not finite:
@@ -284,7 +286,7 @@ def train_model(
     model_path = run_dir / "model.keras"
     with atomic_path(model_path) as temporary:
         model.save(temporary)
-    return TrainedModel(**{**trained.__dict__, "model_uri": str(model_path), "steps": step, "epochs": history})
+    return dataclasses.replace(trained, model_uri=str(model_path), steps=step, epochs=history)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -308,7 +310,7 @@ def _non_finite(step, epoch, loss, variables, stats, checkpoint, trained) -> Non
     return NonFiniteError(
         f"non-finite values at step {step} (epoch {epoch}) in {', '.join(bad)}; "
         f"the last good checkpoint is step {checkpoint.latest_step}, the gradients of step {step} were exported",
-        TrainedModel(**{**trained.__dict__, "steps": step}),
+        dataclasses.replace(trained, steps=step),
     )
 
 
