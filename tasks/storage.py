@@ -6,8 +6,9 @@ Layout under the root:
     datasets/<dataset>/<key>/                 preprocessed splits (Parquet) + manifest.json
     runs/<run_id>/run.json                    the run manifest
     runs/<run_id>/model.keras                 the trained model
-    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
-    runs/<run_id>/steps/                      one row per training step (Parquet dataset)
+    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset + _manifest.json)
+    runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
+    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
 
 Nothing that looks complete is ever half-written: files are written under a
 temporary name in the same directory and renamed into place, which is atomic on
