@@ -8,16 +8,16 @@ In one process, on the same model, data and batch size, taking turns:
               writer (default settings: float32, no weights)
   export off  the same compiled step; only the loss is read
 
+The two take turns every `--chunk` steps, so the machine's drift hits both alike.
 Then one snapshot of the trained model written with each storage setting, against its
 raw float32 size, and the writer's throughput.
 
-    python benchmarks/export_overhead.py [--samples 16000] [--repeats 3] [--snapshot-every 250]
+    python benchmarks/export_overhead.py [--steps 600] [--chunk 20] [--snapshot-every 250]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,66 +41,76 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), read_idx_gz(DATA / "train-labels-idx1-ubyte.gz", 1)[:n]
 
 
-def trainer(images, labels, batch_size, export: bool, snapshot_every: int, directory: Path):
-    keras.utils.set_random_seed(0)
-    model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    step_fn = make_train_step(model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
-    variables = [v.path for v in model.trainable_variables]
-    images_t, labels_t = tf.constant(images), tf.constant(labels)
-    state = {"step": 0}
+class Trainer:
+    """One model trained by the project's loop, with export on or off, a chunk of steps at a time."""
 
-    def run(n: int, epoch: int) -> None:
-        order = epoch_order(len(images), 0, epoch)[:n]
-        policy = SnapshotPolicy(snapshot_every, last_step=10**9, spike_factor=10.0)
-        log = StepLog(directory, variables)
-        with SnapshotWriter(directory / "gradients", "bench", variables) as writer:
-            for i, (x, y) in enumerate(batches(images_t, labels_t, order, batch_size)):
-                loss, gradients = step_fn(x, y)
-                state["step"] += 1
-                loss = float(loss)
-                if not export:
-                    continue
-                stats = gradient_stats(gradients).numpy()
-                global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
-                log.append(state["step"], epoch, loss, global_norm, 1e-3, order[i * batch_size : (i + 1) * batch_size], stats)
-                reason = policy.reason(state["step"], global_norm, True)
-                if reason:
-                    writer.write(state["step"], epoch, reason, [g.numpy() for g in gradients])
-        log.flush()
+    def __init__(self, images, labels, batch_size: int, export: bool, snapshot_every: int, directory: Path):
+        keras.utils.set_random_seed(0)
+        self.model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
+        self.variables = [v.path for v in self.model.trainable_variables]
+        self.export, self.step, self.batch_size = export, 0, batch_size
+        order = epoch_order(len(images), 0, 1)
+        self.batch_ids = iter(np.array_split(order, len(order) // batch_size))
+        self.batches = iter(batches(tf.constant(images), tf.constant(labels), order, batch_size).repeat())
+        self.policy = SnapshotPolicy(snapshot_every, last_step=10**9, spike_factor=10.0)
+        self.log = StepLog(directory, self.variables)
+        self.writer = SnapshotWriter(directory / "gradients", "bench", self.variables)
 
-    return run, model
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            x, y = next(self.batches)
+            loss, gradients = self.step_fn(x, y)
+            self.step += 1
+            loss = float(loss)
+            if not self.export:
+                continue
+            stats = gradient_stats(gradients).numpy()
+            global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
+            self.log.append(self.step, 1, loss, global_norm, 1e-3, np.zeros(self.batch_size, np.int64), stats)
+            reason = self.policy.reason(self.step, global_norm, True)
+            if reason:
+                self.writer.write(self.step, 1, reason, [g.numpy() for g in gradients])
+            if self.step % 500 == 0:
+                self.log.flush()
+
+    def close(self) -> None:
+        self.log.flush()
+        self.writer.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=16000)
+    parser.add_argument("--steps", type=int, default=600, help="timed steps per method")
+    parser.add_argument("--chunk", type=int, default=20, help="steps per turn: short turns pair the methods against drift")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--snapshot-every", type=int, default=250)
     args = parser.parse_args()
-    images, labels = load(args.samples)
+    images, labels = load(20000)
     with tempfile.TemporaryDirectory() as scratch:
-        runs = {
-            "export on": trainer(images, labels, args.batch_size, True, args.snapshot_every, Path(scratch) / "on"),
-            "export off": trainer(images, labels, args.batch_size, False, args.snapshot_every, Path(scratch) / "off"),
+        trainers = {
+            "export on": Trainer(images, labels, args.batch_size, True, args.snapshot_every, Path(scratch) / "on"),
+            "export off": Trainer(images, labels, args.batch_size, False, args.snapshot_every, Path(scratch) / "off"),
         }
-        for run, _ in runs.values():  # compile, not timed
-            run(20 * args.batch_size, 0)
-        rates = {name: [] for name in runs}
-        for repeat in range(1, args.repeats + 1):
-            for name, (run, _) in runs.items():
+        for trainer in trainers.values():  # compile, not timed
+            trainer.run(10)
+        seconds = {name: 0.0 for name in trainers}
+        for _ in range(args.steps // args.chunk):
+            for name, trainer in trainers.items():
                 started = time.perf_counter()
-                run(args.samples, repeat)
-                rates[name].append(args.samples / (time.perf_counter() - started))
-        median = {name: statistics.median(r) for name, r in rates.items()}
-        print(f"batch {args.batch_size}, {args.samples} samples x {args.repeats} repeats, snapshot every {args.snapshot_every} steps")
-        for name, r in rates.items():
-            print(f"{name:<12}{median[name]:>10,.0f} samples/s   ({', '.join(f'{x:,.0f}' for x in r)})")
-        print(f"export on / off = {median['export on'] / median['export off']:.3f}")
+                trainer.run(args.chunk)
+                seconds[name] += time.perf_counter() - started
+        for trainer in trainers.values():
+            trainer.close()
+        rate = {name: args.steps * args.batch_size / s for name, s in seconds.items()}
+        print(f"batch {args.batch_size}, {args.steps} steps each in turns of {args.chunk}, snapshot every {args.snapshot_every} steps")
+        for name in trainers:
+            print(f"{name:<12}{rate[name]:>10,.0f} samples/s")
+        print(f"export on / off = {rate['export on'] / rate['export off']:.3f}")
 
         # One snapshot of the trained model's gradients, stored each way.
-        model = runs["export on"][1]
+        model = trainers["export on"].model
         x, y = images[:32], labels[:32]
         with tf.GradientTape() as tape:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x, training=True))
@@ -116,9 +126,9 @@ def main() -> None:
             path = Path(scratch) / f"{label}.parquet"
             started = time.perf_counter()
             pq.write_table(snapshot_table("bench", 1, 1, "first", variables, gradients, dtype=dtype), path, **options)
-            seconds = time.perf_counter() - started
+            elapsed = time.perf_counter() - started
             size = path.stat().st_size
-            print(f"{label:<18}{size / 1e6:>7.2f} MB  {size / raw:.2f}x raw  {raw / 1e6 / seconds:>6.0f} MB/s")
+            print(f"{label:<18}{size / 1e6:>7.2f} MB  {size / raw:.2f}x raw  {raw / 1e6 / elapsed:>6.0f} MB/s")
 
 
 if __name__ == "__main__":
