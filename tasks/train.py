@@ -62,6 +62,9 @@ class NonFiniteError(TapelineError):
         super().__init__(message)
         self.trained = trained
 
+    def __reduce__(self):  # Prefect may pickle a task's exception with its state
+        return type(self), (str(self), self.trained)
+
 
 def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True) -> Callable:
     """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them).

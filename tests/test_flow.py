@@ -11,6 +11,7 @@ from tasks import verify
 from tasks.config import ConfigError
 from tasks.model import build_model
 from tasks.reader import gradient_arrays, read_gradients
+from tasks.train import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -95,3 +96,11 @@ def test_reader_and_duckdb_on_a_real_run(first_run):
         f"WHERE variable = 'cnn/dense/kernel' ORDER BY step"
     ).fetchall()
     assert [row[0] for row in spikes] == list(range(1, 314)) and all(row[3] == 0 for row in spikes)
+
+
+@pytest.mark.slow
+def test_diverging_run_fails_but_exports_the_failing_step(first_run, storage):
+    with pytest.raises(NonFiniteError) as raised:
+        train_flow(dataset="fashion-mnist", storage=str(storage), run_name="diverges", epochs=1, train_limit=640, learning_rate=1e10)
+    manifest = json.loads((storage / "runs" / "diverges" / "gradients" / "_manifest.json").read_text())
+    assert manifest["anomalies"][-1]["step"] == raised.value.trained.steps
