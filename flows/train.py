@@ -1,4 +1,4 @@
-"""train-flow: download -> preprocess -> train (gpu) -> export gradients -> evaluate.
+"""train-flow: download -> preprocess -> train (gpu) -> export gradients -> evaluate -> promote.
 
 Run it locally with `python flows/train.py --help`; with no PREFECT_API_URL set,
 Prefect starts a temporary local API for the run. Stages hand each other small
@@ -22,9 +22,11 @@ from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
-from tasks.manifest import StageClock, new_run_id, run_manifest_path, utc_now, write_run_manifest  # noqa: E402
+from tasks.manifest import StageClock, new_run_id, run_manifest_path, write_run_manifest  # noqa: E402
 from tasks.devices import resolve_devices  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
+from tasks.promote import promote  # noqa: E402
+from tasks.storage import utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
 
 
@@ -45,6 +47,7 @@ def train_flow(
     gradient_dtype: str = RunConfig.gradient_dtype,
     spike_factor: float = RunConfig.spike_factor,
     checkpoint_every: int = RunConfig.checkpoint_every,
+    promotion_margin: float = RunConfig.promotion_margin,
     precision: str = RunConfig.precision,
     jit_compile: bool = RunConfig.jit_compile,
     deterministic: bool = RunConfig.deterministic,
@@ -65,9 +68,10 @@ def train_flow(
         raise
     exported = stages.run(export_gradients, trained)
     scores = stages.run(evaluate, trained, data)
-
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
-    return write_run_manifest(config, run_id, started, files, data, trained, exported, scores, stages.record)
+    promotion = stages.run(promote, config, trained, scores)
+
+    return write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
 
 
 class _Parser(argparse.ArgumentParser):

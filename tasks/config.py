@@ -64,6 +64,9 @@ class RunConfig:
         default=10.0, metadata=_help("also snapshot in full when the global gradient norm exceeds this many times its running median")
     )
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
+    promotion_margin: float = field(
+        default=0.0, metadata=_help("promote the new model only if its test accuracy beats the champion's by this much")
+    )
     precision: str = field(
         default="float32",
         metadata=_help("compute precision; variables and exported gradients stay float32", choices=PRECISIONS),
@@ -101,6 +104,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be a number above 0, got {self.learning_rate!r}")
+        if not isinstance(self.promotion_margin, (int, float)) or not 0 <= self.promotion_margin < 1:
+            raise ConfigError(f"promotion_margin must be a number from 0 to below 1, got {self.promotion_margin!r}")
         if not isinstance(self.spike_factor, (int, float)) or not math.isfinite(self.spike_factor) or self.spike_factor <= 1:
             raise ConfigError(f"spike_factor must be a number above 1, got {self.spike_factor!r}")
         if self.run_name is not None and (not _RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):

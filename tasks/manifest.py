@@ -7,11 +7,13 @@
     stages       per task name: seconds, and whether it was served from cache
     metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                  seconds, train_samples_per_second}], test_accuracy, test_loss
+    promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
     uris         model, gradients, steps, train, validation, test
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from pathlib import Path
@@ -20,16 +22,13 @@ from tasks.config import RunConfig
 from tasks.download import DatasetFiles
 from tasks.export import GradientExport
 from tasks.preprocess import PreparedData
-from tasks.storage import Storage, write_json
+from tasks.promote import Promotion
+from tasks.storage import Storage, utc_now, write_json
 from tasks.train import TrainedModel
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class StageClock:
@@ -57,6 +56,7 @@ def write_run_manifest(
     trained: TrainedModel,
     exported: GradientExport,
     scores: dict,
+    promotion: Promotion,
     stages: dict,
 ) -> dict:
     manifest = {
@@ -69,6 +69,7 @@ def write_run_manifest(
         "device": trained.device,
         "stages": stages,
         "metrics": {"epochs": trained.epochs, "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+        "promotion": dataclasses.asdict(promotion),
         "uris": {
             "model": trained.model_uri,
             "gradients": exported.uri,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from prefect import task
 from tasks.config import ConfigError, RunConfig
 from tasks.download import DatasetFiles
 from tasks.idx import IdxError, read_idx_gz
-from tasks.storage import TEMP_MARK, Storage, content_key, read_json, write_json
+from tasks.storage import TEMP_MARK, Storage, content_key, read_json, utc_now, write_json
 
 FORMAT_VERSION = 1  # bump when the output of this stage changes for the same inputs
 IMAGE_SHAPE = (28, 28, 1)
@@ -101,7 +100,7 @@ def _write_splits(files: DatasetFiles, directory: Path, seed: int, validation_si
             "seed": seed,
             "validation_size": validation_size,
             "format": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_now(),
             # Statistics of x / 255 on the training split, for anyone standardising further.
             "pixel_mean": float(train_pixels.mean()),
             "pixel_std": float(train_pixels.std()),

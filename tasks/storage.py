@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +68,10 @@ def sha256_stream(handle) -> str:
     while chunk := handle.read(1 << 20):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def content_key(value) -> str:

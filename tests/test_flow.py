@@ -35,7 +35,8 @@ def test_end_to_end_on_fashion_mnist(first_run, storage):
     manifest = json.loads((storage / "runs" / "e2e" / "run.json").read_text())
     assert manifest == first_run
     assert manifest["metrics"]["test_accuracy"] >= 0.80
-    assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate"}
+    assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate", "promote"}
+    assert manifest["promotion"]["promoted"] and manifest["promotion"]["reason"] == "no champion yet"
     assert not manifest["stages"]["download"]["cached"] and not manifest["stages"]["preprocess"]["cached"]
     for name, uri in manifest["uris"].items():
         assert Path(uri).exists(), name
@@ -67,6 +68,9 @@ def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
     assert second["stages"]["download"]["cached"] and second["stages"]["preprocess"]["cached"]
     assert second["dataset"] == first_run["dataset"]
     assert Path(second["uris"]["model"]).parent.name == "again"
+    # 64 training samples make a worse model: it is recorded, not promoted.
+    assert not second["promotion"]["promoted"] and second["promotion"]["champion"]["run_id"] == "e2e"
+    assert json.loads((storage / "models" / "current").read_text())["run_id"] == "e2e"
 
 
 def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):

@@ -1,0 +1,129 @@
+"""Champion and challenger: a run's model becomes the current one only if it is better.
+
+`<storage>/models/current` is a small JSON manifest pointing at the champion's run.
+A challenger replaces it when its test accuracy is at least the champion's plus
+`promotion_margin`. Promotions are serialised by a lock file, and the pointer is
+written under a temporary name and renamed: no reader ever sees a torn pointer,
+and two runs finishing at once cannot both win against the same champion.
+A champion trained on another dataset is no yardstick: the challenger replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig
+from tasks.storage import Storage, read_json, utc_now, write_json
+from tasks.train import TrainedModel
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+    margin: float
+    challenger: dict  # run_id, test_accuracy
+    champion: dict | None  # the champion it was measured against
+
+
+def current_pointer(storage: Storage) -> Path:
+    return storage.root / "models" / "current"
+
+
+def current_champion(storage: Storage) -> dict | None:
+    pointer = current_pointer(storage)
+    return read_json(pointer) if pointer.exists() else None
+
+
+@contextlib.contextmanager
+def _promotion_lock(storage: Storage):
+    lock = storage.root / "models" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even if the process dies
+        yield
+
+
+def promote_if_better(storage: Storage, run_id: str, dataset: str, model_uri: str, test_accuracy: float, margin: float) -> Promotion:
+    challenger = {"run_id": run_id, "dataset": dataset, "model": model_uri, "test_accuracy": test_accuracy}
+    with _promotion_lock(storage):
+        champion = current_champion(storage)
+        if champion is None:
+            promoted, reason = True, "no champion yet"
+        elif champion["dataset"] != dataset:
+            promoted, reason = True, f"the champion was trained on {champion['dataset']}"
+        else:
+            promoted = test_accuracy >= champion["test_accuracy"] + margin
+            reason = (
+                f"test accuracy {test_accuracy:.4f} {'>=' if promoted else '<'} "
+                f"champion {champion['test_accuracy']:.4f} + margin {margin:g}"
+            )
+        if promoted:
+            write_json(current_pointer(storage), {**challenger, "promoted": utc_now()})
+    return Promotion(promoted=promoted, reason=reason, margin=margin, challenger=challenger, champion=champion)
+
+
+def model_registry(storage: Storage) -> list[dict]:
+    """Every run with a manifest, newest first: dataset digests, parameters, metrics, whether it is the champion."""
+    champion = current_champion(storage) or {}
+    rows = []
+    for manifest_path in sorted(storage.root.glob("runs/*/run.json"), reverse=True):
+        run = read_json(manifest_path)
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "current": run["run_id"] == champion.get("run_id"),
+                "finished": run.get("finished"),
+                "dataset": run["dataset"]["name"],
+                "train_images_sha256": run["dataset"]["sha256"]["train_images"][:12],
+                "epochs": run["parameters"]["epochs"],
+                "learning_rate": run["parameters"]["learning_rate"],
+                "batch_size": run["parameters"]["batch_size"],
+                "test_accuracy": run["metrics"]["test_accuracy"],
+                "promoted": run.get("promotion", {}).get("promoted"),
+            }
+        )
+    return rows
+
+
+@task(name="promote")
+def promote(config: RunConfig, trained: TrainedModel, scores: dict) -> Promotion:
+    """Make this run's model the current one if it beats the champion; report the decision and the registry."""
+    storage = Storage(config.storage)
+    decision = promote_if_better(
+        storage, trained.run_id, config.dataset, trained.model_uri, scores["accuracy"], config.promotion_margin
+    )
+    verdict = "promoted" if decision.promoted else "not promoted"
+    create_markdown_artifact(
+        key="promotion",
+        markdown=f"## Run `{trained.run_id}`: {verdict}\n\n{decision.reason}.\n\n"
+        f"Challenger: `{decision.challenger}`\n\nChampion: `{decision.champion}`",
+    )
+    create_table_artifact(key="model-registry", table=model_registry(storage), description="tapeline model versions")
+    print(f"{verdict}: {decision.reason}")
+    return decision
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tasks.promote [storage]`: print the model registry."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.promote", description="List model versions; * marks the current one.")
+    parser.add_argument("storage", nargs="?", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE))
+    storage = Storage(parser.parse_args(argv).storage)
+    for row in model_registry(storage):
+        print(
+            f"{'*' if row['current'] else ' '} {row['run_id']:<28} {row['dataset']:<14} {row['train_images_sha256']}  "
+            f"epochs {row['epochs']:<3} lr {row['learning_rate']:<8g} test accuracy {row['test_accuracy']:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
