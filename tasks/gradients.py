@@ -12,7 +12,7 @@ The values are the gradients exactly as `tape.gradient` returned them, before
 the optimizer applied them.
 
 `steps/` — one row per training step, and `stats/` — one row per (step,
-variable), computed inside the compiled step; one file each per stretch
+variable), computed on the device right after each step; one file each per stretch
 between checkpoints (named by its first step):
     steps: step int64, epoch int32, loss float32, global_norm float32,
            learning_rate float32, sample_ids list<int64>
