@@ -81,10 +81,10 @@ def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = loss_fn(y, logits)
-            scaled_loss = loss * scale
+            scaled_loss = loss if scale is None else loss * scale
         scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        gradients = [g / scale for g in scaled_gradients]
+        gradients = _unscaled(scaled_gradients, scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
         return loss, gradients
@@ -102,12 +102,12 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     """
     per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
-    def replica_step(x, y, scale):
+    def replica_step(x, y, scale=None):
         batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
-            scaled_loss = loss * scale
+            scaled_loss = loss if scale is None else loss * scale
         scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
         return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
@@ -115,9 +115,9 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     @tf.function
     def train_step(x, y):
         scale = _loss_scale(optimizer)
-        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y, scale))
+        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
         loss = strategy.reduce("sum", losses, axis=None)
-        gradients = [strategy.reduce("sum", g, axis=None) / scale for g in scaled_gradients]
+        gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
         return loss, gradients
@@ -125,11 +125,18 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     return train_step
 
 
-def _loss_scale(optimizer):
-    """The current loss scale under mixed_float16 (the optimizer unscales what it applies), else 1."""
+def _loss_scale(optimizer) -> tf.Tensor | None:
+    """The current loss scale under mixed_float16 (the optimizer unscales what it applies); None otherwise.
+
+    None, not 1.0: without loss scaling the step carries no multiply and no divide.
+    """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return tf.convert_to_tensor(optimizer.dynamic_scale)
-    return tf.constant(1.0)
+    return None
+
+
+def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
+    return gradients if scale is None else [g / scale for g in gradients]
 
 
 @tf.function  # a TensorFlow graph, not XLA: XLA's CPU reductions run on one thread, 2-3x slower here
