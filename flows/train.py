@@ -25,8 +25,8 @@ from tasks.export import export_gradients  # noqa: E402
 from tasks.manifest import StageClock, new_run_id, run_manifest_path, write_run_manifest  # noqa: E402
 from tasks.devices import resolve_devices  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-from tasks.promote import promote  # noqa: E402
-from tasks.storage import utc_now  # noqa: E402
+from tasks.promote import promote, warm_start_champion  # noqa: E402
+from tasks.storage import Storage, utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def train_flow(
     source: str | None = RunConfig.source,
     storage: str | None = RunConfig.storage,
     run_name: str | None = RunConfig.run_name,
+    refresh: bool = RunConfig.refresh,
     epochs: int = RunConfig.epochs,
     batch_size: int = RunConfig.batch_size,
     learning_rate: float = RunConfig.learning_rate,
@@ -48,6 +49,7 @@ def train_flow(
     spike_factor: float = RunConfig.spike_factor,
     checkpoint_every: int = RunConfig.checkpoint_every,
     promotion_margin: float = RunConfig.promotion_margin,
+    warm_start: bool = RunConfig.warm_start,
     precision: str = RunConfig.precision,
     jit_compile: bool = RunConfig.jit_compile,
     deterministic: bool = RunConfig.deterministic,
@@ -58,11 +60,15 @@ def train_flow(
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
     resolve_devices(config.device, config.devices)  # fail on missing devices before any stage runs
     run_id, started, stages = config.run_name or new_run_id(), utc_now(), StageClock()
+    # Chosen once, up front: a champion promoted while this run trains must not change where it started.
+    champion = warm_start_champion(Storage(config.storage), config.dataset) if config.warm_start else None
+    if config.warm_start and champion is None:
+        print(f"warm start: no champion trained on {config.dataset} yet; starting from random weights")
 
     files = stages.run(download, config)
     data = stages.run(preprocess, config, files)
     try:
-        trained = stages.run(train, config, data, run_id)
+        trained = stages.run(train, config, data, run_id, champion)
     except NonFiniteError as error:
         stages.run(export_gradients, error.trained)  # the failing step's gradients: the snapshot most needed
         raise

@@ -47,6 +47,9 @@ class RunConfig:
         default=None, metadata=_help(f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
     )
     run_name: str | None = field(default=None, metadata=_help("run id; default: a timestamp and a random suffix"))
+    refresh: bool = field(
+        default=False, metadata=_help("download and preprocess again even when the storage root already has the result")
+    )
     epochs: int = field(default=5, metadata=_help("passes over the training split"))
     batch_size: int = field(default=32, metadata=_help("samples per training step"))
     learning_rate: float = field(default=1e-3, metadata=_help("Adam learning rate"))
@@ -66,6 +69,9 @@ class RunConfig:
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (and at each epoch end)"))
     promotion_margin: float = field(
         default=0.0, metadata=_help("promote the new model only if its test accuracy beats the champion's by this much")
+    )
+    warm_start: bool = field(
+        default=False, metadata=_help("start from the current champion's weights (a champion of the same dataset), not random ones")
     )
     precision: str = field(
         default="float32",
@@ -99,7 +105,7 @@ class RunConfig:
             _require_int("train_limit", self.train_limit, minimum=1)
         if self.gradient_dtype not in ("float32", "float16"):
             raise ConfigError(f"unknown gradient_dtype {self.gradient_dtype!r}; choose float32 or float16")
-        for name in ("snapshot_weights", "jit_compile", "deterministic"):
+        for name in ("refresh", "snapshot_weights", "warm_start", "jit_compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learning_rate, (int, float)) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:

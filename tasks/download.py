@@ -52,12 +52,13 @@ class DatasetFiles:
     cached: bool  # every file was already in the cache
 
 
-def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None) -> DatasetFiles:
+def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None, refresh: bool = False) -> DatasetFiles:
+    """`refresh` fetches and verifies every file again; a cached copy is replaced only by a verified one."""
     paths, fetched = {}, False
     for split in SPLIT_FILES:
         spec = dataset.files[split]
         target = storage.cache_file(dataset.name, spec.idx_sha256)
-        if not target.exists():
+        if refresh or not target.exists():
             _fetch_file(dataset, split, spec, target, source)
             fetched = True
         paths[split] = str(target)
@@ -179,4 +180,4 @@ def _reason(error: Exception) -> str:
 @task(name="download")
 def download(config: RunConfig) -> DatasetFiles:
     """Fetch and verify the dataset's four IDX files into the storage cache."""
-    return fetch_dataset(DATASETS[config.dataset], Storage(config.storage), config.source)
+    return fetch_dataset(DATASETS[config.dataset], Storage(config.storage), config.source, config.refresh)

@@ -4,6 +4,7 @@
     parameters   every flow parameter, by name
     dataset      name, and the SHA-256 of each IDX file
     device       the TensorFlow device training ran on
+    warm_start   the champion pointer training started from (--warm-start), or null
     stages       per task name: seconds, and whether it was served from cache
     metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                  seconds, train_samples_per_second}], test_accuracy, test_loss
@@ -67,6 +68,7 @@ def write_run_manifest(
         "parameters": config.parameters(),
         "dataset": {"name": files.dataset, "sha256": files.sha256, "preprocessed": data.directory},
         "device": trained.device,
+        "warm_start": trained.warm_start,
         "stages": stages,
         "metrics": {"epochs": trained.epochs, "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
         "promotion": dataclasses.asdict(promotion),

@@ -14,7 +14,6 @@ or on any machine sharing the storage root.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +47,13 @@ class PreparedData:
         return read_json(Path(self.directory) / "manifest.json")
 
 
-def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int) -> PreparedData:
+def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int, refresh: bool = False) -> PreparedData:
+    """Write the splits unless the storage root has them already (`refresh` rebuilds them anyway)."""
     key = content_key(
         {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
     )
     directory = storage.dataset_dir(files.dataset, key)
-    cached = (directory / "manifest.json").exists()
+    cached = not refresh and (directory / "manifest.json").exists()
     if not cached:
         _write_splits(files, directory, seed, validation_size)
     manifest = read_json(directory / "manifest.json")
@@ -110,10 +110,13 @@ def _write_splits(files: DatasetFiles, directory: Path, seed: int, validation_si
     try:
         staging.rename(directory)
     except OSError:
-        # Another run published the same key first; its content is identical.
+        # Published already (by another run, or before a refresh), with the same content: swap it
+        # in file by file, the manifest last, so the directory never stands incomplete.
         if not (directory / "manifest.json").exists():
             raise
-        shutil.rmtree(staging)
+        for name in (*(f"{split}.parquet" for split in SPLITS), "manifest.json"):
+            os.replace(staging / name, directory / name)
+        staging.rmdir()
 
 
 def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:
@@ -152,4 +155,4 @@ def _read_pair(files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]
 @task(name="preprocess")
 def preprocess(config: RunConfig, files: DatasetFiles) -> PreparedData:
     """Parse and validate the IDX files; write train/validation/test Parquet splits (cached by content)."""
-    return prepare(files, Storage(config.storage), config.seed, config.validation_size)
+    return prepare(files, Storage(config.storage), config.seed, config.validation_size, config.refresh)

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig
+from tasks.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, TapelineError
 from tasks.storage import Storage, read_json, utc_now, write_json
 from tasks.train import TrainedModel
 
@@ -41,6 +41,16 @@ def current_pointer(storage: Storage) -> Path:
 def current_champion(storage: Storage) -> dict | None:
     pointer = current_pointer(storage)
     return read_json(pointer) if pointer.exists() else None
+
+
+def warm_start_champion(storage: Storage, dataset: str) -> dict | None:
+    """The champion a `--warm-start` run starts from: the current one, if it was trained on `dataset`."""
+    champion = current_champion(storage)
+    if champion is None or champion["dataset"] != dataset:
+        return None
+    if not Path(champion["model"]).is_file():
+        raise TapelineError(f"warm start: the champion's model {champion['model']} is missing")
+    return champion
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ class TrainedModel:
     variables: list[str]
     steps: int
     resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
+    warm_start: dict | None  # the champion (models/current) whose weights training started from
     epochs: list[dict]
 
 
@@ -183,9 +184,16 @@ def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
 
 
 def train_model(
-    config: RunConfig, data: PreparedData, run_id: str, on_progress: Callable[[int, int, float], None] | None = None
+    config: RunConfig,
+    data: PreparedData,
+    run_id: str,
+    warm_start: dict | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainedModel:
-    """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step."""
+    """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
+
+    `warm_start`, a champion's pointer (see tasks/promote.py), starts from its model's weights instead of random ones.
+    """
     run_dir = Storage(config.storage).run_dir(run_id)
     devices = resolve_devices(config.device, config.devices)
     strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
@@ -202,6 +210,9 @@ def train_model(
         if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
+        if warm_start:  # the optimizer starts fresh: its moments belong to the champion's data order
+            model.load_weights(warm_start["model"])
+            print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
         val_loss, val_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
@@ -223,7 +234,7 @@ def train_model(
         trained = TrainedModel(
             run_id=run_id, device=",".join(devices), model_uri=None, gradients_uri=str(run_dir / "gradients"),
             steps_uri=str(run_dir / "steps"), tensorboard_uri=str(run_dir / "tensorboard"), variables=variables,
-            steps=step, resumed_from=resumed_from, epochs=history,
+            steps=step, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
         )  # fmt: skip
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -341,10 +352,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 @task(name="train", tags=["gpu"])
-def train(config: RunConfig, data: PreparedData, run_id: str) -> TrainedModel:
+def train(config: RunConfig, data: PreparedData, run_id: str, warm_start: dict | None) -> TrainedModel:
     """Train the CNN with a compiled GradientTape step; save the model, checkpoints and gradient snapshots under the run."""
     progress = TrainingProgress(run_id, config.batch_size)
     try:
-        return train_model(config, data, run_id, on_progress=progress)
+        return train_model(config, data, run_id, warm_start, on_progress=progress)
     finally:
         progress.close()

@@ -31,6 +31,22 @@ def test_local_directory_then_cache(tiny, tmp_path):
     assert second.cached and second.paths == first.paths
 
 
+def test_refresh_fetches_again_and_keeps_the_cache_on_failure(tiny, tmp_path):
+    dataset, source = tiny
+    storage = Storage(tmp_path / "store")
+    first = fetch_dataset(dataset, storage, str(source))
+    cached = Path(first.paths["train_images"])
+    cached.write_bytes(b"damaged")  # what a refresh is for
+    again = fetch_dataset(dataset, storage, str(source), refresh=True)
+    assert not again.cached and cached.read_bytes() == (source / dataset.files["train_images"].name).read_bytes()
+    # A refresh whose source fails leaves the verified copies in place.
+    with pytest.raises(DownloadError):
+        fetch_dataset(dataset, storage, str(tmp_path / "gone"), refresh=True)
+    assert [p.read_bytes() for p in cache_files(storage) if p.is_file()] == [
+        (source / dataset.files[split].name).read_bytes() for split in sorted(SPLIT_FILES, key=lambda s: dataset.files[s].idx_sha256)
+    ]
+
+
 def test_file_url_source(tiny, tmp_path):
     dataset, source = tiny
     files = fetch_dataset(dataset, Storage(tmp_path / "store"), source.as_uri())

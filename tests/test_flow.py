@@ -73,6 +73,19 @@ def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
     assert json.loads((storage / "models" / "current").read_text())["run_id"] == "e2e"
 
 
+@pytest.mark.slow
+def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fashion_mnist_dir):
+    warm = train_flow(
+        dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
+        run_name="warm", epochs=1, train_limit=64, warm_start=True, refresh=True,
+    )
+    assert warm["warm_start"]["run_id"] == "e2e" and warm["parameters"]["warm_start"]
+    assert not warm["stages"]["download"]["cached"] and not warm["stages"]["preprocess"]["cached"]
+    assert warm["dataset"] == first_run["dataset"]
+    # Two steps from random weights reach about 0.3; from the champion's, its accuracy.
+    assert warm["metrics"]["test_accuracy"] > first_run["metrics"]["test_accuracy"] - 0.05
+
+
 def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
     with pytest.raises(ConfigError, match="learning_rate"):
         train_flow(storage=str(tmp_path / "store"), learning_rate=-1.0)

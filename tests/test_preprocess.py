@@ -1,5 +1,6 @@
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +82,16 @@ def test_same_inputs_are_served_from_cache(files, tmp_path):
     second = prepare(files, storage, seed=1, validation_size=10)
     assert second.cached and second.uris == first.uris
     assert not prepare(files, storage, seed=1, validation_size=11).cached
+
+
+def test_refresh_rebuilds_in_place(files, tmp_path):
+    storage = Storage(tmp_path / "store")
+    first = prepare(files, storage, seed=1, validation_size=10)
+    Path(first.uris["test"]).write_bytes(b"damaged")
+    again = prepare(files, storage, seed=1, validation_size=10, refresh=True)
+    assert not again.cached and again.uris == first.uris
+    assert len(read_split(again.uris["test"])[0]) == 100
+    assert sorted(p.name for p in Path(again.directory).parent.iterdir()) == [Path(again.directory).name]  # no staging left
 
 
 def test_validation_size_too_large(files, tmp_path):

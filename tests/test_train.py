@@ -1,5 +1,6 @@
 """Training and gradient export on a tiny dataset: real TensorFlow, real Parquet, small budget."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tasks.export import GradientExportError, plot_norms, publish_gradients
 from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
+from tasks.promote import current_champion, promote_if_better, warm_start_champion
 from tasks.reader import NoGradientsError, gradient_arrays, read_gradients
 from tasks.storage import Storage
 from tasks.train import train_model
@@ -190,3 +192,19 @@ def test_norm_plot_is_a_png_under_the_run(trained):
     config, data, result = trained
     path = plot_norms(Path(result.model_uri).parent)
     assert path.name == "gradient_norms.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_warm_start_begins_at_the_champions_weights(trained):
+    config, data, result = trained
+    storage = Storage(config.storage)
+    champion = promote_if_better(storage, result.run_id, config.dataset, result.model_uri, 0.5, margin=0.0).challenger
+    assert warm_start_champion(storage, config.dataset) == {**champion, "promoted": current_champion(storage)["promoted"]}
+    assert warm_start_champion(storage, "fashion-mnist") is None  # a champion of another dataset is no start
+    warm_config = dataclasses.replace(config, epochs=1, snapshot_weights=True)
+    warm = train_model(warm_config, data, "warm", warm_start=current_champion(storage))
+    publish_gradients(warm)
+    start = gradient_arrays(Path(config.storage) / "runs" / "warm", step=1, field="weights")
+    champion_model = keras.saving.load_model(result.model_uri)
+    for name, variable in zip(warm.variables, champion_model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(start[name], variable.numpy())
+    assert warm.warm_start["run_id"] == result.run_id
