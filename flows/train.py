@@ -22,10 +22,11 @@ from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
-from tasks.manifest import StageClock, new_run_id, run_manifest_path, write_run_manifest  # noqa: E402
+from tasks.manifest import StageClock, new_run_id, run_manifest_uri, write_run_manifest  # noqa: E402
 from tasks.devices import resolve_devices  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-from tasks.promote import promote, warm_start_champion  # noqa: E402
+from tasks.champion import warm_start_champion  # noqa: E402
+from tasks.promote import promote  # noqa: E402
 from tasks.storage import Storage, utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
 
@@ -73,7 +74,7 @@ def train_flow(
         stages.run(export_gradients, error.trained)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, trained)
-    scores = stages.run(evaluate, trained, data)
+    scores = stages.run(evaluate, config, trained, data)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     promotion = stages.run(promote, config, trained, scores)
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except TapelineError as error:
         print(f"flows/train.py: error: {error}", file=sys.stderr)
         return 1
-    print(run_manifest_path(manifest["parameters"]["storage"], manifest["run_id"]))
+    print(run_manifest_uri(manifest["parameters"]["storage"], manifest["run_id"]))
     return 0
 
 

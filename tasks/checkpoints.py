@@ -16,13 +16,18 @@ import keras
 import tensorflow as tf
 
 from tasks.config import ConfigError
+from tasks.storage import Storage
 
 KEEP = 3  # checkpoints kept; older ones are deleted by the manager
 
 
 class TrainingCheckpoint:
-    def __init__(self, directory: Path, model: keras.Model, optimizer, metrics: list[keras.metrics.Metric], parameters: dict):
-        self.metrics, self.parameters = metrics, parameters
+    """Kept in the run's `checkpoints/`; on an object-store root each save is uploaded, the `checkpoint` index last."""
+
+    def __init__(
+        self, storage: Storage, directory: Path, model: keras.Model, optimizer, metrics: list[keras.metrics.Metric], parameters: dict
+    ):
+        self.storage, self.directory, self.metrics, self.parameters = storage, directory, metrics, parameters
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._state = tf.Variable("{}", dtype=tf.string, trainable=False)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, state=self._state)
@@ -30,7 +35,8 @@ class TrainingCheckpoint:
 
     def restore(self) -> tuple[int, list[dict]]:
         """Load the latest checkpoint, if any: (the step it was taken after, finished epochs' metrics)."""
-        latest = self._manager.latest_checkpoint
+        self._fetch_latest()
+        latest = tf.train.latest_checkpoint(str(self.directory))
         if latest is None:
             return 0, []
         self._checkpoint.restore(latest).assert_existing_objects_matched()
@@ -55,7 +61,28 @@ class TrainingCheckpoint:
                 }
             )
         )
-        return self._manager.save(checkpoint_number=step)
+        kept = set(self._manager.checkpoints)
+        saved = self._manager.save(checkpoint_number=step)
+        self.storage.publish(*self._files(saved), self.directory / "checkpoint")
+        for dropped in kept - set(self._manager.checkpoints):  # the manager deletes local files only
+            stale = [name for name in self.storage.listdir(self.directory) if name.startswith(Path(dropped).name + ".")]
+            self.storage.delete(*(self.directory / name for name in stale))
+        return saved
+
+    def _fetch_latest(self) -> None:
+        """Download the latest checkpoint of an object-store root: a resumed run may be on another machine."""
+        if not self.storage.remote or not self.storage.exists(self.directory / "checkpoint"):
+            return
+        self.storage.fetch(self.directory / "checkpoint")
+        latest = Path(tf.train.latest_checkpoint(str(self.directory))).name
+        for name in self.storage.listdir(self.directory):
+            if name.startswith(latest + "."):
+                self.storage.fetch(self.directory / name)
+        self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.directory), max_to_keep=KEEP)
+
+    def _files(self, prefix: str) -> list[Path]:
+        """A checkpoint's files (its index and data shards), by its prefix."""
+        return sorted(Path(prefix).parent.glob(Path(prefix).name + ".*"))
 
     @property
     def latest_step(self) -> int:

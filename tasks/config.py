@@ -13,7 +13,10 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from tasks.datasets import DATASETS
+from tasks.storage import is_remote, remote_filesystem
 
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
@@ -119,7 +122,7 @@ class RunConfig:
                 f"run_name {self.run_name!r} must be one path segment of letters, digits, '.', '_' or '-' (no '..')"
             )
         storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, storage=str(_writable_root(storage)))
+        return replace(self, storage=_usable_root(storage))
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
@@ -138,9 +141,30 @@ def _require_int(name: str, value, minimum: int) -> None:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
 
 
+def _usable_root(storage: str) -> str:
+    return _reachable_root(storage) if is_remote(storage) else str(_writable_root(storage))
+
+
+def _reachable_root(storage: str) -> str:
+    """Ask the object store now whether the bucket exists and takes these credentials; write nothing.
+
+    Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, …), and
+    the endpoint from AWS_ENDPOINT_URL: neither is in any message.
+    """
+    try:
+        filesystem, path = remote_filesystem(storage)
+        bucket = path.split("/")[0]
+        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ConfigError(f"storage {storage!r}: bucket {bucket!r} does not exist")
+        filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # listing needs read access
+    except (OSError, ValueError, ImportError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"storage {storage!r}: {' '.join(str(error).split())}") from None
+    return storage.rstrip("/")
+
+
 def _writable_root(storage: str) -> Path:
-    if "://" in storage and not storage.startswith("file://"):
-        raise ConfigError(f"storage {storage!r}: only local paths are supported so far")
     path = Path(storage.removeprefix("file://")).expanduser().resolve()
     # The root may not exist yet: it will be created under its nearest existing ancestor.
     existing = next(p for p in (path, *path.parents) if p.exists())

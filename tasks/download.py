@@ -47,7 +47,7 @@ class DatasetFiles:
     """The download stage's result: verified files in the storage cache."""
 
     dataset: str
-    paths: dict[str, str]  # keyed by SPLIT_FILES
+    paths: dict[str, str]  # storage URIs, keyed by SPLIT_FILES
     sha256: dict[str, str]  # IDX content digests, keyed like paths
     cached: bool  # every file was already in the cache
 
@@ -58,10 +58,11 @@ def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None,
     for split in SPLIT_FILES:
         spec = dataset.files[split]
         target = storage.cache_file(dataset.name, spec.idx_sha256)
-        if refresh or not target.exists():
+        if refresh or not storage.exists(target):
             _fetch_file(dataset, split, spec, target, source)
+            storage.publish(target)
             fetched = True
-        paths[split] = str(target)
+        paths[split] = storage.uri_of(target)
     return DatasetFiles(
         dataset=dataset.name,
         paths=paths,

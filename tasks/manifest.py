@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from pathlib import Path
 
 from tasks.config import RunConfig
 from tasks.download import DatasetFiles
 from tasks.export import GradientExport
 from tasks.preprocess import PreparedData
 from tasks.promote import Promotion
-from tasks.storage import Storage, utc_now, write_json
+from tasks.storage import Storage, utc_now
 from tasks.train import TrainedModel
 
 
@@ -79,9 +78,11 @@ def write_run_manifest(
             **data.uris,
         },
     }
-    write_json(run_manifest_path(config.storage, run_id), manifest)
+    storage = Storage(config.storage)
+    storage.write_json(storage.run_dir(run_id) / "run.json", manifest)
     return manifest
 
 
-def run_manifest_path(storage: str, run_id: str) -> Path:
-    return Storage(storage).run_dir(run_id) / "run.json"
+def run_manifest_uri(storage: str, run_id: str) -> str:
+    storage = Storage(storage)
+    return storage.uri_of(storage.run_dir(run_id) / "run.json")

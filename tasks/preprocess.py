@@ -25,11 +25,12 @@ from prefect import task
 from tasks.config import ConfigError, RunConfig
 from tasks.download import DatasetFiles
 from tasks.idx import IdxError, read_idx_gz
-from tasks.storage import TEMP_MARK, Storage, content_key, read_json, utc_now, write_json
+from tasks.storage import TEMP_MARK, Storage, content_key, utc_now, write_json
 
 FORMAT_VERSION = 1  # bump when the output of this stage changes for the same inputs
 IMAGE_SHAPE = (28, 28, 1)
 SPLITS = ("train", "validation", "test")
+SPLIT_FILE_NAMES = (*(f"{split}.parquet" for split in SPLITS), "manifest.json")  # the manifest last: it says "complete"
 IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
 
 
@@ -43,9 +44,6 @@ class PreparedData:
     counts: dict[str, int]
     cached: bool
 
-    def manifest(self) -> dict:
-        return read_json(Path(self.directory) / "manifest.json")
-
 
 def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int, refresh: bool = False) -> PreparedData:
     """Write the splits unless the storage root has them already (`refresh` rebuilds them anyway)."""
@@ -53,22 +51,22 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
         {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
     )
     directory = storage.dataset_dir(files.dataset, key)
-    cached = not refresh and (directory / "manifest.json").exists()
+    cached = not refresh and storage.exists(directory / "manifest.json")
     if not cached:
-        _write_splits(files, directory, seed, validation_size)
-    manifest = read_json(directory / "manifest.json")
+        _write_splits(storage, files, directory, seed, validation_size)
+    manifest = storage.read_json(directory / "manifest.json")
     return PreparedData(
         dataset=files.dataset,
-        directory=str(directory),
-        uris={split: str(directory / f"{split}.parquet") for split in SPLITS},
+        directory=storage.uri_of(directory),
+        uris={split: storage.uri_of(directory / f"{split}.parquet") for split in SPLITS},
         counts={split: manifest["splits"][split]["count"] for split in SPLITS},
         cached=cached,
     )
 
 
-def _write_splits(files: DatasetFiles, directory: Path, seed: int, validation_size: int) -> None:
-    train_images, train_labels = _read_pair(files, "train")
-    test_images, test_labels = _read_pair(files, "test")
+def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: int, validation_size: int) -> None:
+    train_images, train_labels = _read_pair(storage, files, "train")
+    test_images, test_labels = _read_pair(storage, files, "test")
     if validation_size >= len(train_images):
         raise ConfigError(f"validation_size {validation_size} leaves no training samples (the set has {len(train_images)})")
 
@@ -114,9 +112,10 @@ def _write_splits(files: DatasetFiles, directory: Path, seed: int, validation_si
         # in file by file, the manifest last, so the directory never stands incomplete.
         if not (directory / "manifest.json").exists():
             raise
-        for name in (*(f"{split}.parquet" for split in SPLITS), "manifest.json"):
+        for name in SPLIT_FILE_NAMES:
             os.replace(staging / name, directory / name)
         staging.rmdir()
+    storage.publish(*(directory / name for name in SPLIT_FILE_NAMES))
 
 
 def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:
@@ -140,9 +139,9 @@ def read_split(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarr
     return images, table.column("label").to_numpy(), table.column("sample_id").to_numpy()
 
 
-def _read_pair(files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx_gz(Path(files.paths[f"{split}_images"]), ndim=3)
-    labels = read_idx_gz(Path(files.paths[f"{split}_labels"]), ndim=1)
+def _read_pair(storage: Storage, files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx_gz(storage.local(files.paths[f"{split}_images"]), ndim=3)
+    labels = read_idx_gz(storage.local(files.paths[f"{split}_labels"]), ndim=1)
     if images.shape[1:] != IMAGE_SHAPE[:2]:
         raise IdxError(f"{split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     if len(images) != len(labels):

@@ -1,27 +1,25 @@
 """Champion and challenger: a run's model becomes the current one only if it is better.
 
-`<storage>/models/current` is a small JSON manifest pointing at the champion's run.
-A challenger replaces it when its test accuracy is at least the champion's plus
-`promotion_margin`. Promotions are serialised by a lock file, and the pointer is
-written under a temporary name and renamed: no reader ever sees a torn pointer,
-and two runs finishing at once cannot both win against the same champion.
-A champion trained on another dataset is no yardstick: the challenger replaces it.
+A challenger replaces the champion (`<storage>/models/current`, see
+tasks/champion.py) when its test accuracy is at least the champion's plus
+`promotion_margin`; the decision is made against the pointer as it is when the
+new one is written (compare-and-swap), so two runs finishing at once cannot both
+win against the same champion. A champion trained on another dataset is no
+yardstick: the challenger replaces it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, TapelineError
-from tasks.storage import Storage, read_json, utc_now, write_json
+from tasks.champion import ChampionPointer, current_champion
+from tasks.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig
+from tasks.storage import Storage, utc_now
 from tasks.train import TrainedModel
 
 
@@ -34,38 +32,11 @@ class Promotion:
     champion: dict | None  # the champion it was measured against
 
 
-def current_pointer(storage: Storage) -> Path:
-    return storage.root / "models" / "current"
-
-
-def current_champion(storage: Storage) -> dict | None:
-    pointer = current_pointer(storage)
-    return read_json(pointer) if pointer.exists() else None
-
-
-def warm_start_champion(storage: Storage, dataset: str) -> dict | None:
-    """The champion a `--warm-start` run starts from: the current one, if it was trained on `dataset`."""
-    champion = current_champion(storage)
-    if champion is None or champion["dataset"] != dataset:
-        return None
-    if not Path(champion["model"]).is_file():
-        raise TapelineError(f"warm start: the champion's model {champion['model']} is missing")
-    return champion
-
-
-@contextlib.contextmanager
-def _promotion_lock(storage: Storage):
-    lock = storage.root / "models" / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even if the process dies
-        yield
-
-
 def promote_if_better(storage: Storage, run_id: str, dataset: str, model_uri: str, test_accuracy: float, margin: float) -> Promotion:
     challenger = {"run_id": run_id, "dataset": dataset, "model": model_uri, "test_accuracy": test_accuracy}
-    with _promotion_lock(storage):
-        champion = current_champion(storage)
+    pointer = ChampionPointer(storage)
+    while True:  # until the decision is made against the pointer as it still is
+        champion, version = pointer.read()
         if champion is None:
             promoted, reason = True, "no champion yet"
         elif champion["dataset"] != dataset:
@@ -76,17 +47,18 @@ def promote_if_better(storage: Storage, run_id: str, dataset: str, model_uri: st
                 f"test accuracy {test_accuracy:.4f} {'>=' if promoted else '<'} "
                 f"champion {champion['test_accuracy']:.4f} + margin {margin:g}"
             )
-        if promoted:
-            write_json(current_pointer(storage), {**challenger, "promoted": utc_now()})
-    return Promotion(promoted=promoted, reason=reason, margin=margin, challenger=challenger, champion=champion)
+        if not promoted or pointer.swap({**challenger, "promoted": utc_now()}, version):
+            return Promotion(promoted=promoted, reason=reason, margin=margin, challenger=challenger, champion=champion)
 
 
 def model_registry(storage: Storage) -> list[dict]:
     """Every run with a manifest, newest first: dataset digests, parameters, metrics, whether it is the champion."""
     champion = current_champion(storage) or {}
     rows = []
-    for manifest_path in sorted(storage.root.glob("runs/*/run.json"), reverse=True):
-        run = read_json(manifest_path)
+    for run_id in reversed(storage.listdir(storage.root / "runs")):
+        if not storage.exists(manifest_path := storage.run_dir(run_id) / "run.json"):
+            continue  # running, or failed
+        run = storage.read_json(manifest_path)
         rows.append(
             {
                 "run_id": run["run_id"],

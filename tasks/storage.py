@@ -27,7 +27,12 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 TEMP_MARK = ".tmp-"  # temporary names contain this; readers skip them
+WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy lives on this machine
+_LOCAL = pafs.LocalFileSystem()
 
 
 @contextlib.contextmanager
@@ -79,11 +84,41 @@ def content_key(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def is_remote(root: str) -> bool:
+    """An object store or other non-local filesystem: anything with a scheme but file://."""
+    return "://" in root and not root.startswith("file://")
+
+
+def remote_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a URI: pyarrow's own (s3, gs, hdfs), else fsspec's (credentials from the environment)."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid:  # a scheme pyarrow does not know natively
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
 class Storage:
-    """The storage root of one deployment of tapeline (a local directory for now)."""
+    """The storage root of one deployment of tapeline: a local directory or an object store.
+
+    Stages read and write local files under `root`. For a local root that is the
+    root itself, and `fetch` and `publish` do nothing. For an object store
+    (`s3://bucket/prefix`, `gs://…`) `root` is this machine's working copy
+    ($TAPELINE_WORKDIR, default ~/.cache/tapeline/<hash of the URI>): `fetch`
+    downloads a file into it, `publish` uploads a finished one. The object store
+    is the only thing stages on different machines share.
+    """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.uri, self.remote = str(root).rstrip("/"), is_remote(str(root))
+        if self.remote:
+            self.fs, self._prefix = remote_filesystem(self.uri)
+            workdir = Path(os.environ.get(WORKDIR_ENV, Path.home() / ".cache" / "tapeline")).expanduser()
+            self.root = workdir / content_key(self.uri)
+        else:
+            self.root = Path(self.uri.removeprefix("file://")).expanduser()
 
     def cache_file(self, dataset: str, idx_sha256: str) -> Path:
         return self.root / "cache" / dataset / f"{idx_sha256}.gz"
@@ -93,3 +128,74 @@ class Storage:
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
+
+    def uri_of(self, path: Path) -> str:
+        """Where a file under `root` lives in the storage root: what run.json records."""
+        return f"{self.uri}/{self._relative(path)}" if self.remote else str(path)
+
+    def path_of(self, uri: str) -> Path:
+        """The working-copy path of a URI that `uri_of` gave (on this machine or another)."""
+        return self.root / uri.removeprefix(self.uri + "/") if self.remote else Path(uri)
+
+    def local(self, uri: str) -> Path:
+        """A local copy of the file at `uri`, for readers that need a path (Keras, gzip)."""
+        return self.fetch(self.path_of(uri))
+
+    def exists(self, path: Path) -> bool:
+        if not self.remote:
+            return path.exists()
+        return self.fs.get_file_info(self._key(path)).type != pafs.FileType.NotFound
+
+    def fetch(self, path: Path) -> Path:
+        """The local copy of a file of the storage root (downloaded anew from an object store)."""
+        if self.remote:
+            with atomic_path(path) as temporary:
+                pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=_LOCAL)
+        return path
+
+    def fetch_tree(self, directory: Path) -> None:
+        """Download every file under `directory` (a resumed training's checkpoints, say)."""
+        if self.remote:
+            selector = pafs.FileSelector(self._key(directory), recursive=True, allow_not_found=True)
+            for info in self.fs.get_file_info(selector):
+                if info.type == pafs.FileType.File:
+                    self.fetch(self.root / info.path.removeprefix(self._prefix + "/"))
+
+    def publish(self, *paths: Path) -> None:
+        """Make finished local files visible in the storage root, in the order given (object stores: upload).
+
+        An upload goes to a staging key, then is copied to its final key, which an
+        object store does in one step: an upload that dies half-way leaves an
+        object under `_staging/` only, never a torn one under a name readers use.
+        """
+        if not self.remote:
+            return
+        for path in paths:
+            staging = f"{self._prefix}/_staging/{uuid.uuid4().hex}/{path.name}"
+            pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
+            self.fs.move(staging, self._key(path))
+
+    def delete(self, *paths: Path) -> None:
+        """Remove files from an object store (locally, whoever made them removes them)."""
+        for path in paths if self.remote else ():
+            self.fs.delete_file(self._key(path))
+
+    def listdir(self, directory: Path) -> list[str]:
+        """Names of the entries of `directory` (none if it does not exist)."""
+        if not self.remote:
+            return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        selector = pafs.FileSelector(self._key(directory), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def write_json(self, path: Path, value) -> None:
+        write_json(path, value)
+        self.publish(path)
+
+    def read_json(self, path: Path):
+        return read_json(self.fetch(path))
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _key(self, path: Path) -> str:
+        return f"{self._prefix}/{self._relative(path)}"

@@ -194,7 +194,8 @@ def train_model(
 
     `warm_start`, a champion's pointer (see tasks/promote.py), starts from its model's weights instead of random ones.
     """
-    run_dir = Storage(config.storage).run_dir(run_id)
+    storage = Storage(config.storage)
+    run_dir = storage.run_dir(run_id)
     devices = resolve_devices(config.device, config.devices)
     strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
     print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
@@ -211,7 +212,7 @@ def train_model(
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
         if warm_start:  # the optimizer starts fresh: its moments belong to the champion's data order
-            model.load_weights(warm_start["model"])
+            model.load_weights(storage.local(warm_start["model"]))
             print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
@@ -222,7 +223,7 @@ def train_model(
             train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
         eval_step = make_eval_step(model, loss_fn, val_loss, val_accuracy)
         parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
-        checkpoint = TrainingCheckpoint(run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
+        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
         step, history = checkpoint.restore()
         resumed_from = step
 
@@ -307,7 +308,8 @@ def train_model(
     model_path = run_dir / "model.keras"
     with atomic_path(model_path) as temporary:
         model.save(temporary)
-    return dataclasses.replace(trained, model_uri=str(model_path), steps=step, epochs=history)
+    storage.publish(model_path)
+    return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

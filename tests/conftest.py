@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,40 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    endpoint: str
+    bucket: str
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> ObjectStore:
+    """A real S3-compatible server (moto's) on a loopback port, a bucket, and the AWS_* environment pointing at it.
+
+    Every process the tests start inherits the environment; each test takes its own prefix.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_address[1]}"
+    environment = {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "tapeline-test", "AWS_SECRET_ACCESS_KEY": "tapeline-secret",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    }  # fmt: skip
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    boto3.client("s3").create_bucket(Bucket="tapeline")
+    yield ObjectStore(endpoint, "tapeline")
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

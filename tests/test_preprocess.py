@@ -1,4 +1,5 @@
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def test_splits_schema_and_manifest(files, tmp_path):
     assert table.schema.field("label").type == pa.uint8()
     assert table.schema.field("image").type == IMAGE_TYPE
     assert table.schema.field("image").type.shape == [28, 28, 1]
-    manifest = data.manifest()
+    manifest = json.loads((Path(data.directory) / "manifest.json").read_text())
     assert manifest["source_sha256"] == files.sha256
     assert sum(manifest["splits"]["train"]["class_counts"]) == 250
     assert 0 < manifest["pixel_mean"] < 1 and 0 < manifest["pixel_std"] < 1

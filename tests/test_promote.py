@@ -6,7 +6,8 @@ import multiprocessing
 import pytest
 
 from tasks.config import ConfigError, RunConfig
-from tasks.promote import current_champion, main, model_registry, promote_if_better
+from tasks.champion import ChampionPointer, current_champion
+from tasks.promote import main, model_registry, promote_if_better
 from tasks.storage import Storage
 
 
@@ -35,25 +36,41 @@ def test_champion_of_another_dataset_is_replaced(tmp_path):
     assert decision.promoted and "trained on mnist" in decision.reason
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_pointer_swap_refuses_a_stale_version(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3").uri(f"swap-{tmp_path.name}")
+    pointer = ChampionPointer(Storage(root))
+    assert pointer.read() == (None, None)
+    assert pointer.swap({"run_id": "a"}, None) and not pointer.swap({"run_id": "late"}, None)
+    champion, version = pointer.read()
+    assert champion == {"run_id": "a"} and pointer.swap({"run_id": "b"}, version)
+    assert not pointer.swap({"run_id": "stale"}, version)  # a decision taken against "a"
+    assert pointer.read()[0] == {"run_id": "b"}
+
+
 def _challenge(root: str, run_id: str, accuracy: float, results) -> None:
     results.put((run_id, promote_if_better(Storage(root), run_id, "mnist", "m", accuracy, margin=0.0).promoted))
 
 
-def test_simultaneous_challengers_promote_one_at_a_time(tmp_path):
-    """Eight processes at once, each better than the last champion it could have seen: the pointer stays whole."""
-    promote_if_better(Storage(tmp_path), "base", "mnist", "m", 0.5, margin=0.0)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_simultaneous_challengers_leave_the_best_as_champion(where, tmp_path, request):
+    """Eight processes at once: whatever the interleaving, the best one ends as champion and the pointer stays whole."""
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3").uri(f"race-{tmp_path.name}")
+    promote_if_better(Storage(root), "base", "mnist", "m", 0.5, margin=0.0)
+    accuracies = {f"r{i}": accuracy for i, accuracy in enumerate((0.53, 0.58, 0.51, 0.55, 0.57, 0.52, 0.56, 0.54))}
     results = multiprocessing.Queue()
-    challengers = [multiprocessing.Process(target=_challenge, args=(str(tmp_path), f"r{i}", 0.6, results)) for i in range(8)]
+    challengers = [
+        multiprocessing.Process(target=_challenge, args=(root, run_id, accuracy, results)) for run_id, accuracy in accuracies.items()
+    ]
     for process in challengers:
         process.start()
     for process in challengers:
         process.join(timeout=60)
     outcomes = dict(results.get(timeout=5) for _ in challengers)
-    # Equal scores: the first one to take the lock wins against 0.5; the rest tie with it (>= promotes again).
-    assert all(outcomes.values())
-    pointer = json.loads((tmp_path / "models" / "current").read_text())
-    assert pointer["run_id"] in outcomes and pointer["test_accuracy"] == 0.6
-    assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]
+    assert outcomes["r1"]  # 0.58 beats every champion it could have met
+    assert current_champion(Storage(root))["run_id"] == "r1"
+    if where == "local":
+        assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]
 
 
 def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):

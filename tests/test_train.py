@@ -17,7 +17,8 @@ from tasks.export import GradientExportError, plot_norms, publish_gradients
 from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
-from tasks.promote import current_champion, promote_if_better, warm_start_champion
+from tasks.champion import current_champion, warm_start_champion
+from tasks.promote import promote_if_better
 from tasks.reader import NoGradientsError, gradient_arrays, read_gradients
 from tasks.storage import Storage
 from tasks.train import train_model
