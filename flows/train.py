@@ -9,6 +9,7 @@ files under the storage root, so any stage can run on another machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import typing
@@ -18,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 
 from prefect import flow  # noqa: E402
 
+from flows.prepare import prepare_elsewhere  # noqa: E402
 from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
@@ -37,6 +39,7 @@ def train_flow(
     source: str | None = RunConfig.source,
     storage: str | None = RunConfig.storage,
     run_name: str | None = RunConfig.run_name,
+    prepare_on: str | None = RunConfig.prepare_on,
     refresh: bool = RunConfig.refresh,
     epochs: int = RunConfig.epochs,
     batch_size: int = RunConfig.batch_size,
@@ -66,8 +69,11 @@ def train_flow(
     if config.warm_start and champion is None:
         print(f"warm start: no champion trained on {config.dataset} yet; starting from random weights")
 
-    files = stages.run(download, config)
-    data = stages.run(preprocess, config, files)
+    if config.prepare_on:  # on another worker; the two stages below then find its results in storage
+        stages.run(prepare_elsewhere, config)
+    here = dataclasses.replace(config, refresh=config.refresh and not config.prepare_on)  # a refresh happened there
+    files = stages.run(download, here)
+    data = stages.run(preprocess, here, files)
     try:
         trained = stages.run(train, config, data, run_id, champion)
     except NonFiniteError as error:

@@ -50,6 +50,10 @@ class RunConfig:
         default=None, metadata=_help(f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
     )
     run_name: str | None = field(default=None, metadata=_help("run id; default: a timestamp and a random suffix"))
+    prepare_on: str | None = field(
+        default=None,
+        metadata=_help("download and preprocess first as this deployment of prepare-data (e.g. prepare-data/cpu), on its worker"),
+    )
     refresh: bool = field(
         default=False, metadata=_help("download and preprocess again even when the storage root already has the result")
     )
@@ -121,6 +125,8 @@ class RunConfig:
             raise ConfigError(
                 f"run_name {self.run_name!r} must be one path segment of letters, digits, '.', '_' or '-' (no '..')"
             )
+        if self.prepare_on is not None and not re.fullmatch(r"prepare-data/[^/]+", self.prepare_on):
+            raise ConfigError(f"prepare_on {self.prepare_on!r} must name a deployment of prepare-data, like prepare-data/cpu")
         storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
         return replace(self, storage=_usable_root(storage))
 

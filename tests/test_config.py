@@ -24,6 +24,7 @@ from tasks.config import ConfigError, RunConfig
         ({"run_name": "../escape"}, "must be one path segment"),
         ({"run_name": "/abs/path"}, "must be one path segment"),
         ({"train_limit": 0}, "train_limit must be at least 1"),
+        ({"prepare_on": "train-flow/on-demand"}, "must name a deployment of prepare-data"),
     ],
 )
 def test_bad_parameters(overrides, message, tmp_path):

@@ -1,0 +1,53 @@
+"""prepare-data: download -> preprocess on their own, for a worker other than the one that trains.
+
+When one machine is not enough, a CPU worker fetches and parses the data and a GPU
+worker trains. `train-flow --prepare-on prepare-data/cpu` runs this flow's
+deployment on the `cpu` queue and waits for it; the train-flow's own download and
+preprocess stages then find the results in the shared storage root (they are keyed
+by content) and do no work. Nothing else passes between the two machines.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, task  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+
+from tasks.config import RunConfig, TapelineError  # noqa: E402
+from tasks.download import download  # noqa: E402
+from tasks.preprocess import preprocess  # noqa: E402
+
+# The parameters that decide what download and preprocess produce.
+DATA_PARAMETERS = ("dataset", "source", "storage", "refresh", "seed", "validation_size")
+
+
+@flow(name="prepare-data", log_prints=True)
+def prepare_data(
+    dataset: str = RunConfig.dataset,
+    source: str | None = RunConfig.source,
+    storage: str | None = RunConfig.storage,
+    refresh: bool = RunConfig.refresh,
+    seed: int = RunConfig.seed,
+    validation_size: int = RunConfig.validation_size,
+) -> dict:
+    """Fetch, verify and preprocess a dataset into the storage root; returns where the splits are."""
+    config = RunConfig(**locals()).validated()
+    data = preprocess(config, download(config))
+    print(f"{data.dataset}: {data.counts} in {data.directory}")
+    return {"directory": data.directory, "counts": data.counts}
+
+
+@task(name="prepare-data")
+def prepare_elsewhere(config: RunConfig) -> None:
+    """Run the `config.prepare_on` deployment of prepare-data with this run's data parameters, and wait for it."""
+    parameters = {name: getattr(config, name) for name in DATA_PARAMETERS}
+    flow_run = run_deployment(config.prepare_on, parameters=parameters)
+    if not flow_run.state or not flow_run.state.is_completed():
+        raise TapelineError(f"{config.prepare_on} run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'without a state'}")
+
+
+if __name__ == "__main__":
+    prepare_data()
