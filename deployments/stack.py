@@ -69,6 +69,7 @@ def is_loopback(url: str) -> bool:
 
 def free_port() -> int:
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the server: a stopped one's TIME_WAIT is no conflict
         try:
             probe.bind(("127.0.0.1", DEFAULT_PORT))
         except OSError:
