@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 from uuid import UUID
 
 import pytest
@@ -168,4 +169,6 @@ def test_up_again_changes_nothing_then_down_stops_only_what_up_started(env):
     while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids.values())
+    with pytest.raises(ConnectionRefusedError):  # the server's uvicorn child went with it
+        socket.create_connection(("127.0.0.1", urlparse(env["PREFECT_API_URL"]).port), timeout=5)
     assert _run([*STACK, "down"], env).stdout.split() == ["worker", "not", "running", "server", "not", "running"]
