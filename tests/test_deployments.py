@@ -1,0 +1,174 @@
+"""The deployments, for real: deployments/stack.py brings up a Prefect server on a free
+loopback port with a PREFECT_HOME of its own, a worker runs `train-flow/on-demand`,
+and `stack.py down` stops what `up` started."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
+
+from flows.train import parse_args
+from tasks.promote import model_registry
+from tasks.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+STACK = [sys.executable, str(REPO / "deployments" / "stack.py")]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return cmdline.exists() and b"prefect" in cmdline.read_bytes()  # a reaped or reused pid is not ours
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """The environment of every command here: a new PREFECT_HOME and an API URL where nothing answers yet."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TAPELINE_"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://127.0.0.1:{_free_port()}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),  # this clone's code
+    )
+    yield env
+    _run([*STACK, "down"], env)  # whatever the tests did
+
+
+@pytest.fixture(scope="module")
+def up(env) -> str:
+    # Set while deploying, as it would be on a machine that also runs a worker: the
+    # deployment must not record it.
+    result = _run([*STACK, "up", "--no-worker"], {**env, "TAPELINE_REPO": "/the/deploying/machine"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def api(env, up):
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        yield client
+
+
+def _deployment_run(env: dict, *params: str) -> UUID:
+    """`prefect deployment run 'train-flow/on-demand' --param ...`, as a user types it; the flow run's id."""
+    command = [*PREFECT, "deployment", "run", "train-flow/on-demand"]
+    for param in params:
+        command += ["--param", param]
+    result = _run(command, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return UUID(re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1))
+
+
+def _work_once(env: dict) -> str:
+    """A worker on the GPU queue that takes the runs due now, waits for them, and exits."""
+    command = [*PREFECT, "worker", "start", "--pool", "tapeline", "--work-queue", "gpu", "--run-once"]
+    result = _run(command, {**env, "TAPELINE_REPO": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_up_starts_a_server_and_creates_what_the_deployments_need(up, env, api):
+    assert f"server     started {env['PREFECT_API_URL']}" in up
+    assert "work pool  'tapeline' created" in up and "limit      tag 'gpu' created: 1" in up
+    assert api.read_work_pool("tapeline").type == "process"
+    assert api.read_work_queue_by_name("gpu", work_pool_name="tapeline")
+    assert api.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+    on_demand = api.read_deployment_by_name("train-flow/on-demand")
+    assert (on_demand.work_pool_name, on_demand.work_queue_name) == ("tapeline", "gpu")
+    assert on_demand.parameters == {} and on_demand.schedules == []
+    # The worker's clone, filled in at run time: not the deploying machine's path.
+    assert on_demand.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TAPELINE_REPO }}"}}
+    ]
+
+
+def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
+    deployment = api.read_deployment_by_name("train-flow/scheduled-retraining")
+    (schedule,) = deployment.schedules
+    assert schedule.active and (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "UTC")
+    assert deployment.global_concurrency_limit.limit == 1
+    assert (deployment.work_pool_name, deployment.work_queue_name) == ("tapeline", "gpu")
+    assert deployment.parameters["epochs"] >= 1 and deployment.parameters["promotion_margin"] > 0
+
+
+@pytest.mark.slow
+def test_on_demand_run_completes_and_registers_a_model(env, api, tmp_path, fashion_mnist_dir):
+    storage = tmp_path / "storage"
+    flow_run_id = _deployment_run(
+        env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", f"storage={storage}", "run_name=deployed",
+        "epochs=1", "train_limit=500", "validation_size=100",
+    )
+    log = _work_once(env)
+    assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log
+    manifest = json.loads((storage / "runs" / "deployed" / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["parameters"]["train_limit"] == 500
+    assert json.loads((storage / "models" / "current").read_text())["run_id"] == "deployed"
+    assert [(row["run_id"], row["current"]) for row in model_registry(Storage(storage))] == [("deployed", True)]
+
+
+def test_invalid_parameter_fails_before_any_stage_with_the_cli_message(env, api, tmp_path, capsys):
+    storage = tmp_path / "storage"
+    with pytest.raises(SystemExit):
+        parse_args(["--epochs", "0", "--storage", str(storage)])  # the CLI's check, which exits with code 2
+    message = capsys.readouterr().err.strip().removeprefix("flows/train.py: error: ")
+    assert message == "epochs must be at least 1, got 0"
+
+    flow_run_id = _deployment_run(env, "epochs=0", f"storage={storage}")
+    log = _work_once(env)
+    flow_run = api.read_flow_run(flow_run_id)
+    assert flow_run.state.type == StateType.FAILED, log
+    assert flow_run.state.message.endswith(f"ConfigError: {message}")
+    assert api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))) == []
+    assert not storage.exists()
+
+    # A value of the wrong type never becomes a run: the deployment's parameter schema refuses it.
+    wrong_type = _run([*PREFECT, "deployment", "run", "train-flow/on-demand", "--param", "epochs=many"], env)
+    assert wrong_type.returncode != 0 and "epochs" in wrong_type.stdout + wrong_type.stderr
+
+
+def test_up_again_changes_nothing_then_down_stops_only_what_up_started(env):
+    again = _run([*STACK, "up"], env)  # with a worker this time
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "server     using" in again.stdout and "'tapeline' exists" in again.stdout
+    assert "tag 'gpu' exists" in again.stdout and "worker     started" in again.stdout
+    state = Path(env["PREFECT_HOME"]) / "tapeline"
+    pids = {name: int((state / f"{name}.pid").read_text()) for name in ("server", "worker")}
+    assert all(_alive(pid) for pid in pids.values())
+
+    down = _run([*STACK, "down"], env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"worker     stopped (pid {pids['worker']})" in down.stdout
+    assert f"server     stopped (pid {pids['server']})" in down.stdout
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids.values())
+    with pytest.raises(ConnectionRefusedError):  # the server's uvicorn child went with it
+        socket.create_connection(("127.0.0.1", urlparse(env["PREFECT_API_URL"]).port), timeout=5)
+    assert _run([*STACK, "down"], env).stdout.split() == ["worker", "not", "running", "server", "not", "running"]
