@@ -36,7 +36,7 @@ from prefect.workers.process import ProcessWorker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = "deployments/prefect.yaml"  # relative to REPO, where `prefect deploy` runs
-POOL, QUEUE, GPU_TAG = "tapeline", "gpu", "gpu"
+POOL, QUEUES, GPU_TAG = "tapeline", ("gpu", "cpu"), "gpu"  # training on gpu; prepare-data/cpu on cpu
 DEFAULT_PORT = 4200  # Prefect's own default, so the usual URL works when it is free
 PREFECT = [sys.executable, "-m", "prefect"]  # the CLI of this very environment
 
@@ -145,12 +145,13 @@ def ensure_pool_queue_and_limit(url: str) -> None:
             template = ProcessWorker.get_default_base_job_template()
             api.create_work_pool(WorkPoolCreate(name=POOL, type="process", base_job_template=template))
             print(f"work pool  {POOL!r} created (type process)")
-        try:
-            api.read_work_queue_by_name(QUEUE, work_pool_name=POOL)
-            print(f"work queue {QUEUE!r} exists")
-        except ObjectNotFound:
-            api.create_work_queue(QUEUE, work_pool_name=POOL)
-            print(f"work queue {QUEUE!r} created")
+        for queue in QUEUES:
+            try:
+                api.read_work_queue_by_name(queue, work_pool_name=POOL)
+                print(f"work queue {queue!r} exists")
+            except ObjectNotFound:
+                api.create_work_queue(queue, work_pool_name=POOL)
+                print(f"work queue {queue!r} created")
         try:
             limit = api.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit
             print(f"limit      tag {GPU_TAG!r} exists: {limit} task(s) at a time")  # left as the user set it
@@ -167,16 +168,16 @@ def deploy(url: str) -> None:
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{result.stdout}{result.stderr}stack.py: error: `prefect deploy` failed (above)")
-    print("deployed   train-flow/on-demand, train-flow/scheduled-retraining")
+    print("deployed   train-flow/on-demand, train-flow/scheduled-retraining, prepare-data/cpu")
 
 
 def ensure_worker(url: str) -> None:
     if pid := running("worker"):
         print(f"worker     running (pid {pid})")
         return
-    command = [*PREFECT, "worker", "start", "--pool", POOL, "--work-queue", QUEUE]
+    command = [*PREFECT, "worker", "start", "--pool", POOL, *(f"--work-queue={queue}" for queue in QUEUES)]
     pid = start("worker", command, child_env(url, TAPELINE_REPO=str(REPO)))
-    print(f"worker     started for pool {POOL!r}, queue {QUEUE!r} (pid {pid}, log {state_dir() / 'worker.log'})")
+    print(f"worker     started for pool {POOL!r}, queues {', '.join(QUEUES)} (pid {pid}, log {state_dir() / 'worker.log'})")
 
 
 def up(with_worker: bool) -> None:
@@ -190,7 +191,7 @@ def up(with_worker: bool) -> None:
         "\nNext:\n"
         + (f"  export PREFECT_API_URL={url}\n" if configured_api_url() != url else "")
         + "  prefect deployment run 'train-flow/on-demand' --param epochs=1\n"
-        + ("" if with_worker else f"  TAPELINE_REPO={REPO} prefect worker start --pool {POOL} --work-queue {QUEUE}\n")
+        + ("" if with_worker else f"  TAPELINE_REPO={REPO} prefect worker start --pool {POOL} --work-queue gpu --work-queue cpu\n")
         + f"  UI: {url.removesuffix('/api')}\n"
         + "  take it down: python deployments/stack.py down"
     )

@@ -18,6 +18,8 @@ import dataclasses
 import secrets
 import time
 
+from prefect.context import FlowRunContext
+
 from tasks.config import RunConfig
 from tasks.download import DatasetFiles
 from tasks.export import GradientExport
@@ -28,7 +30,15 @@ from tasks.train import TrainedModel
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+    """The id of a run given no run_name: its flow run's creation time and id.
+
+    A retried flow run (`prefect flow-run retry`) keeps both, so its training
+    finds the checkpoints of the attempt that died and resumes from them.
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:  # called outside a flow run
+        return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+    return f"{context.flow_run.created:%Y%m%d-%H%M%S}-{context.flow_run.id.hex[:6]}"
 
 
 class StageClock:

@@ -98,6 +98,9 @@ def test_up_starts_a_server_and_creates_what_the_deployments_need(up, env, api):
     assert "work pool  'tapeline' created" in up and "limit      tag 'gpu' created: 1" in up
     assert api.read_work_pool("tapeline").type == "process"
     assert api.read_work_queue_by_name("gpu", work_pool_name="tapeline")
+    assert api.read_work_queue_by_name("cpu", work_pool_name="tapeline")
+    prepare = api.read_deployment_by_name("prepare-data/cpu")
+    assert (prepare.work_pool_name, prepare.work_queue_name, prepare.entrypoint) == ("tapeline", "cpu", "flows/prepare.py:prepare_data")
     assert api.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
     on_demand = api.read_deployment_by_name("train-flow/on-demand")
     assert (on_demand.work_pool_name, on_demand.work_queue_name) == ("tapeline", "gpu")
@@ -115,6 +118,7 @@ def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
     assert deployment.global_concurrency_limit.limit == 1
     assert (deployment.work_pool_name, deployment.work_queue_name) == ("tapeline", "gpu")
     assert deployment.parameters["epochs"] >= 1 and deployment.parameters["promotion_margin"] > 0
+    assert deployment.parameters["warm_start"] is True
 
 
 @pytest.mark.slow

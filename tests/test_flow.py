@@ -121,3 +121,18 @@ def test_diverging_run_fails_but_exports_the_failing_step(first_run, storage):
         train_flow(dataset="fashion-mnist", storage=str(storage), run_name="diverges", epochs=1, train_limit=640, learning_rate=1e10)
     manifest = json.loads((storage / "runs" / "diverges" / "gradients" / "_manifest.json").read_text())
     assert manifest["anomalies"][-1]["step"] == raised.value.trained.steps
+
+
+def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    from tasks.manifest import new_run_id
+
+    @flow
+    def ids() -> tuple[str, str, str]:
+        run = FlowRunContext.get().flow_run
+        return new_run_id(), new_run_id(), f"{run.created:%Y%m%d-%H%M%S}-{run.id.hex[:6]}"
+
+    first, again, expected = ids()
+    assert first == again == expected  # a function of the flow run alone, which a retry keeps
