@@ -173,11 +173,14 @@ def gradient_stats(gradients) -> tf.Tensor:
     return tf.stack(rows)
 
 
-def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
+def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
+    # Per-sample losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
     @tf.function(input_signature=BATCH_SPEC)
     def eval_step(x, y):
         logits = model(x, training=False)
-        loss_metric.update_state(loss_fn(y, logits), sample_weight=tf.shape(y)[0])
+        loss_metric.update_state(per_sample_loss(y, logits))
         accuracy_metric.update_state(y, logits)
 
     return eval_step
@@ -221,7 +224,7 @@ def train_model(
             train_step = make_distributed_train_step(strategy, model, optimizer, train_loss, train_accuracy)
         else:
             train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
-        eval_step = make_eval_step(model, loss_fn, val_loss, val_accuracy)
+        eval_step = make_eval_step(model, val_loss, val_accuracy)
         parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
         checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
         step, history = checkpoint.restore()
