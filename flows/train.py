@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 from prefect import flow  # noqa: E402
 
 from flows.prepare import prepare_elsewhere  # noqa: E402
+from tasks.cluster import check_cluster  # noqa: E402
 from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
@@ -62,7 +63,7 @@ def train_flow(
 ) -> dict:
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
-    resolve_devices(config.device, config.devices)  # fail on missing devices before any stage runs
+    check_where_to_train(config)  # fail before any stage runs
     run_id, started, stages = config.run_name or new_run_id(), utc_now(), StageClock()
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     champion = warm_start_champion(Storage(config.storage), config.dataset) if config.warm_start else None
@@ -85,6 +86,13 @@ def train_flow(
     promotion = stages.run(promote, config, trained, scores)
 
     return write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
+
+
+def check_where_to_train(config: RunConfig) -> None:
+    """Devices and, under TF_CONFIG, the cluster: a ConfigError now, before any stage runs."""
+    cluster = check_cluster(resolve_devices(config.device, config.devices), config.run_name)
+    if cluster and not cluster.chief:
+        raise ConfigError(f"TF_CONFIG names this process {cluster}: the flow runs on the chief, the others run python -m tasks.worker")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     args = vars(parser.parse_args(argv))
     try:
         config = RunConfig(**args).validated()
-        resolve_devices(config.device, config.devices)
+        check_where_to_train(config)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args

@@ -10,10 +10,13 @@ so the step number alone says which batch comes next.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops
 
 from tasks.config import ConfigError
 from tasks.storage import Storage
@@ -22,14 +25,28 @@ KEEP = 3  # checkpoints kept; older ones are deleted by the manager
 
 
 class TrainingCheckpoint:
-    """Kept in the run's `checkpoints/`; on an object-store root each save is uploaded, the `checkpoint` index last."""
+    """Kept in the run's `checkpoints/`; on an object-store root each save is uploaded, the `checkpoint` index last.
+
+    With `writes=False` (a non-chief worker of multi-worker training) `save` still
+    runs, because reading the distributed variables takes every worker, but into a
+    temporary directory that is deleted right after: only the chief keeps checkpoints.
+    """
 
     def __init__(
-        self, storage: Storage, directory: Path, model: keras.Model, optimizer, metrics: list[keras.metrics.Metric], parameters: dict
+        self,
+        storage: Storage,
+        directory: Path,
+        model: keras.Model,
+        optimizer,
+        metrics: list[keras.metrics.Metric],
+        parameters: dict,
+        writes: bool = True,
     ):
-        self.storage, self.directory, self.metrics, self.parameters = storage, directory, metrics, parameters
+        self.storage, self.directory, self.metrics, self.parameters, self.writes = storage, directory, metrics, parameters, writes
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._state = tf.Variable("{}", dtype=tf.string, trainable=False)
+        # A plain variable even under a distribution strategy: the loop's JSON state is host-side and the same on every
+        # worker, and MultiWorkerMirroredStrategy cannot broadcast a string's initial value (its collectives take numbers).
+        self._state = resource_variable_ops.ResourceVariable("{}", dtype=tf.string, trainable=False)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, state=self._state)
         self._manager = tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=KEEP)
 
@@ -61,6 +78,12 @@ class TrainingCheckpoint:
                 }
             )
         )
+        if not self.writes:
+            scratch = tempfile.mkdtemp(prefix="tapeline-worker-checkpoint-")
+            try:
+                return tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         kept = set(self._manager.checkpoints)
         saved = self._manager.save(checkpoint_number=step)
         self.storage.publish(*self._files(saved), self.directory / "checkpoint")

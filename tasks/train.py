@@ -23,6 +23,7 @@ import tensorflow as tf
 from prefect import task
 
 from tasks.checkpoints import TrainingCheckpoint
+from tasks.cluster import check_cluster, job_for, join_cluster
 from tasks.config import RunConfig, TapelineError
 from tasks.gradients import SnapshotPolicy, SnapshotWriter, StepLog
 from tasks.devices import resolve_devices
@@ -54,6 +55,7 @@ class TrainedModel:
     resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
     warm_start: dict | None  # the champion (models/current) whose weights training started from
     epochs: list[dict]
+    role: str = "single"  # multi-worker training (TF_CONFIG): "chief", or e.g. "worker 1" (which writes nothing)
 
 
 class NonFiniteError(TapelineError):
@@ -173,11 +175,14 @@ def gradient_stats(gradients) -> tf.Tensor:
     return tf.stack(rows)
 
 
-def make_eval_step(model, loss_fn, loss_metric, accuracy_metric) -> Callable:
+def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
+    # Per-sample losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
     @tf.function(input_signature=BATCH_SPEC)
     def eval_step(x, y):
         logits = model(x, training=False)
-        loss_metric.update_state(loss_fn(y, logits), sample_weight=tf.shape(y)[0])
+        loss_metric.update_state(per_sample_loss(y, logits))
         accuracy_metric.update_state(y, logits)
 
     return eval_step
@@ -197,7 +202,12 @@ def train_model(
     storage = Storage(config.storage)
     run_dir = storage.run_dir(run_id)
     devices = resolve_devices(config.device, config.devices)
-    strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
+    cluster = check_cluster(devices, run_id)  # TF_CONFIG naming two or more workers: MultiWorkerMirroredStrategy
+    if cluster:
+        strategy = join_cluster(cluster, storage, job_for(config, data, run_id, warm_start), devices)
+    else:
+        strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
+    writes = cluster is None or cluster.chief  # the others run every step and collective, and write nothing
     print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -221,9 +231,11 @@ def train_model(
             train_step = make_distributed_train_step(strategy, model, optimizer, train_loss, train_accuracy)
         else:
             train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
-        eval_step = make_eval_step(model, loss_fn, val_loss, val_accuracy)
+        eval_step = make_eval_step(model, val_loss, val_accuracy)
         parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
-        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters)
+        checkpoint = TrainingCheckpoint(
+            storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters, writes=writes
+        )
         step, history = checkpoint.restore()
         resumed_from = step
 
@@ -231,18 +243,21 @@ def train_model(
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
         images_t, labels_t = tf.constant(images), tf.constant(labels)
-        summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
         trained = TrainedModel(
-            run_id=run_id, device=",".join(devices), model_uri=None, gradients_uri=str(run_dir / "gradients"),
+            run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
+            model_uri=None, gradients_uri=str(run_dir / "gradients"),
             steps_uri=str(run_dir / "steps"), tensorboard_uri=str(run_dir / "tensorboard"), variables=variables,
             steps=step, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
+            role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
         )  # fmt: skip
 
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         learning_rate = float(optimizer.learning_rate.numpy())
         policy = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)
-        log = StepLog(run_dir, variables)
-        with SnapshotWriter(run_dir / "gradients", run_id, variables, config.gradient_dtype) as snapshots, summaries.as_default():
+        log = StepLog(run_dir, variables) if writes else _Discard()
+        snapshots = SnapshotWriter(run_dir / "gradients", run_id, variables, config.gradient_dtype) if writes else _Discard()
+        with snapshots, summaries.as_default():
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
@@ -251,8 +266,8 @@ def train_model(
                 order = epoch_order(len(images), config.seed, epoch)
                 started, timed_from, timed_samples = time.perf_counter(), None, 0
                 epoch_batches = batches(images_t, labels_t, order, config.batch_size, first_batch)
-                if strategy:
-                    epoch_batches = strategy.experimental_distribute_dataset(epoch_batches)
+                if strategy:  # each replica, on any worker, takes its slice of every global batch
+                    epoch_batches = strategy.experimental_distribute_dataset(epoch_batches.with_options(SHARD_BY_DATA))
                 for i, (x, y) in enumerate(epoch_batches, first_batch):
                     weights = None
                     if config.snapshot_weights and policy.scheduled(step + 1):  # the values the gradient is taken at
@@ -306,10 +321,30 @@ def train_model(
                 print(_epoch_line(history[-1], config.epochs))
 
     model_path = run_dir / "model.keras"
-    with atomic_path(model_path) as temporary:
-        model.save(temporary)
-    storage.publish(model_path)
+    if writes:
+        with atomic_path(model_path) as temporary:
+            model.save(temporary)
+        storage.publish(model_path)
     return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)
+
+
+# Shard by element, not by file: each worker takes its replicas' slices of every global batch
+# (tf.distribute rebatches it into one slice per replica), so a step's global batch is a single worker's.
+SHARD_BY_DATA = tf.data.Options()
+SHARD_BY_DATA.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+
+
+class _Discard:
+    """Stands in for the snapshot writer and the step log on a worker that writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

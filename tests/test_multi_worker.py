@@ -1,0 +1,211 @@
+"""Multi-worker training (TF_CONFIG, MultiWorkerMirroredStrategy): two worker processes on loopback against one."""
+
+import dataclasses
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.cluster import JOB_FILE, check_cluster, cluster_from_env
+from tasks.config import ConfigError, RunConfig
+from tasks.download import fetch_dataset
+from tasks.export import publish_gradients
+from tasks.preprocess import prepare
+from tasks.reader import read_gradients
+from tasks.storage import Storage
+from tasks.train import TrainedModel, train_model
+from tests.conftest import tiny_arrays, write_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 300  # seconds for the whole two-process run: a hang fails the test instead of stalling the suite
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_files(run_dir: Path) -> set[str]:
+    """The run's file names, the TensorBoard event file's host, time and pid left out."""
+    return {str(p.relative_to(run_dir)).split(".out.tfevents.")[0] for p in run_dir.rglob("*")}
+
+
+def tf_config(addresses: list[str], index: int) -> str:
+    return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+
+
+def test_tf_config_roles():
+    two = ["127.0.0.1:1", "127.0.0.1:2"]
+    assert cluster_from_env({}) is None
+    assert cluster_from_env({"TF_CONFIG": tf_config(two[:1], 0)}) is None  # one worker: one-machine training
+    assert cluster_from_env({"TF_CONFIG": tf_config(two, 0)}).chief
+    assert not cluster_from_env({"TF_CONFIG": tf_config(two, 1)}).chief
+    with_chief = {"cluster": {"chief": ["c:1"], "worker": two}, "task": {"type": "worker", "index": 0}}
+    assert not cluster_from_env({"TF_CONFIG": json.dumps(with_chief)}).chief
+    assert cluster_from_env({"TF_CONFIG": json.dumps(with_chief | {"task": {"type": "chief", "index": 0}})}).workers == 3
+    with pytest.raises(ConfigError, match="jobs ps are not supported"):
+        cluster_from_env({"TF_CONFIG": json.dumps({"cluster": {"worker": two, "ps": ["p:1"]}, "task": {"type": "worker"}})})
+    with pytest.raises(ConfigError, match="is not in the cluster"):
+        cluster_from_env({"TF_CONFIG": tf_config(two, 2)})
+
+
+@pytest.mark.parametrize(
+    "index, flags, message",
+    [
+        (0, [], "multi-worker training (TF_CONFIG) needs --run-name"),
+        (1, ["--run-name", "r"], "names this process worker 1 of 2 workers (not the chief: writes nothing): the flow runs on the chief"),
+    ],
+)
+def test_the_flow_checks_the_cluster_before_any_stage(tmp_path, monkeypatch, capsys, index, flags, message):
+    from flows.train import parse_args
+
+    monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], index))
+    with pytest.raises(SystemExit):
+        parse_args(["--storage", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_one_cpu_device_per_worker(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], 0))
+    assert check_cluster(["/GPU:0", "/GPU:1"], "r").workers == 2
+    with pytest.raises(ConfigError, match="devices 2: with TF_CONFIG each worker trains on one CPU device"):
+        check_cluster(["/CPU:0", "/CPU:1"], "r")
+
+
+def test_joining_after_tensorflow_started_is_a_clear_error(tmp_path, monkeypatch):
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    from tasks.cluster import join_cluster
+
+    tf.constant(1.0) + 1.0  # this process's TensorFlow runtime is up (as in any test process by now)
+    assert context.context()._context_handle is not None
+    monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], 1))
+    with pytest.raises(ConfigError, match="must set up before TensorFlow's runtime starts"):
+        join_cluster(cluster_from_env(), Storage(str(tmp_path)), {"run_id": "late"}, ["/CPU:0"])
+
+
+JOIN = """
+import sys
+from tasks.cluster import cluster_from_env, join_cluster
+from tasks.config import TapelineError
+from tasks.storage import Storage
+try:
+    join_cluster(cluster_from_env(), Storage(sys.argv[1]), {"run_id": "mixed", "config": sys.argv[2]}, ["/CPU:0"])
+except TapelineError as error:
+    sys.exit(f"error: {error}")
+"""
+
+
+def test_workers_with_different_jobs_fail_instead_of_hanging(tmp_path):
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", JOIN, str(tmp_path), f"epochs={index + 1}"], cwd=ROOT,
+            env=os.environ | {"TF_CONFIG": tf_config(addresses, index)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for index in range(2)
+    ]
+    try:
+        errors = [process.communicate(timeout=TIMEOUT)[1] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, error in zip(processes, errors):
+        assert process.returncode == 1, error[-2000:]
+        assert "error: the workers of run mixed hold different jobs" in error
+    assert json.loads((tmp_path / "runs" / "mixed" / JOB_FILE).read_text())["config"] == "epochs=1"  # the chief's
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two TensorFlow worker processes need 2 CPU cores")
+def test_two_workers_match_one(tmp_path):
+    # 161 training samples, batches of 32: the last global batch has one sample, so worker 1's slice is empty.
+    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=177, n_test=20))
+    config = RunConfig(
+        dataset="mnist", storage=str(tmp_path / "store"), epochs=1, batch_size=32, seed=9, validation_size=16,
+        snapshot_every=2, checkpoint_every=4, jit_compile=False,
+    ).validated()  # fmt: skip
+    storage = Storage(config.storage)
+    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    assert "TF_CONFIG" not in os.environ
+    one = train_model(config, data, "one")
+    assert one.role == "single" and one.steps == 6
+
+    # The chief runs train_model as the flow's train stage would; worker 1 is the real worker entry point.
+    job, result = tmp_path / "job.json", tmp_path / "chief.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "two"}))
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    scratch = tmp_path / "worker-tmp"  # the worker's TMPDIR: its throw-away checkpoints must be gone afterwards
+    scratch.mkdir()
+    commands = {
+        "chief": [sys.executable, "-m", "tests.train_worker", str(job), str(result)],
+        "worker": [sys.executable, "-m", "tasks.worker", "--storage", config.storage, "--run-name", "two", "--wait", "120"],
+    }
+    processes = {}
+    for index, (name, command) in enumerate(commands.items()):
+        environment = os.environ | {"TF_CONFIG": tf_config(addresses, index), "TMPDIR": str(scratch)}
+        # The worker creates files with mode 0600, the chief 0644: a file of the run made by the worker would show.
+        umask = 0o022 if name == "chief" else 0o077
+        processes[name] = subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=lambda umask=umask: os.umask(umask),
+        )  # fmt: skip
+    outputs = {}
+    try:
+        for name, process in processes.items():
+            outputs[name], _ = process.communicate(timeout=TIMEOUT)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name} exited with {process.returncode}:\n{outputs.get(name, '')[-3000:]}"
+    assert "worker 0 of 2 workers (the chief)" in outputs["chief"]
+    assert "worker 1 of 2 workers (not the chief: writes nothing)" in outputs["worker"]
+    assert "trained 6 steps of run two (worker 1)" in outputs["worker"]
+    two = TrainedModel(**json.loads(result.read_text()))
+    assert two.role == "chief" and two.steps == one.steps and two.device == "/CPU:0 on each of 2 workers"
+
+    # Only the chief wrote the run's files, and the worker left no temporary checkpoint behind.
+    run_dir = Path(config.storage) / "runs" / "two"
+    written = [p for p in run_dir.rglob("*")]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) & 0o044 for p in written), [
+        p for p in written if not stat.S_IMODE(p.stat().st_mode) & 0o044
+    ]
+    assert run_files(run_dir) - {JOB_FILE} == run_files(Path(config.storage) / "runs" / "one")
+    assert list(scratch.iterdir()) == []
+
+    # The global batch is the single worker's: same samples, losses, gradients, and final weights.
+    for trained in (one, two):
+        publish_gradients(trained)
+    columns = ["step", "variable", "values"]
+    expected, actual = (read_gradients(Path(t.gradients_uri).parent, columns=columns).sort_by([("step", "ascending")]) for t in (one, two))
+    assert actual.column("step").to_pylist() == expected.column("step").to_pylist()
+    assert actual.column("variable").equals(expected.column("variable"))
+    for a, e in zip(actual.column("values").to_pylist(), expected.column("values").to_pylist()):
+        np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)  # all-reduced sum across workers vs one: rounding only
+    one_steps, two_steps = pq.read_table(one.steps_uri), pq.read_table(two.steps_uri)
+    assert two_steps.column("sample_ids").equals(one_steps.column("sample_ids"))
+    np.testing.assert_allclose(two_steps.column("loss").to_numpy(), one_steps.column("loss").to_numpy(), rtol=1e-3)
+    np.testing.assert_allclose(two.epochs[0]["train_loss"], one.epochs[0]["train_loss"], rtol=1e-3)
+    for name in ("train_accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(two.epochs[0][name], one.epochs[0][name], rtol=1e-3, err_msg=name)
+    weights = [keras.models.load_model(t.model_uri, safe_mode=True).get_weights() for t in (one, two)]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
