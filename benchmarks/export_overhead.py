@@ -125,7 +125,7 @@ def main() -> None:
         ):
             path = Path(scratch) / f"{label}.parquet"
             started = time.perf_counter()
-            pq.write_table(snapshot_table("bench", 1, 1, "first", variables, gradients, dtype=dtype), path, **options)
+            pq.write_table(snapshot_table("bench", 1, "first", variables, gradients, dtype=dtype), path, **options)
             elapsed = time.perf_counter() - started
             size = path.stat().st_size
             print(f"{label:<18}{size / 1e6:>7.2f} MB  {size / raw:.2f}x raw  {raw / 1e6 / elapsed:>6.0f} MB/s")
