@@ -2,8 +2,8 @@
 
 In one process, on the same model, data and batch size, taking turns:
 
-  export on   what `train_model` does each step: the compiled step, the per-step
-              statistics (`gradient_stats`), the step log, the snapshot policy, and a
+  export on   what `train_model` does each step: the compiled step and the per-step
+              statistics in one call (`with_stats`), the step log, the snapshot policy, and a
               full snapshot every `--snapshot-every` steps handed to the background
               writer (default settings: float32, no weights)
   export off  the same compiled step; only the loss is read
@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tasks.gradients import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
 from tasks.model import build_model
-from tasks.train import batches, epoch_order, gradient_stats, host_arrays, make_train_step
+from tasks.train import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
@@ -48,7 +48,8 @@ class Trainer:
         keras.utils.set_random_seed(0)
         self.model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self.step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
+        step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
+        self.step_fn = with_stats(step_fn) if export else step_fn
         self.variables = [v.path for v in self.model.trainable_variables]
         self.export, self.step, self.batch_size = export, 0, batch_size
         order = epoch_order(len(images), 0, 1)
@@ -61,12 +62,12 @@ class Trainer:
     def run(self, steps: int) -> None:
         for _ in range(steps):
             x, y = next(self.batches)
-            loss, gradients = self.step_fn(x, y)
             self.step += 1
-            loss = float(loss)
             if not self.export:
+                float(self.step_fn(x, y)[0])
                 continue
-            stats = gradient_stats(gradients).numpy()
+            loss, gradients, stats = self.step_fn(x, y)
+            loss, stats = float(loss), stats.numpy()
             global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
             self.log.append(self.step, 1, loss, global_norm, 1e-3, np.zeros(self.batch_size, np.int64), stats)
             reason = self.policy.reason(self.step, global_norm, True)
