@@ -145,12 +145,12 @@ def gradient_stats(gradients) -> tf.Tensor:
 
     Runs on the device, right after the step, on the gradients it returned: no
     gradient moves to the host. Memory-bound: five reads of each tensor (sum, sum
-    of squares, max, min, zeros), and only the zero count writes a temporary (a
-    mask of the tensor's size; TensorFlow has no op that counts without one). The
-    NaN and Inf counts take two more reads only when the sums say there is
-    something to count. A NaN or Inf also shows in the float statistics. The
-    arithmetic on the sums runs once for all variables: on the small ones, op
-    dispatch costs more than the reading.
+    of squares, max, min, zeros), and only the zero count writes temporaries (a
+    boolean mask and its float32 cast: TensorFlow has no op that counts without
+    them). The NaN and Inf counts take two more reads of each tensor only when the
+    sums say some gradient is not finite; a NaN or Inf also shows in the float
+    statistics. The arithmetic on the sums runs once for all variables: on the
+    small ones, op dispatch costs more than the reading.
     """
     flat = [tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients]
     size = tf.constant([g.shape.num_elements() for g in flat], tf.float32)
