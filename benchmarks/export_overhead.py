@@ -2,8 +2,8 @@
 
 In one process, on the same model, data and batch size, taking turns:
 
-  export on   what `train_model` does each step: the compiled step, the per-step
-              statistics (`gradient_stats`), the step log, the snapshot policy, and a
+  export on   what `train_model` does each step: the compiled step and the per-step
+              statistics in one call (`with_stats`), the step log, the snapshot policy, and a
               full snapshot every `--snapshot-every` steps handed to the background
               writer (default settings: float32, no weights)
   export off  the same compiled step; only the loss is read
@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tasks.gradients import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
 from tasks.model import build_model
-from tasks.train import batches, epoch_order, gradient_stats, make_train_step
+from tasks.train import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
@@ -48,7 +48,8 @@ class Trainer:
         keras.utils.set_random_seed(0)
         self.model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self.step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
+        step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
+        self.step_fn = with_stats(step_fn) if export else step_fn
         self.variables = [v.path for v in self.model.trainable_variables]
         self.export, self.step, self.batch_size = export, 0, batch_size
         order = epoch_order(len(images), 0, 1)
@@ -61,17 +62,17 @@ class Trainer:
     def run(self, steps: int) -> None:
         for _ in range(steps):
             x, y = next(self.batches)
-            loss, gradients = self.step_fn(x, y)
             self.step += 1
-            loss = float(loss)
             if not self.export:
+                float(self.step_fn(x, y)[0])
                 continue
-            stats = gradient_stats(gradients).numpy()
+            loss, gradients, stats = self.step_fn(x, y)
+            loss, stats = float(loss), stats.numpy()
             global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
             self.log.append(self.step, 1, loss, global_norm, 1e-3, np.zeros(self.batch_size, np.int64), stats)
             reason = self.policy.reason(self.step, global_norm, True)
             if reason:
-                self.writer.write(self.step, 1, reason, [g.numpy() for g in gradients])
+                self.writer.write(self.step, 1, reason, host_arrays(gradients, "float32"), stats[:, 0])
             if self.step % 500 == 0:
                 self.log.flush()
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=20, help="steps per turn: short turns pair the methods against drift")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--snapshot-every", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=5, help="writes of the one snapshot, per storage setting")
     args = parser.parse_args()
     images, labels = load(20000)
     with tempfile.TemporaryDirectory() as scratch:
@@ -114,21 +116,24 @@ def main() -> None:
         x, y = images[:32], labels[:32]
         with tf.GradientTape() as tape:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x, training=True))
-        gradients = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
-        raw = sum(g.nbytes for g in gradients)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        norms = gradient_stats(gradients).numpy()[:, 0]
+        raw = sum(g.numpy().nbytes for g in gradients)
         variables = [v.path for v in model.trainable_variables]
-        print(f"\none snapshot: {raw / 1e6:.2f} MB of float32")
+        print(f"\none snapshot: {raw / 1e6:.2f} MB of float32; median of {args.repeats} writes (device-to-host copy, table, file)")
         for label, dtype, options in (
             ("pyarrow defaults", "float32", {}),
             ("tapeline float32", "float32", PARQUET_OPTIONS),
             ("tapeline float16", "float16", PARQUET_OPTIONS),
         ):
-            path = Path(scratch) / f"{label}.parquet"
-            started = time.perf_counter()
-            pq.write_table(snapshot_table("bench", 1, 1, "first", variables, gradients, dtype=dtype), path, **options)
-            elapsed = time.perf_counter() - started
+            path, times = Path(scratch) / f"{label}.parquet", []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                table = snapshot_table("bench", 1, "first", variables, host_arrays(gradients, dtype), norms, dtype=dtype)
+                pq.write_table(table, path, **options)
+                times.append(time.perf_counter() - started)
             size = path.stat().st_size
-            print(f"{label:<18}{size / 1e6:>7.2f} MB  {size / raw:.2f}x raw  {raw / 1e6 / elapsed:>6.0f} MB/s")
+            print(f"{label:<18}{size / 1e6:>7.2f} MB  {size / raw:.2f}x raw  {raw / 1e6 / np.median(times):>6.0f} MB/s")
 
 
 if __name__ == "__main__":

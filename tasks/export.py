@@ -1,7 +1,8 @@
 """Stage 4, export_gradients: validate what training wrote, publish it, report it.
 
-Training writes one Parquet file per snapshot step. This stage checks every
-complete file against the schema and the model's variables, then writes
+Training writes one Parquet file per snapshot step, `epoch=<N>/step-<step>.parquet`.
+This stage checks every complete file against the schema (no `epoch` column in a
+file: its directory holds it) and the model's variables, then writes
 `gradients/_manifest.json` listing them: a reader that trusts the manifest never
 sees a file that was still being written. It is safe to run twice.
 """
@@ -9,6 +10,7 @@ sees a file that was still being written. It is safe to run twice.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import TapelineError
-from tasks.gradients import GRADIENT_DTYPES, MANIFEST, gradient_schema
+from tasks.gradients import GRADIENT_DTYPES, MANIFEST, file_schema, gradient_schema
+from tasks.reader import read_stats
 from tasks.storage import atomic_path, write_json
 from tasks.train import TrainedModel
-
 
 
 class GradientExportError(TapelineError):
@@ -40,18 +42,24 @@ class GradientExport:
 
 def publish_gradients(trained: TrainedModel) -> GradientExport:
     directory = Path(trained.gradients_uri)
-    files = sorted(directory.glob("step-*.parquet"))  # temporary files start with "." and do not match
+    # Temporary files start with "." and do not match. Sorted by file name, i.e. by
+    # step: as text, epoch=10 would come before epoch=2.
+    files = sorted(directory.rglob("step-*.parquet"), key=lambda path: path.name)
     if not files:
         raise GradientExportError(f"{directory}: training wrote no gradient snapshots")
-    tables = []
+    tables, entries = [], []
     for path in files:
+        name = path.relative_to(directory).as_posix()
+        if not re.fullmatch(r"epoch=\d+/step-\d+\.parquet", name):
+            raise GradientExportError(f"{name}: not in an epoch=<N> directory of {directory}")
         schema = pq.read_schema(path)
-        if not any(schema.equals(gradient_schema(dtype)) for dtype in GRADIENT_DTYPES):
-            raise GradientExportError(f"{path.name}: schema {schema} is not the gradient schema")
+        if not any(schema.equals(file_schema(gradient_schema(dtype))) for dtype in GRADIENT_DTYPES):
+            raise GradientExportError(f"{name}: schema {schema} is not the gradient schema (less `epoch`, which is the directory's)")
         table = pq.read_table(path, columns=["step", "variable", "shape", "l2_norm", "reason"])
         if table.column("variable").to_pylist() != trained.variables:
-            raise GradientExportError(f"{path.name}: variables {table.column('variable').to_pylist()} != {trained.variables}")
+            raise GradientExportError(f"{name}: variables {table.column('variable').to_pylist()} != {trained.variables}")
         tables.append(table)
+        entries.append({"path": name, "rows": len(table), "bytes": path.stat().st_size})
     stats = pa.concat_tables(tables)
     steps = sorted(set(stats.column("step").to_pylist()))
     summary = _summarise(stats, trained.variables)
@@ -66,7 +74,7 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
         manifest,
         {
             "run_id": trained.run_id,
-            "files": [{"path": p.name, "rows": len(t), "bytes": p.stat().st_size} for p, t in zip(files, tables)],
+            "files": entries,
             "steps": steps,
             "variables": summary,
             "anomalies": anomalies,
@@ -82,7 +90,7 @@ def plot_norms(run_dir: Path) -> Path:
     matplotlib.use("Agg")  # no display on a worker
     from matplotlib import pyplot as plt
 
-    stats = pq.read_table(run_dir / "stats", columns=["step", "variable", "l2_norm"]).to_pandas()
+    stats = read_stats(run_dir, columns=["step", "variable", "l2_norm"]).to_pandas()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
     for variable, rows in stats.groupby("variable", sort=False):
         axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)

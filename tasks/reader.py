@@ -2,6 +2,8 @@
 
 Only files listed in `gradients/_manifest.json` are read: the manifest is written
 last, by `export_gradients`, so a reader never sees a half-written snapshot.
+Every dataset is hive-partitioned by epoch (see tasks/gradients.py); tables come
+back with the columns in schema order, `epoch` included.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from tasks.config import TapelineError
-from tasks.gradients import MANIFEST
+from tasks.gradients import GRADIENT_SCHEMA, MANIFEST, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA
 from tasks.storage import read_json
 
 
@@ -33,7 +35,7 @@ def published_files(run: str | Path) -> list[Path]:
     manifest = directory / MANIFEST
     if not manifest.exists():
         raise NoGradientsError(f"{run_directory(run)} has no published gradients (no {manifest.relative_to(directory.parent)})")
-    return [directory / entry["path"] for entry in read_json(manifest)["files"]]
+    return [directory / entry["path"] for entry in read_json(manifest)["files"]]  # epoch=<N>/step-<step>.parquet
 
 
 def read_gradients(
@@ -44,7 +46,8 @@ def read_gradients(
     Ask for `columns=["step", "variable", "l2_norm"]` and the tensors are never read:
     Parquet reads only the columns it is asked for.
     """
-    return pq.read_table(published_files(run), columns=columns, filters=_selection(variables, steps))
+    directory = run_directory(run) / "gradients"
+    return _read(published_files(run), directory, GRADIENT_SCHEMA, columns, _selection(variables, steps))
 
 
 def gradient_arrays(run: str | Path, step: int, variables: list[str] | None = None, field: str = "values") -> dict[str, np.ndarray]:
@@ -60,9 +63,26 @@ def gradient_arrays(run: str | Path, step: int, variables: list[str] | None = No
     return arrays
 
 
-def read_stats(run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None) -> pa.Table:
+def read_stats(
+    run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """Per-(step, variable) statistics of every step (see tasks/gradients.py)."""
-    return pq.read_table(run_directory(run) / "stats", filters=_selection(variables, steps))
+    directory = run_directory(run) / "stats"
+    return _read(directory, directory, STATS_SCHEMA, columns, _selection(variables, steps))
+
+
+def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """One row per training step: loss, global norm, learning rate, the batch's sample ids."""
+    directory = run_directory(run) / "steps"
+    return _read(directory, directory, STEP_SCHEMA, columns, _selection(None, steps))
+
+
+def _read(source: Path | list[Path], directory: Path, schema: pa.Schema, columns: list[str] | None, condition) -> pa.Table:
+    """`source` (the dataset `directory`, or files in it) read with the epoch taken from the `epoch=<N>` directories."""
+    if not directory.is_dir():
+        raise NoGradientsError(f"{directory.parent} has no {directory.name}/")
+    dataset = ds.dataset(source, format="parquet", partitioning=PARTITIONING, partition_base_dir=str(directory))
+    return dataset.to_table(columns=columns or schema.names, filter=condition)
 
 
 def _selection(variables: list[str] | None, steps: list[int] | None):

@@ -8,6 +8,7 @@ Layout under the root:
     runs/<run_id>/model.keras                 the trained model
     runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset + _manifest.json)
     runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
+                                              (all three hive-partitioned: epoch=<N>/ directories)
     runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
 
 Nothing that looks complete is ever half-written: files are written under a

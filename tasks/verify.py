@@ -13,14 +13,12 @@ import sys
 
 import keras
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import tensorflow as tf
 
 from tasks.config import TapelineError
 from tasks.model import build_model
 from tasks.preprocess import read_split
-from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, run_directory
+from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_steps, run_directory
 from tasks.storage import read_json
 
 
@@ -35,8 +33,7 @@ def verify_snapshot(run, step: int | None = None) -> dict:
         step = max(with_weights)
     weights, stored = gradient_arrays(run_dir, step, field="weights"), gradient_arrays(run_dir, step)
 
-    steps = pq.read_table(manifest["uris"]["steps"], filters=pc.field("step") == step)
-    batch_ids = np.asarray(steps.column("sample_ids")[0].as_py())
+    batch_ids = np.asarray(read_steps(run_dir, [step], ["sample_ids"]).column("sample_ids")[0].as_py())
     images, labels, sample_ids = read_split(manifest["uris"]["train"])
     rows = np.searchsorted(sample_ids, batch_ids)  # the split is sorted by sample_id
 

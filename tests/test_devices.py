@@ -16,6 +16,7 @@ from tasks.config import ConfigError, RunConfig
 from tasks.devices import resolve_devices
 from tasks.download import fetch_dataset
 from tasks.preprocess import prepare
+from tasks.reader import read_steps
 from tasks.storage import Storage
 from tasks.train import train_model
 from tests.conftest import tiny_arrays, write_idx_dir
@@ -55,12 +56,12 @@ def test_two_devices_match_one(tmp_path):
     assert "training on /CPU:0, /CPU:1" in worker.stdout
     two = Path(config.storage) / "runs" / "two"
 
-    for name in sorted(p.name for p in Path(one.gradients_uri).glob("step-*.parquet")):
+    for name in sorted(p.relative_to(one.gradients_uri) for p in Path(one.gradients_uri).glob("epoch=*/step-*.parquet")):
         expected, actual = pq.read_table(Path(one.gradients_uri) / name), pq.read_table(two / "gradients" / name)
         assert actual.column("variable").equals(expected.column("variable"))
         for a, e in zip(actual.column("values").to_pylist(), expected.column("values").to_pylist()):
             np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)  # all-reduced sum vs one device: rounding only
-    one_steps, two_steps = pq.read_table(one.steps_uri), pq.read_table(two / "steps")
+    one_steps, two_steps = read_steps(Path(one.steps_uri).parent), read_steps(two)
     np.testing.assert_allclose(two_steps.column("loss").to_numpy(), one_steps.column("loss").to_numpy(), rtol=1e-3)
     weights = [keras.models.load_model(p, safe_mode=True).get_weights() for p in (one.model_uri, two / "model.keras")]
     for a, b in zip(*weights):

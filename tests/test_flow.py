@@ -51,7 +51,7 @@ def test_gradient_rows_for_every_variable_readable_with_duckdb(first_run):
     gradients = first_run["uris"]["gradients"]
     rows = duckdb.sql(
         f"SELECT variable, count(*) AS snapshots, max(step) AS last_step, "
-        f"max(len(\"values\")) AS size FROM read_parquet('{gradients}/step-*.parquet') GROUP BY variable"
+        f"max(len(\"values\")) AS size FROM read_parquet('{gradients}/*/step-*.parquet') GROUP BY variable"
     ).fetchall()
     expected = {v.path: int(v.numpy().size) for v in build_model().trainable_variables}
     assert {name: size for name, _, _, size in rows} == expected
@@ -109,10 +109,11 @@ def test_reader_and_duckdb_on_a_real_run(first_run):
     arrays = gradient_arrays(run, 1, variables=["cnn/dense/kernel"])
     assert arrays["cnn/dense/kernel"].shape == (21632, 128)
     spikes = duckdb.sql(
-        f"SELECT step, variable, l2_norm, nan_count FROM read_parquet('{run}/stats/*.parquet') "
+        f"SELECT step, epoch, l2_norm, nan_count FROM read_parquet('{run}/stats/*/stats-*.parquet', hive_partitioning = true) "
         f"WHERE variable = 'cnn/dense/kernel' ORDER BY step"
     ).fetchall()
     assert [row[0] for row in spikes] == list(range(1, 314)) and all(row[3] == 0 for row in spikes)
+    assert {row[1] for row in spikes} == {1}
 
 
 @pytest.mark.slow

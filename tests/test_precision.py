@@ -10,6 +10,7 @@ import pytest
 
 from tasks.config import ConfigError, RunConfig
 from tasks.download import fetch_dataset
+from tasks.gradients import snapshot_file
 from tasks.preprocess import prepare
 from tasks.storage import Storage
 from tasks.train import train_model
@@ -29,7 +30,7 @@ def setup(tmp_path_factory):
 
 
 def step_one(trained) -> list[np.ndarray]:
-    table = pq.read_table(Path(trained.gradients_uri) / "step-000000001.parquet")
+    table = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, 1))
     assert table.schema.field("values").type.value_type == "float"
     return [np.asarray(v) for v in table.column("values").to_pylist()]
 
@@ -59,7 +60,7 @@ def test_float16_storage_of_gradients(setup):
     from tasks.export import publish_gradients
 
     publish_gradients(trained)  # the float16 schema is a valid gradient schema
-    table = pq.read_table(Path(trained.gradients_uri) / "step-000000001.parquet")
+    table = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, 1))
     assert table.schema.field("values").type.value_type == "halffloat"
     assert table.schema.field("weights").type.value_type == "halffloat"
     for stored, exact in zip(table.column("values").to_pylist(), step_one(reference)):

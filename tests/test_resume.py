@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import keras
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,9 +18,10 @@ import pytest
 from tasks.config import ConfigError, RunConfig
 from tasks.download import fetch_dataset
 from tasks.export import publish_gradients
+from tasks.gradients import snapshot_file
 from tasks.preprocess import prepare
 from tasks.storage import Storage
-from tasks.reader import read_gradients
+from tasks.reader import read_gradients, read_steps
 from tasks.train import NonFiniteError, TrainedModel, train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 
@@ -43,6 +45,11 @@ def weights(trained) -> list[np.ndarray]:
     return [v.numpy() for v in keras.models.load_model(trained.model_uri, safe_mode=True).trainable_variables]
 
 
+def data_files(directory: Path) -> list[str]:
+    """The complete Parquet files of a dataset, as paths relative to it (epoch=<N>/name), in step order."""
+    return sorted((p.relative_to(directory).as_posix() for p in directory.glob("epoch=*/[!.]*.parquet")), key=lambda f: f.split("/")[1])
+
+
 def latest_checkpoint_step(run_dir: Path) -> int:
     state = run_dir / "checkpoints" / "checkpoint"
     if not state.exists():
@@ -62,9 +69,9 @@ def test_same_seed_same_weights_and_gradients(setup, uninterrupted):
     again = train_model(config, data, "straight-again")
     for a, b in zip(weights(uninterrupted), weights(again)):
         assert np.array_equal(a, b)
-    for name in ("step-000000001.parquet", f"step-{uninterrupted.steps:09d}.parquet"):
-        first = pq.read_table(Path(uninterrupted.gradients_uri) / name).drop(["run_id"])
-        second = pq.read_table(Path(again.gradients_uri) / name).drop(["run_id"])
+    for epoch, step in ((1, 1), (2, uninterrupted.steps)):
+        first = pq.read_table(snapshot_file(Path(uninterrupted.gradients_uri), epoch, step)).drop(["run_id"])
+        second = pq.read_table(snapshot_file(Path(again.gradients_uri), epoch, step)).drop(["run_id"])
         assert first.equals(second)
 
 
@@ -89,10 +96,14 @@ def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
     assert resumed.resumed_from >= killed_at and resumed.steps == uninterrupted.steps
     for a, b in zip(weights(uninterrupted), weights(resumed)):
         assert np.array_equal(a, b)
-    # The step table has every step exactly once, as if nothing had happened.
-    steps = pq.read_table(resumed.steps_uri)
-    assert sorted(steps.column("step").to_pylist()) == list(range(1, resumed.steps + 1))
-    assert steps.sort_by("step").column("loss").equals(pq.read_table(uninterrupted.steps_uri).sort_by("step").column("loss"))
+    # The step table has every step exactly once, as if nothing had happened: the
+    # resumed run rewrote the same files, in the same epoch directories.
+    steps = read_steps(run_dir).sort_by("step")
+    assert steps.column("step").to_pylist() == list(range(1, resumed.steps + 1))
+    expected = read_steps(Path(uninterrupted.steps_uri).parent).sort_by("step")
+    assert steps.select(["epoch", "loss"]).equals(expected.select(["epoch", "loss"]))
+    for name in ("steps", "stats"):
+        assert data_files(run_dir / name) == data_files(Path(uninterrupted.steps_uri).parent / name)
     assert [e["epoch"] for e in resumed.epochs] == [1, 2]
 
 
@@ -112,7 +123,7 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup):
     assert exported.steps[-1] == trained.steps
     assert exported.anomalies[-1]["step"] == trained.steps and "non-finite" in exported.anomalies[-1]["reason"]
     assert f"last good checkpoint is step {trained.steps - 1}" in str(raised.value)
-    last = pq.read_table(Path(trained.gradients_uri) / f"step-{trained.steps:09d}.parquet")
+    last = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, trained.steps))
     assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
 
 
@@ -125,12 +136,12 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while len(list((run_dir / "gradients").glob("step-*.parquet"))) < 20 and time.monotonic() < deadline:
+        while len(data_files(run_dir / "gradients")) < 20 and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(worker.pid, signal.SIGKILL)
     finally:
         worker.wait()
-    files = sorted((run_dir / "gradients").glob("step-*.parquet"))
+    files = [run_dir / "gradients" / name for name in data_files(run_dir / "gradients")]
     assert worker.returncode == -signal.SIGKILL and len(files) >= 20
     variables = pq.read_table(files[0]).column("variable").to_pylist()
     trained = TrainedModel(
@@ -141,3 +152,6 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     assert exported.steps == [int(f.stem.split("-")[1]) for f in files]
     table = read_gradients(run_dir, columns=["step", "variable", "values"])
     assert table.num_rows == len(files) * len(variables)
+    # Any tool reading the complete files by name pattern skips what the kill left half-written.
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{run_dir}/gradients/*/step-*.parquet')").fetchall()[0][0]
+    assert count == table.num_rows

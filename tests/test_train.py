@@ -2,10 +2,13 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
+import duckdb
 import keras
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -14,12 +17,14 @@ import tensorflow as tf
 from tasks.config import RunConfig
 from tasks.download import fetch_dataset
 from tasks.export import GradientExportError, plot_norms, publish_gradients
-from tasks.gradients import GRADIENT_SCHEMA, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy
+from tasks.gradients import (
+    GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy, file_schema, snapshot_file,
+)  # fmt: skip
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
 from tasks.champion import current_champion, warm_start_champion
 from tasks.promote import promote_if_better
-from tasks.reader import NoGradientsError, gradient_arrays, read_gradients
+from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
 from tasks.storage import Storage
 from tasks.train import train_model
 
@@ -41,12 +46,51 @@ def trained(tmp_path_factory):
     return config, data, train_model(config, data, "run-1")
 
 
+def run_dir(result) -> Path:
+    return Path(result.model_uri).parent
+
+
+def epoch_of(step: int, data) -> int:
+    return (step - 1) // int(np.ceil(data.counts["train"] / BATCH)) + 1
+
+
+def test_datasets_are_hive_partitioned_by_epoch(trained):
+    """`epoch` is the directory's, never a file's: pyarrow refuses a dataset that has both."""
+    config, data, result = trained
+    for name, schema, prefix in (("gradients", GRADIENT_SCHEMA, "step"), ("steps", STEP_SCHEMA, "steps"), ("stats", STATS_SCHEMA, "stats")):
+        directory = run_dir(result) / name
+        files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.parquet"))
+        assert files and all(re.fullmatch(rf"epoch=[12]/{prefix}-\d{{9}}\.parquet", f) for f in files), files
+        assert {f.split("/")[0] for f in files} == {"epoch=1", "epoch=2"}
+        for f in files:
+            assert pq.read_schema(directory / f).equals(file_schema(schema)), f
+        table = pq.read_table(directory, partitioning=PARTITIONING)  # as any hive-aware reader sees it
+        assert table.select(schema.names).schema.equals(schema)
+        assert table.column("epoch").to_pylist() == [epoch_of(s, data) for s in table.column("step").to_pylist()]
+
+
+def test_duckdb_reads_the_stats_with_a_plain_select(trained):
+    config, data, result = trained
+    partial = run_dir(result) / "stats" / "epoch=1" / ".stats-000000999.tmp-deadbeef.parquet"
+    partial.write_bytes(b"PAR1 half a file")  # what a killed writer leaves: the glob must not match it
+    try:
+        rows = duckdb.sql(
+            f"SELECT step, epoch, variable, l2_norm FROM read_parquet('{run_dir(result)}/stats/*/stats-*.parquet', "
+            f"hive_partitioning = true) ORDER BY step, variable"
+        ).fetchall()
+    finally:
+        partial.unlink()
+    assert len(rows) == result.steps * len(result.variables)
+    assert all(epoch == epoch_of(step, data) for step, epoch, _, _ in rows)
+    expected = read_stats(run_dir(result), columns=["step", "variable", "l2_norm"]).sort_by([("step", "ascending"), ("variable", "ascending")])
+    assert [(s, v, n) for s, _, v, n in rows] == [tuple(r.values()) for r in expected.to_pylist()]
+
+
 def test_snapshots_hold_every_variable_at_the_right_steps(trained):
     config, data, result = trained
     steps_per_epoch = int(np.ceil(data.counts["train"] / BATCH))
     assert result.steps == EPOCHS * steps_per_epoch
-    files = sorted(Path(result.gradients_uri).glob("step-*.parquet"))
-    table = pq.read_table(files)
+    table = pq.read_table(result.gradients_uri, partitioning=PARTITIONING).select(GRADIENT_SCHEMA.names)
     assert table.schema.equals(GRADIENT_SCHEMA)
     expected = {1, result.steps} | set(range(SNAPSHOT_EVERY, result.steps + 1, SNAPSHOT_EVERY))
     kept = {row["step"]: row["reason"] for row in table.select(["step", "reason"]).to_pylist()}
@@ -59,13 +103,13 @@ def test_snapshots_hold_every_variable_at_the_right_steps(trained):
         for row in rows.to_pylist():
             assert int(np.prod(row["shape"])) == len(row["values"])
             assert row["l2_norm"] == pytest.approx(np.linalg.norm(row["values"]), rel=1e-5)
-            assert row["run_id"] == "run-1" and row["epoch"] == (step - 1) // steps_per_epoch + 1
+            assert row["run_id"] == "run-1" and row["epoch"] == epoch_of(step, data)
 
 
 def test_first_snapshot_is_exactly_tape_gradient(trained):
     """Recompute step 1 from the seeded initial weights and the recorded batch."""
     config, data, result = trained
-    steps = pq.read_table(sorted(Path(result.steps_uri).glob("*.parquet"))[0])
+    steps = read_steps(run_dir(result), steps=[1])
     assert steps.schema.equals(STEP_SCHEMA)
     batch_ids = steps.column("sample_ids")[0].as_py()
     images, labels, sample_ids = read_split(data.uris["train"])
@@ -78,7 +122,7 @@ def test_first_snapshot_is_exactly_tape_gradient(trained):
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[rows], model(images[rows], training=True))
     expected = tape.gradient(loss, model.trainable_variables)
 
-    snapshot = pq.read_table(Path(result.gradients_uri) / "step-000000001.parquet").to_pylist()
+    snapshot = pq.read_table(snapshot_file(Path(result.gradients_uri), 1, 1)).to_pylist()
     assert steps.column("loss")[0].as_py() == pytest.approx(float(loss), rel=1e-5)
     for row, gradient in zip(snapshot, expected):
         np.testing.assert_allclose(np.reshape(row["values"], row["shape"]), gradient.numpy(), rtol=1e-4, atol=1e-7)
@@ -86,7 +130,7 @@ def test_first_snapshot_is_exactly_tape_gradient(trained):
 
 def test_step_table_covers_every_step_with_real_sample_ids(trained):
     config, data, result = trained
-    steps = pq.read_table(sorted(Path(result.steps_uri).glob("*.parquet")))
+    steps = read_steps(run_dir(result)).sort_by("step")
     assert steps.column("step").to_pylist() == list(range(1, result.steps + 1))
     _, _, train_ids = read_split(data.uris["train"])
     for epoch in range(1, EPOCHS + 1):
@@ -108,7 +152,7 @@ def test_metrics_and_model(trained):
 def test_publish_writes_a_manifest_and_ignores_partial_files(trained):
     config, data, result = trained
     directory = Path(result.gradients_uri)
-    partial = directory / ".step-000000999.tmp-deadbeef.parquet"
+    partial = directory / "epoch=1" / ".step-000000999.tmp-deadbeef.parquet"
     partial.write_bytes(b"PAR1 half a file")
     try:
         first = publish_gradients(result)
@@ -117,20 +161,39 @@ def test_publish_writes_a_manifest_and_ignores_partial_files(trained):
         partial.unlink()
     assert first == second
     manifest = json.loads(Path(first.manifest_uri).read_text())
-    assert [f["path"] for f in manifest["files"]] == [f"step-{s:09d}.parquet" for s in first.steps]
+    assert [f["path"] for f in manifest["files"]] == [f"epoch={epoch_of(s, data)}/step-{s:09d}.parquet" for s in first.steps]
     assert [v["variable"] for v in first.variables] == result.variables
     assert all(v["max_l2_norm"] >= v["mean_l2_norm"] > 0 for v in first.variables)
 
 
-def test_publish_rejects_a_foreign_file(trained, tmp_path):
+@pytest.mark.parametrize(
+    "name, content, error",
+    [
+        ("epoch=1/step-000999999.parquet", "a steps file", "not the gradient schema"),
+        ("epoch=1/step-000999999.parquet", "a snapshot with an epoch column", "not the gradient schema"),
+        ("step-000999999.parquet", "a snapshot", r"not in an epoch=<N> directory"),
+        ("epoch=one/step-000999999.parquet", "a snapshot", r"not in an epoch=<N> directory"),
+    ],
+)
+def test_publish_rejects_a_foreign_file(trained, name, content, error):
     config, data, result = trained
-    foreign = Path(result.gradients_uri) / "step-000999999.parquet"
-    pq.write_table(pq.read_table(result.steps_uri), foreign)
+    directory = Path(result.gradients_uri)
+    snapshot = pq.read_table(snapshot_file(directory, 1, 1))
+    table = {
+        "a steps file": read_steps(run_dir(result)),
+        "a snapshot with an epoch column": snapshot.add_column(1, "epoch", pa.array([1] * snapshot.num_rows, pa.int32())),
+        "a snapshot": snapshot,
+    }[content]
+    foreign = directory / name
+    foreign.parent.mkdir(exist_ok=True)
+    pq.write_table(table, foreign)
     try:
-        with pytest.raises(GradientExportError, match="not the gradient schema"):
+        with pytest.raises(GradientExportError, match=error):
             publish_gradients(result)
     finally:
         foreign.unlink()
+        if foreign.parent.name == "epoch=one":
+            foreign.parent.rmdir()
 
 
 def test_saved_model_predicts_exactly_what_training_left(trained):
@@ -146,11 +209,10 @@ def test_saved_model_predicts_exactly_what_training_left(trained):
 
 def test_every_step_is_summarised_in_stats(trained):
     config, data, result = trained
-    run_dir = Path(result.model_uri).parent
-    stats = pq.read_table(run_dir / "stats")
+    stats = read_stats(run_dir(result))
     assert stats.schema.equals(STATS_SCHEMA)
     assert stats.num_rows == result.steps * len(result.variables)
-    snapshots = pq.read_table(Path(result.gradients_uri), columns=["step", "variable", "values"]).to_pylist()
+    snapshots = pq.read_table(result.gradients_uri, columns=["step", "variable", "values"]).to_pylist()
     by_key = {(r["step"], r["variable"]): r for r in stats.to_pylist()}
     for snapshot in snapshots:
         row, values = by_key[(snapshot["step"], snapshot["variable"])], np.asarray(snapshot["values"], np.float64)
@@ -160,7 +222,7 @@ def test_every_step_is_summarised_in_stats(trained):
         assert row["max_abs"] == pytest.approx(np.abs(values).max(), rel=1e-6)
         assert row["zero_fraction"] == pytest.approx(np.mean(values == 0), abs=1e-6)
         assert row["nan_count"] == row["inf_count"] == 0
-    steps = pq.read_table(result.steps_uri).to_pandas()
+    steps = read_steps(run_dir(result)).to_pandas()
     first = stats.filter(pc.equal(stats.column("step"), 1)).column("l2_norm").to_numpy()
     assert steps.loc[steps.step == 1, "global_norm"].item() == pytest.approx(np.linalg.norm(first), rel=1e-5)
     assert np.allclose(steps.learning_rate, config.learning_rate)
@@ -183,6 +245,8 @@ def test_reader_trusts_only_the_manifest(trained, tmp_path):
     table = read_gradients(run, variables=["cnn/conv/bias"], steps=[1], columns=["step", "variable", "values"])
     assert table.num_rows == 1 and len(table.column("values")[0]) == 32
     assert gradient_arrays(run, 1)["cnn/conv/kernel"].shape == (3, 3, 1, 32)
+    last = read_gradients(run, steps=[result.steps])  # every column, in schema order, epoch from the directory
+    assert last.schema.equals(GRADIENT_SCHEMA) and set(last.column("epoch").to_pylist()) == {EPOCHS}
     with pytest.raises(NoGradientsError, match="has no published gradients"):
         read_gradients(tmp_path)
     with pytest.raises(NoGradientsError, match="no weights"):
