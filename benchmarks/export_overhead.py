@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from tasks.gradients import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
 from tasks.model import build_model
+from tasks.storage import Storage
 from tasks.train import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -56,8 +57,8 @@ class Trainer:
         self.batch_ids = iter(np.array_split(order, len(order) // batch_size))
         self.batches = iter(batches(tf.constant(images), tf.constant(labels), order, batch_size).repeat())
         self.policy = SnapshotPolicy(snapshot_every, last_step=10**9, spike_factor=10.0)
-        self.log = StepLog(directory, self.variables)
-        self.writer = SnapshotWriter(directory / "gradients", "bench", self.variables)
+        self.log = StepLog(Storage(directory), directory, self.variables)
+        self.writer = SnapshotWriter(Storage(directory), directory / "gradients", "bench", self.variables)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

@@ -78,9 +78,9 @@ def train_flow(
     try:
         trained = stages.run(train, config, data, run_id, champion)
     except NonFiniteError as error:
-        stages.run(export_gradients, error.trained)  # the failing step's gradients: the snapshot most needed
+        stages.run(export_gradients, config, error.trained)  # the failing step's gradients: the snapshot most needed
         raise
-    exported = stages.run(export_gradients, trained)
+    exported = stages.run(export_gradients, config, trained)
     scores = stages.run(evaluate, config, trained, data)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     promotion = stages.run(promote, config, trained, scores)

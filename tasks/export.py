@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import TapelineError
+from tasks.config import RunConfig, TapelineError
 from tasks.gradients import GRADIENT_DTYPES, MANIFEST, file_schema, gradient_schema
 from tasks.reader import read_stats
-from tasks.storage import atomic_path, write_json
+from tasks.storage import Storage, atomic_path
 from tasks.train import TrainedModel
 
 
@@ -40,26 +41,29 @@ class GradientExport:
     anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
 
 
-def publish_gradients(trained: TrainedModel) -> GradientExport:
-    directory = Path(trained.gradients_uri)
+def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport:
+    """Check every complete snapshot file where training published it, then publish the manifest that lists them."""
+    directory = storage.path_of(trained.gradients_uri)
+    filesystem, base = storage.arrow(directory)
+    listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     # Temporary files start with "." and do not match. Sorted by file name, i.e. by
     # step: as text, epoch=10 would come before epoch=2.
-    files = sorted(directory.rglob("step-*.parquet"), key=lambda path: path.name)
+    files = sorted((info for info in listing if info.base_name.startswith("step-")), key=lambda info: info.base_name)
     if not files:
-        raise GradientExportError(f"{directory}: training wrote no gradient snapshots")
+        raise GradientExportError(f"{trained.gradients_uri}: training wrote no gradient snapshots")
     tables, entries = [], []
-    for path in files:
-        name = path.relative_to(directory).as_posix()
+    for info in files:
+        name = info.path.removeprefix(base + "/")
         if not re.fullmatch(r"epoch=\d+/step-\d+\.parquet", name):
-            raise GradientExportError(f"{name}: not in an epoch=<N> directory of {directory}")
-        schema = pq.read_schema(path)
+            raise GradientExportError(f"{name}: not in an epoch=<N> directory of {trained.gradients_uri}")
+        schema = pq.read_schema(info.path, filesystem=filesystem)
         if not any(schema.equals(file_schema(gradient_schema(dtype))) for dtype in GRADIENT_DTYPES):
             raise GradientExportError(f"{name}: schema {schema} is not the gradient schema (less `epoch`, which is the directory's)")
-        table = pq.read_table(path, columns=["step", "variable", "shape", "l2_norm", "reason"])
+        table = pq.read_table(info.path, filesystem=filesystem, columns=["step", "variable", "shape", "l2_norm", "reason"])
         if table.column("variable").to_pylist() != trained.variables:
             raise GradientExportError(f"{name}: variables {table.column('variable').to_pylist()} != {trained.variables}")
         tables.append(table)
-        entries.append({"path": name, "rows": len(table), "bytes": path.stat().st_size})
+        entries.append({"path": name, "rows": len(table), "bytes": info.size})
     stats = pa.concat_tables(tables)
     steps = sorted(set(stats.column("step").to_pylist()))
     summary = _summarise(stats, trained.variables)
@@ -70,7 +74,7 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
         if "non-finite" in reason or "norm-spike" in reason
     ]
     manifest = directory / MANIFEST
-    write_json(
+    storage.write_json(
         manifest,
         {
             "run_id": trained.run_id,
@@ -80,17 +84,19 @@ def publish_gradients(trained: TrainedModel) -> GradientExport:
             "anomalies": anomalies,
         },
     )
-    return GradientExport(uri=str(directory), manifest_uri=str(manifest), steps=steps, variables=summary, anomalies=anomalies)
+    return GradientExport(
+        uri=trained.gradients_uri, manifest_uri=storage.uri_of(manifest), steps=steps, variables=summary, anomalies=anomalies
+    )
 
 
-def plot_norms(run_dir: Path) -> Path:
+def plot_norms(storage: Storage, run_dir: Path) -> Path:
     """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a worker
     from matplotlib import pyplot as plt
 
-    stats = read_stats(run_dir, columns=["step", "variable", "l2_norm"]).to_pandas()
+    stats = read_stats(storage.uri_of(run_dir), columns=["step", "variable", "l2_norm"]).to_pandas()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
     for variable, rows in stats.groupby("variable", sort=False):
         axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)
@@ -101,6 +107,7 @@ def plot_norms(run_dir: Path) -> Path:
     with atomic_path(path) as temporary:
         figure.savefig(temporary)
     plt.close(figure)
+    storage.publish(path)
     return path
 
 
@@ -124,9 +131,10 @@ def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:
 
 
 @task(name="export_gradients")
-def export_gradients(trained: TrainedModel) -> GradientExport:
+def export_gradients(config: RunConfig, trained: TrainedModel) -> GradientExport:
     """Publish the run's gradient snapshots and report per-variable shape and L2 norm."""
-    exported = publish_gradients(trained)
+    storage = Storage(config.storage)
+    exported = publish_gradients(storage, trained)
     anomalies = ", ".join(f"step {a['step']} ({a['reason']})" for a in exported.anomalies) or "none"
     create_table_artifact(
         key="gradient-norms",
@@ -134,11 +142,11 @@ def export_gradients(trained: TrainedModel) -> GradientExport:
         description=f"Gradient L2 norms of run `{trained.run_id}` over {len(exported.steps)} snapshots "
         f"(last: step {exported.steps[-1]}); anomalies: {anomalies}. Data: `{exported.uri}`",
     )
-    plot = plot_norms(Path(trained.gradients_uri).parent)
+    plot = plot_norms(storage, storage.path_of(trained.gradients_uri).parent)
     image = base64.b64encode(plot.read_bytes()).decode()
     create_markdown_artifact(
         key="gradient-norm-plot",
         markdown=f"## Gradient norms per layer, run `{trained.run_id}`\n\n![gradient norms](data:image/png;base64,{image})\n\n"
-        f"Anomalies: {anomalies}. Saved as `{plot}`.",
+        f"Anomalies: {anomalies}. Saved as `{storage.uri_of(plot)}`.",
     )
     return exported

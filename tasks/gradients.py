@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import atomic_path
+from tasks.storage import Storage, atomic_path
 
 MANIFEST = "_manifest.json"  # in gradients/: the complete files, written last by export_gradients
 GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -190,8 +190,10 @@ class SnapshotWriter:
     holding an unbounded number of snapshots in memory.
     """
 
-    def __init__(self, directory: Path, run_id: str, variables: list[str], dtype: str = "float32", max_pending: int = 2):
-        self.directory, self.run_id, self.variables, self.dtype = directory, run_id, variables, dtype
+    def __init__(
+        self, storage: Storage, directory: Path, run_id: str, variables: list[str], dtype: str = "float32", max_pending: int = 2
+    ):
+        self.storage, self.directory, self.run_id, self.variables, self.dtype = storage, directory, run_id, variables, dtype
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gradient-writer", daemon=True)
@@ -227,8 +229,10 @@ class SnapshotWriter:
                 step, epoch, reason, gradients, norms, weights = item
                 try:
                     table = snapshot_table(self.run_id, step, reason, self.variables, gradients, norms, weights, self.dtype)
-                    with atomic_path(snapshot_file(self.directory, epoch, step)) as temporary:
+                    path = snapshot_file(self.directory, epoch, step)
+                    with atomic_path(path) as temporary:
                         pq.write_table(table, temporary, **PARQUET_OPTIONS)
+                    self.storage.publish(path)  # an upload, for an object store: off the training thread too
                 except BaseException as error:  # surfaced on the training thread
                     self._error = error
 
@@ -245,8 +249,8 @@ class StepLog:
     or doubled.
     """
 
-    def __init__(self, run_dir: Path, variables: list[str]):
-        self.run_dir, self.variables = run_dir, variables
+    def __init__(self, storage: Storage, run_dir: Path, variables: list[str]):
+        self.storage, self.run_dir, self.variables = storage, run_dir, variables
         self._rows: list[tuple] = []
 
     def append(
@@ -286,6 +290,8 @@ class StepLog:
             schema=file_schema(STATS_SCHEMA),
         )
         for name, table in (("steps", step_table), ("stats", stat_table)):
-            with atomic_path(partition_file(self.run_dir / name, epochs[0], f"{name}-{steps[0]:09d}.parquet")) as temporary:
+            path = partition_file(self.run_dir / name, epochs[0], f"{name}-{steps[0]:09d}.parquet")
+            with atomic_path(path) as temporary:
                 pq.write_table(table, temporary, compression="zstd")
+            self.storage.publish(path)
         self._rows = []

@@ -3,39 +3,72 @@
 Only files listed in `gradients/_manifest.json` are read: the manifest is written
 last, by `export_gradients`, so a reader never sees a half-written snapshot.
 Every dataset is hive-partitioned by epoch (see tasks/gradients.py); tables come
-back with the columns in schema order, `epoch` included.
+back with the columns in schema order, `epoch` included. A run is named by its
+directory or run.json, on local disk or in an object store (`s3://bucket/…/runs/<id>`,
+credentials from the environment): the files are read where they are.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from tasks.config import TapelineError
 from tasks.gradients import GRADIENT_SCHEMA, MANIFEST, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA
-from tasks.storage import read_json
+from tasks.storage import is_remote, remote_filesystem
+
+_LOCAL = pafs.LocalFileSystem()
 
 
 class NoGradientsError(TapelineError):
     """The run has no published gradient snapshots."""
 
 
-def run_directory(run: str | Path) -> Path:
-    """A run given as its directory or as its run.json."""
-    path = Path(run)
-    return path.parent if path.name == "run.json" else path
+def run_location(run: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A run given as its directory or its run.json, local or in an object store (`s3://…/runs/<id>`):
+    (its filesystem, the path of its directory there)."""
+    text = str(run).rstrip("/").removesuffix("/run.json")
+    if is_remote(text):
+        return remote_filesystem(text)
+    return _LOCAL, str(Path(text).expanduser().resolve())
 
 
-def published_files(run: str | Path) -> list[Path]:
-    directory = run_directory(run) / "gradients"
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        raise NoGradientsError(f"{run_directory(run)} has no published gradients (no {manifest.relative_to(directory.parent)})")
-    return [directory / entry["path"] for entry in read_json(manifest)["files"]]  # epoch=<N>/step-<step>.parquet
+def read_run_json(run: str | Path, name: str = "run.json") -> dict:
+    filesystem, directory = run_location(run)
+    try:
+        with filesystem.open_input_stream(f"{directory}/{name}") as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        raise NoGradientsError(f"{run} has no {name}") from None
+
+
+def published_files(run: str | Path) -> list[str]:
+    """The complete snapshot files, as the manifest lists them: epoch=<N>/step-<step>.parquet under gradients/."""
+    _, directory = run_location(run)
+    try:
+        manifest = read_run_json(run, f"gradients/{MANIFEST}")
+    except NoGradientsError:
+        raise NoGradientsError(f"{run} has no published gradients (no gradients/{MANIFEST})") from None
+    return [f"{directory}/gradients/{entry['path']}" for entry in manifest["files"]]
+
+
+def open_dataset(run: str | Path, name: str) -> ds.Dataset:
+    """One of the run's Parquet datasets, `gradients` (only its published files), `stats` or `steps`, as an
+    Arrow dataset: what DuckDB and Polars can query in place, in a bucket too."""
+    filesystem, directory = run_location(run)
+    base = f"{directory}/{name}"
+    source = published_files(run) if name == "gradients" else base
+    if filesystem.get_file_info(base).type != pafs.FileType.Directory:
+        raise NoGradientsError(f"{run} has no {name}/")
+    schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA}[name]
+    # Temporary files start with "." and are skipped, as are any "_" files such as the manifest.
+    return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 
 
 def read_gradients(
@@ -46,19 +79,18 @@ def read_gradients(
     Ask for `columns=["step", "variable", "l2_norm"]` and the tensors are never read:
     Parquet reads only the columns it is asked for.
     """
-    directory = run_directory(run) / "gradients"
-    return _read(published_files(run), directory, GRADIENT_SCHEMA, columns, _selection(variables, steps))
+    return _read(open_dataset(run, "gradients"), columns, _selection(variables, steps))
 
 
 def gradient_arrays(run: str | Path, step: int, variables: list[str] | None = None, field: str = "values") -> dict[str, np.ndarray]:
     """{variable: tensor} of one snapshot step, in the variables' own shapes (`field="weights"` for the weights)."""
     table = read_gradients(run, variables, [step], ["variable", "shape", field])
     if table.num_rows == 0:
-        raise NoGradientsError(f"{run_directory(run)} has no snapshot at step {step}")
+        raise NoGradientsError(f"{run} has no snapshot at step {step}")
     arrays = {}
     for variable, shape, values in zip(*(table.column(c).to_pylist() for c in ("variable", "shape", field))):
         if values is None:
-            raise NoGradientsError(f"step {step} of {run_directory(run)} has no {field} for {variable}")
+            raise NoGradientsError(f"step {step} of {run} has no {field} for {variable}")
         arrays[variable] = np.asarray(values, np.float32).reshape(shape)
     return arrays
 
@@ -67,22 +99,16 @@ def read_stats(
     run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """Per-(step, variable) statistics of every step (see tasks/gradients.py)."""
-    directory = run_directory(run) / "stats"
-    return _read(directory, directory, STATS_SCHEMA, columns, _selection(variables, steps))
+    return _read(open_dataset(run, "stats"), columns, _selection(variables, steps))
 
 
 def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """One row per training step: loss, global norm, learning rate, the batch's sample ids."""
-    directory = run_directory(run) / "steps"
-    return _read(directory, directory, STEP_SCHEMA, columns, _selection(None, steps))
+    return _read(open_dataset(run, "steps"), columns, _selection(None, steps))
 
 
-def _read(source: Path | list[Path], directory: Path, schema: pa.Schema, columns: list[str] | None, condition) -> pa.Table:
-    """`source` (the dataset `directory`, or files in it) read with the epoch taken from the `epoch=<N>` directories."""
-    if not directory.is_dir():
-        raise NoGradientsError(f"{directory.parent} has no {directory.name}/")
-    dataset = ds.dataset(source, format="parquet", partitioning=PARTITIONING, partition_base_dir=str(directory))
-    return dataset.to_table(columns=columns or schema.names, filter=condition)
+def _read(dataset: ds.Dataset, columns: list[str] | None, condition) -> pa.Table:
+    return dataset.to_table(columns=columns or dataset.schema.names, filter=condition)
 
 
 def _selection(variables: list[str] | None, steps: list[int] | None):

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Iterator
 
 import pyarrow as pa
@@ -36,15 +36,17 @@ WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy li
 _LOCAL = pafs.LocalFileSystem()
 
 
+def temporary_name(path: PurePath) -> PurePath:
+    """A name beside `path` for its content until it is complete: hidden (readers skip names starting
+    with "."), unique, and with the same suffix (Keras insists on `.keras`, Parquet tools like `.parquet`)."""
+    return path.with_name(f".{path.stem}{TEMP_MARK}{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds.
-
-    The temporary name keeps the suffix (Keras insists on `.keras`, Parquet tools
-    like `.parquet`) and starts with a dot so globs for complete files skip it.
-    """
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}{TEMP_MARK}{uuid.uuid4().hex[:8]}{path.suffix}")
+    temporary = temporary_name(path)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -142,6 +144,10 @@ class Storage:
         """A local copy of the file at `uri`, for readers that need a path (Keras, gzip)."""
         return self.fetch(self.path_of(uri))
 
+    def arrow(self, path: Path) -> tuple[pafs.FileSystem, str]:
+        """Where a path of `root` is published, for Arrow to read in place: (filesystem, path)."""
+        return (self.fs, self._key(path)) if self.remote else (_LOCAL, str(path))
+
     def exists(self, path: Path) -> bool:
         if not self.remote:
             return path.exists()
@@ -165,16 +171,19 @@ class Storage:
     def publish(self, *paths: Path) -> None:
         """Make finished local files visible in the storage root, in the order given (object stores: upload).
 
-        An upload goes to a staging key, then is copied to its final key, which an
-        object store does in one step: an upload that dies half-way leaves an
-        object under `_staging/` only, never a torn one under a name readers use.
+        Object stores have no rename, and Arrow's S3 writer completes an upload even
+        when the writer fails. So an upload goes to a temporary key beside the final
+        one (hidden, like a local temporary file), and only a complete one is then
+        copied to its final key, which the store does in one step: an upload that
+        dies half-way leaves a hidden object that no reader takes, never a torn one.
         """
         if not self.remote:
             return
         for path in paths:
-            staging = f"{self._prefix}/_staging/{uuid.uuid4().hex}/{path.name}"
+            key = self._key(path)
+            staging = str(temporary_name(PurePosixPath(key)))
             pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
-            self.fs.move(staging, self._key(path))
+            self.fs.move(staging, key)
 
     def delete(self, *paths: Path) -> None:
         """Remove files from an object store (locally, whoever made them removes them)."""

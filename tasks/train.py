@@ -263,8 +263,8 @@ def train_model(
         summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
         trained = TrainedModel(
             run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
-            model_uri=None, gradients_uri=str(run_dir / "gradients"),
-            steps_uri=str(run_dir / "steps"), tensorboard_uri=str(run_dir / "tensorboard"), variables=variables,
+            model_uri=None, gradients_uri=storage.uri_of(run_dir / "gradients"), steps_uri=storage.uri_of(run_dir / "steps"),
+            tensorboard_uri=storage.uri_of(run_dir / "tensorboard"), variables=variables,
             steps=step, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
             role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
         )  # fmt: skip
@@ -272,8 +272,8 @@ def train_model(
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         learning_rate = float(optimizer.learning_rate.numpy())
         policy = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)
-        log = StepLog(run_dir, variables) if writes else _Discard()
-        snapshots = SnapshotWriter(run_dir / "gradients", run_id, variables, config.gradient_dtype) if writes else _Discard()
+        log = StepLog(storage, run_dir, variables) if writes else _Discard()
+        snapshots = SnapshotWriter(storage, run_dir / "gradients", run_id, variables, config.gradient_dtype) if writes else _Discard()
         with snapshots, summaries.as_default():
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
@@ -333,6 +333,9 @@ def train_model(
                     }
                 )
                 _epoch_summaries(history[-1], step, config.learning_rate)
+                if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
+                    summaries.flush()
+                    storage.publish(*sorted((run_dir / "tensorboard").iterdir()))
                 checkpoint.save(step, history)
                 print(_epoch_line(history[-1], config.epochs))
 

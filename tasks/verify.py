@@ -1,6 +1,6 @@
 """Recompute a snapshot's gradients from its recorded weights, batch and data, and compare.
 
-    python -m tasks.verify <run dir or run.json> [--step N] [--tolerance 1e-4]
+    python -m tasks.verify <run dir, run.json or s3://…/runs/<id>> [--step N] [--tolerance 1e-4]
 
 Needs a run trained with `--snapshot-weights`. Exit code 0 when every variable's
 relative difference, ||recomputed - stored|| / ||stored||, is within the tolerance.
@@ -18,22 +18,20 @@ import tensorflow as tf
 from tasks.config import TapelineError
 from tasks.model import build_model
 from tasks.preprocess import read_split
-from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_steps, run_directory
-from tasks.storage import read_json
+from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_run_json, read_steps
 
 
 def verify_snapshot(run, step: int | None = None) -> dict:
-    run_dir = run_directory(run)
-    manifest = read_json(run_dir / "run.json")
+    manifest = read_run_json(run)
     if step is None:  # the last step that has weights
-        table = read_gradients(run_dir, columns=["step", "weights"])
+        table = read_gradients(run, columns=["step", "weights"])
         with_weights = [s for s, w in zip(table.column("step").to_pylist(), table.column("weights").is_valid().to_pylist()) if w]
         if not with_weights:
-            raise NoGradientsError(f"{run_dir} recorded no weights: train with --snapshot-weights")
+            raise NoGradientsError(f"{run} recorded no weights: train with --snapshot-weights")
         step = max(with_weights)
-    weights, stored = gradient_arrays(run_dir, step, field="weights"), gradient_arrays(run_dir, step)
+    weights, stored = gradient_arrays(run, step, field="weights"), gradient_arrays(run, step)
 
-    batch_ids = np.asarray(read_steps(run_dir, [step], ["sample_ids"]).column("sample_ids")[0].as_py())
+    batch_ids = np.asarray(read_steps(run, [step], ["sample_ids"]).column("sample_ids")[0].as_py())
     images, labels, sample_ids = read_split(manifest["uris"]["train"])
     rows = np.searchsorted(sample_ids, batch_ids)  # the split is sorted by sample_id
 

@@ -193,7 +193,7 @@ def test_two_workers_match_one(tmp_path):
 
     # The global batch is the single worker's: same samples, losses, gradients, and final weights.
     for trained in (one, two):
-        publish_gradients(trained)
+        publish_gradients(Storage(config.storage), trained)
     columns = ["step", "variable", "values"]
     expected, actual = (read_gradients(Path(t.gradients_uri).parent, columns=columns).sort_by([("step", "ascending")]) for t in (one, two))
     assert actual.column("step").to_pylist() == expected.column("step").to_pylist()

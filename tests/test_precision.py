@@ -59,7 +59,7 @@ def test_float16_storage_of_gradients(setup):
     trained = train_model(dataclasses.replace(config, gradient_dtype="float16", snapshot_weights=True), data, "stored-f16")
     from tasks.export import publish_gradients
 
-    publish_gradients(trained)  # the float16 schema is a valid gradient schema
+    publish_gradients(Storage(config.storage), trained)  # the float16 schema is a valid gradient schema
     table = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, 1))
     assert table.schema.field("values").type.value_type == "halffloat"
     assert table.schema.field("weights").type.value_type == "halffloat"

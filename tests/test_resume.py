@@ -119,7 +119,7 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup):
     with pytest.raises(NonFiniteError, match=r"non-finite values at step \d+ \(epoch 1\) in .*cnn/") as raised:
         train_model(config, data, "explodes")
     trained = raised.value.trained
-    exported = publish_gradients(trained)
+    exported = publish_gradients(Storage(config.storage), trained)
     assert exported.steps[-1] == trained.steps
     assert exported.anomalies[-1]["step"] == trained.steps and "non-finite" in exported.anomalies[-1]["reason"]
     assert f"last good checkpoint is step {trained.steps - 1}" in str(raised.value)
@@ -148,7 +148,7 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
         run_id="killed-export", device="/CPU:0", model_uri=None, gradients_uri=str(run_dir / "gradients"),
         steps_uri=str(run_dir / "steps"), tensorboard_uri="", variables=variables, steps=0, resumed_from=0, warm_start=None, epochs=[],
     )  # fmt: skip
-    exported = publish_gradients(trained)  # reads every complete file; would fail on a torn one
+    exported = publish_gradients(Storage(config.storage), trained)  # reads every complete file; would fail on a torn one
     assert exported.steps == [int(f.stem.split("-")[1]) for f in files]
     table = read_gradients(run_dir, columns=["step", "variable", "values"])
     assert table.num_rows == len(files) * len(variables)

@@ -27,10 +27,12 @@ def test_publish_then_fetch_on_another_machine(s3, tmp_path, monkeypatch):
     assert reader.listdir(run_b) == ["model.keras", "run.json"]
     reader.fetch_tree(run_b)
     assert (run_b / "model.keras").read_bytes() == b"weights" * 1000
-    # Uploads pass through a staging prefix and leave nothing there.
+    # Uploads pass through temporary keys and leave nothing else behind, not even directory markers.
     filesystem, prefix = pafs.FileSystem.from_uri(s3.uri("publish"))
-    staged = filesystem.get_file_info(pafs.FileSelector(prefix + "/_staging", recursive=True, allow_not_found=True))
-    assert [info for info in staged if info.type == pafs.FileType.File] == []
+    stored = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    assert sorted(info.path.removeprefix(prefix + "/") for info in stored if info.type == pafs.FileType.File) == [
+        "runs/r1/model.keras", "runs/r1/run.json",
+    ]  # fmt: skip
     with pytest.raises(FileNotFoundError):
         reader.fetch(run_b / "missing.json")
 

@@ -155,8 +155,8 @@ def test_publish_writes_a_manifest_and_ignores_partial_files(trained):
     partial = directory / "epoch=1" / ".step-000000999.tmp-deadbeef.parquet"
     partial.write_bytes(b"PAR1 half a file")
     try:
-        first = publish_gradients(result)
-        second = publish_gradients(result)  # exporting twice is harmless
+        first = publish_gradients(Storage(config.storage), result)
+        second = publish_gradients(Storage(config.storage), result)  # exporting twice is harmless
     finally:
         partial.unlink()
     assert first == second
@@ -189,7 +189,7 @@ def test_publish_rejects_a_foreign_file(trained, name, content, error):
     pq.write_table(table, foreign)
     try:
         with pytest.raises(GradientExportError, match=error):
-            publish_gradients(result)
+            publish_gradients(Storage(config.storage), result)
     finally:
         foreign.unlink()
         if foreign.parent.name == "epoch=one":
@@ -241,7 +241,7 @@ def test_snapshot_policy_keeps_spikes_and_non_finite_steps():
 def test_reader_trusts_only_the_manifest(trained, tmp_path):
     config, data, result = trained
     run = Path(result.model_uri).parent
-    publish_gradients(result)
+    publish_gradients(Storage(config.storage), result)
     table = read_gradients(run, variables=["cnn/conv/bias"], steps=[1], columns=["step", "variable", "values"])
     assert table.num_rows == 1 and len(table.column("values")[0]) == 32
     assert gradient_arrays(run, 1)["cnn/conv/kernel"].shape == (3, 3, 1, 32)
@@ -255,7 +255,7 @@ def test_reader_trusts_only_the_manifest(trained, tmp_path):
 
 def test_norm_plot_is_a_png_under_the_run(trained):
     config, data, result = trained
-    path = plot_norms(Path(result.model_uri).parent)
+    path = plot_norms(Storage(config.storage), Path(result.model_uri).parent)
     assert path.name == "gradient_norms.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -267,7 +267,7 @@ def test_warm_start_begins_at_the_champions_weights(trained):
     assert warm_start_champion(storage, "fashion-mnist") is None  # a champion of another dataset is no start
     warm_config = dataclasses.replace(config, epochs=1, snapshot_weights=True)
     warm = train_model(warm_config, data, "warm", warm_start=current_champion(storage))
-    publish_gradients(warm)
+    publish_gradients(Storage(config.storage), warm)
     start = gradient_arrays(Path(config.storage) / "runs" / "warm", step=1, field="weights")
     champion_model = keras.saving.load_model(result.model_uri)
     for name, variable in zip(warm.variables, champion_model.trainable_variables, strict=True):

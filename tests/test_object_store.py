@@ -1,0 +1,108 @@
+"""The storage root on a real S3-compatible server (moto's, on loopback): stages, a killed export, a whole flow run."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.fs as pafs
+import pytest
+
+from flows.train import train_flow
+from tasks import verify
+from tasks.config import RunConfig
+from tasks.download import fetch_dataset
+from tasks.export import publish_gradients
+from tasks.preprocess import prepare
+from tasks.reader import open_dataset, read_gradients, read_run_json, read_stats
+from tasks.storage import Storage
+from tasks.train import TrainedModel
+from tests.conftest import tiny_arrays, write_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def objects(uri: str) -> list[str]:
+    """Every object under `uri`, as paths relative to it."""
+    filesystem, base = pafs.FileSystem.from_uri(uri)
+    listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sorted(info.path.removeprefix(base + "/") for info in listing if info.type == pafs.FileType.File)
+
+
+def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
+    """SIGKILL while snapshots stream to the bucket; another machine then exports and reads every complete one."""
+    root = s3.uri(f"killed-{tmp_path.name}")
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "trainer"))
+    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=2000, n_test=50))
+    config = RunConfig(
+        dataset="mnist", storage=root, epochs=1, batch_size=16, seed=5, validation_size=100, snapshot_every=1, checkpoint_every=10**6,
+    ).validated()  # fmt: skip
+    storage = Storage(config.storage)
+    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while len([o for o in objects(f"{root}/runs/killed/gradients")]) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    stored = objects(f"{root}/runs/killed/gradients")
+    published = [name for name in stored if name.startswith("epoch=1/step-")]
+    # An upload the kill cut short is at most a hidden temporary object, which no reader takes.
+    assert len(published) >= 10 and all(name.startswith("epoch=1/.step-") for name in set(stored) - set(published))
+
+    # Another machine: an empty working copy, nothing shared but the bucket.
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "exporter"))
+    other = Storage(root)
+    variables = [f"cnn/{layer}/{kind}" for layer in ("conv", "dense", "logits") for kind in ("kernel", "bias")]
+    trained = TrainedModel(
+        run_id="killed", device="/CPU:0", model_uri=None, gradients_uri=f"{root}/runs/killed/gradients",
+        steps_uri=f"{root}/runs/killed/steps", tensorboard_uri="", variables=variables, steps=0, resumed_from=0,
+        warm_start=None, epochs=[],
+    )  # fmt: skip
+    exported = publish_gradients(other, trained)  # reads every object under a final name; a torn one would fail
+    assert len(exported.steps) == len(published)
+    table = read_gradients(f"{root}/runs/killed", columns=["step", "variable", "values"])
+    assert table.num_rows == len(published) * len(variables)
+    assert not (tmp_path / "exporter").exists() or not list((tmp_path / "exporter").rglob("*.parquet"))  # read in place
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_flow_run_on_s3_storage(s3, tmp_path, monkeypatch, fashion_mnist_dir):
+    root = s3.uri(f"flow-{tmp_path.name}")
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
+    manifest = train_flow(
+        dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=root, run_name="on-s3", epochs=1,
+        train_limit=1000, validation_size=200, snapshot_every=20, snapshot_weights=True, checkpoint_every=5,
+    )  # fmt: skip
+    run = f"{root}/runs/on-s3"
+    assert read_run_json(run) == manifest and manifest["parameters"]["storage"] == root
+    assert all(uri.startswith(root + "/") for uri in manifest["uris"].values()), manifest["uris"]
+    stored = objects(run)
+    for name in ("run.json", "model.keras", "gradients/_manifest.json", "gradient_norms.png", "checkpoints/checkpoint"):
+        assert name in stored
+    assert any(name.startswith("tensorboard/events.out.tfevents") for name in stored)
+    assert any(name.startswith("stats/epoch=1/stats-") for name in stored)
+    # Checkpoints the manager dropped are gone from the bucket too: it keeps the last three.
+    assert len({name.split(".")[0] for name in stored if name.startswith("checkpoints/ckpt-")}) == 3
+    assert [name for name in objects(root) if ".tmp-" in name] == []  # every upload reached its final key
+    assert read_run_json(root, "models/current")["run_id"] == "on-s3"
+
+    # Read back from the bucket: the reader, DuckDB over the Arrow dataset, and verify.
+    norms = read_gradients(run, columns=["step", "variable", "l2_norm"])
+    assert norms.num_rows == len(manifest_steps := read_run_json(run, "gradients/_manifest.json")["steps"]) * 6
+    stats = open_dataset(run, "stats")  # noqa: F841 - DuckDB finds it by name
+    largest = duckdb.sql("SELECT variable, max(max_abs) AS m, count(*) AS n FROM stats GROUP BY variable").fetchall()
+    assert len(largest) == 6 and {n for _, _, n in largest} == {read_stats(run).num_rows // 6}
+    assert manifest_steps[-1] == 1000 // 32 + 1
+    assert verify.verify_snapshot(run)["max_relative_difference"] <= 1e-4
