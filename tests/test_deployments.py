@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from prefect.client.schemas.objects import StateType
 
 from flows.train import parse_args
 from tasks.promote import model_registry
+from tasks.reader import read_gradients, read_run_json
 from tasks.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +136,42 @@ def test_on_demand_run_completes_and_registers_a_model(env, api, tmp_path, fashi
     assert manifest["status"] == "completed" and manifest["parameters"]["train_limit"] == 500
     assert json.loads((storage / "models" / "current").read_text())["run_id"] == "deployed"
     assert [(row["run_id"], row["current"]) for row in model_registry(Storage(storage))] == [("deployed", True)]
+
+
+@pytest.mark.slow
+def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, fashion_mnist_dir):
+    """prepare-data on a `cpu` worker, training on a `gpu` worker: separate homes and working copies, one bucket."""
+    root = s3.uri(f"two-workers-{tmp_path.name}")
+    aws = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+    def machine(name: str) -> dict:
+        home = tmp_path / name
+        return {**env, **aws, "HOME": str(home), "TAPELINE_WORKDIR": str(home / "work"), "TAPELINE_REPO": str(REPO)}
+
+    cpu_worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", "tapeline", "--work-queue", "cpu"], cwd=REPO, env=machine("cpu"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        flow_run_id = _deployment_run(
+            env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", f"storage={root}", "run_name=split",
+            "epochs=1", "train_limit=500", "validation_size=100", "prepare_on=prepare-data/cpu",
+        )  # fmt: skip
+        log = _work_once(machine("gpu"))
+    finally:
+        os.killpg(cpu_worker.pid, signal.SIGTERM)
+        cpu_worker.wait(timeout=60)
+    assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log
+    manifest = read_run_json(f"{root}/runs/split")
+    assert manifest["uris"]["model"] == f"{root}/runs/split/model.keras"
+    assert {"prepare-data", "download", "preprocess", "train", "export_gradients", "evaluate", "promote"} == set(manifest["stages"])
+    # The GPU machine fetched and parsed nothing: the CPU machine did, into the bucket.
+    assert manifest["stages"]["download"]["cached"] and manifest["stages"]["preprocess"]["cached"]
+    assert list((tmp_path / "cpu" / "work").rglob("*.gz")) and not list((tmp_path / "gpu" / "work").rglob("*.gz"))
+    assert not list((tmp_path / "cpu" / "work").rglob("model.keras"))  # and trained nothing
+    steps = read_run_json(f"{root}/runs/split", "gradients/_manifest.json")["steps"]
+    norms = read_gradients(f"{root}/runs/split", columns=["step", "variable", "l2_norm"])  # from the bucket
+    assert steps and norms.num_rows == len(steps) * 6
 
 
 def test_invalid_parameter_fails_before_any_stage_with_the_cli_message(env, api, tmp_path, capsys):
