@@ -13,7 +13,8 @@ Layout under the root:
 
 Nothing that looks complete is ever half-written: files are written under a
 temporary name in the same directory and renamed into place, which is atomic on
-a POSIX filesystem.
+a POSIX filesystem; on an object store they are uploaded under such a name and
+copied to the final key, which is atomic there (see `Storage.publish`).
 """
 
 from __future__ import annotations
@@ -159,14 +160,6 @@ class Storage:
             with atomic_path(path) as temporary:
                 pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=_LOCAL)
         return path
-
-    def fetch_tree(self, directory: Path) -> None:
-        """Download every file under `directory` (a resumed training's checkpoints, say)."""
-        if self.remote:
-            selector = pafs.FileSelector(self._key(directory), recursive=True, allow_not_found=True)
-            for info in self.fs.get_file_info(selector):
-                if info.type == pafs.FileType.File:
-                    self.fetch(self.root / info.path.removeprefix(self._prefix + "/"))
 
     def publish(self, *paths: Path) -> None:
         """Make finished local files visible in the storage root, in the order given (object stores: upload).

@@ -25,8 +25,7 @@ def test_publish_then_fetch_on_another_machine(s3, tmp_path, monkeypatch):
     assert reader.read_json(run_b / "run.json") == {"run_id": "r1"}
     assert reader.listdir(reader.root / "runs") == ["r1"]
     assert reader.listdir(run_b) == ["model.keras", "run.json"]
-    reader.fetch_tree(run_b)
-    assert (run_b / "model.keras").read_bytes() == b"weights" * 1000
+    assert reader.local(writer.uri_of(run / "model.keras")).read_bytes() == b"weights" * 1000
     # Uploads pass through temporary keys and leave nothing else behind, not even directory markers.
     filesystem, prefix = pafs.FileSystem.from_uri(s3.uri("publish"))
     stored = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
