@@ -2,8 +2,9 @@
 
 Run it locally with `python flows/train.py --help`; with no PREFECT_API_URL set,
 Prefect starts a temporary local API for the run. Stages hand each other small
-references (paths, digests, counts), never arrays: every stage reads and writes
-files under the storage root, so any stage can run on another machine.
+references (storage URIs, digests, counts), never arrays: every stage reads and
+writes files under the storage root (a directory or a bucket), so any stage can
+run on another machine.
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 from prefect import flow  # noqa: E402
 
 from flows.prepare import prepare_elsewhere  # noqa: E402
+from tasks.champion import warm_start_champion  # noqa: E402
 from tasks.cluster import check_cluster  # noqa: E402
 from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields  # noqa: E402
+from tasks.devices import resolve_devices  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
 from tasks.manifest import StageClock, new_run_id, run_manifest_uri, write_run_manifest  # noqa: E402
-from tasks.devices import resolve_devices  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-from tasks.champion import warm_start_champion  # noqa: E402
 from tasks.promote import promote  # noqa: E402
 from tasks.storage import Storage, utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
-
 
 @flow(name="train-flow", log_prints=True)
 def train_flow(

@@ -34,6 +34,11 @@ def objects(uri: str) -> list[str]:
     return sorted(info.path.removeprefix(base + "/") for info in listing if info.type == pafs.FileType.File)
 
 
+def complete(uri: str) -> list[str]:
+    """The snapshot objects under their final names."""
+    return [name for name in objects(uri) if name.startswith("epoch=1/step-")]
+
+
 def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
     """SIGKILL while snapshots stream to the bucket; another machine then exports and reads every complete one."""
     root = s3.uri(f"killed-{tmp_path.name}")
@@ -49,14 +54,14 @@ def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
-        while len([o for o in objects(f"{root}/runs/killed/gradients")]) < 10 and time.monotonic() < deadline:
+        while len(complete(f"{root}/runs/killed/gradients")) < 10 and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(worker.pid, signal.SIGKILL)
     finally:
         worker.wait()
     assert worker.returncode == -signal.SIGKILL
     stored = objects(f"{root}/runs/killed/gradients")
-    published = [name for name in stored if name.startswith("epoch=1/step-")]
+    published = complete(f"{root}/runs/killed/gradients")
     # An upload the kill cut short is at most a hidden temporary object, which no reader takes.
     assert len(published) >= 10 and all(name.startswith("epoch=1/.step-") for name in set(stored) - set(published))
 
