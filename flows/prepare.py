@@ -9,6 +9,7 @@ by content) and do no work. Nothing else passes between the two machines.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -19,10 +20,6 @@ from prefect.deployments import run_deployment  # noqa: E402
 from tasks.config import RunConfig, TapelineError  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-
-# The parameters that decide what download and preprocess produce.
-DATA_PARAMETERS = ("dataset", "source", "storage", "refresh", "seed", "validation_size")
-
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(
@@ -43,7 +40,7 @@ def prepare_data(
 @task(name="prepare-data")
 def prepare_elsewhere(config: RunConfig) -> None:
     """Run the `config.prepare_on` deployment of prepare-data with this run's data parameters, and wait for it."""
-    parameters = {name: getattr(config, name) for name in DATA_PARAMETERS}
+    parameters = {name: getattr(config, name) for name in inspect.signature(prepare_data.fn).parameters}
     flow_run = run_deployment(config.prepare_on, parameters=parameters)
     if not flow_run.state or not flow_run.state.is_completed():
         raise TapelineError(f"{config.prepare_on} run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'without a state'}")

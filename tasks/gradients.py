@@ -88,7 +88,6 @@ STATS_SCHEMA = pa.schema(
 )
 
 
-
 def file_schema(schema: pa.Schema) -> pa.Schema:
     """What a file of the dataset holds: its schema without the partition column."""
     return schema.remove(schema.get_field_index("epoch"))

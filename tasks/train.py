@@ -213,7 +213,7 @@ def train_model(
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
 
-    `warm_start`, a champion's pointer (see tasks/promote.py), starts from its model's weights instead of random ones.
+    `warm_start`, a champion's pointer (see tasks/champion.py), starts from its model's weights instead of random ones.
     """
     storage = Storage(config.storage)
     run_dir = storage.run_dir(run_id)
