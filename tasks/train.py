@@ -101,17 +101,32 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     Each replica's loss is its share of the whole batch's mean loss, so the sum of
     the replicas' gradients, which the optimizer all-reduces and applies, is the
     gradient of the whole batch. That sum is what this step returns and the run
-    exports. (No XLA here: it does not compile the cross-replica all-reduce.)
+    exports. A last batch smaller than the replica count leaves some replicas an
+    empty slice; theirs is a zero share, so every sample of the epoch is trained on,
+    as on one device. (No XLA here: it does not compile the cross-replica all-reduce.)
     """
     per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    logits_spec = model.compute_output_spec(keras.KerasTensor([None, *IMAGE_SHAPE], "uint8"))  # symbolic: runs nothing
 
-    def replica_step(x, y, scale=None):
-        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
+    def slice_step(x, y, batch_size, scale):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
             scaled_loss = loss if scale is None else loss * scale
-        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        return loss, tape.gradient(scaled_loss, model.trainable_variables), logits
+
+    def empty_slice():
+        """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
+
+        The model must not run on an empty batch: TensorFlow's Conv2D returns its
+        input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
+        """
+        gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
+        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
+
+    def replica_step(x, y, scale=None):
+        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
+        loss, scaled_gradients, logits = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
         return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
 

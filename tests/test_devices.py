@@ -36,7 +36,8 @@ def test_gpu_without_a_gpu_is_an_error():
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 logical devices")
 def test_two_devices_match_one(tmp_path):
-    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=400, n_test=20))
+    # 385 training samples, batches of 32: the last batch has one sample, so replica 1's slice is empty.
+    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=401, n_test=20))
     config = RunConfig(
         dataset="mnist", storage=str(tmp_path / "store"), epochs=1, batch_size=32, seed=9,
         validation_size=16, snapshot_every=4, jit_compile=False,
