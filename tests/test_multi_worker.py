@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -41,6 +42,31 @@ def free_ports(n: int) -> list[int]:
 def run_files(run_dir: Path) -> set[str]:
     """The run's file names, the TensorBoard event file's host, time and pid left out."""
     return {str(p.relative_to(run_dir)).split(".out.tfevents.")[0] for p in run_dir.rglob("*")}
+
+
+def finish(processes: dict[str, subprocess.Popen]) -> dict[str, str]:
+    """Each process's output (stdout) once it ends; those still running after TIMEOUT are killed (a hang fails the test)."""
+    deadline, outputs = time.monotonic() + TIMEOUT, {}
+    try:
+        for name, process in processes.items():
+            try:
+                outputs[name] = process.communicate(timeout=max(deadline - time.monotonic(), 0))[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                outputs[name] = process.communicate()[0] + f"\n[killed: still running after {TIMEOUT} s]"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return outputs
+
+
+def outcomes(processes: dict[str, subprocess.Popen], outputs: dict[str, str]) -> str:
+    """Every process's exit code and the end of its output: when one dies, the others only report a closed socket."""
+    return "\n\n".join(
+        f"{name} exited with {process.returncode}:\n{outputs.get(name, '')[-3000:]}" for name, process in processes.items()
+    )
 
 
 def tf_config(addresses: list[str], index: int) -> str:
@@ -113,22 +139,17 @@ except TapelineError as error:
 
 def test_workers_with_different_jobs_fail_instead_of_hanging(tmp_path):
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = [
-        subprocess.Popen(
+    processes = {
+        f"worker {index}": subprocess.Popen(
             [sys.executable, "-c", JOIN, str(tmp_path), f"epochs={index + 1}"], cwd=ROOT,
-            env=os.environ | {"TF_CONFIG": tf_config(addresses, index)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=os.environ | {"TF_CONFIG": tf_config(addresses, index)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for index in range(2)
-    ]
-    try:
-        errors = [process.communicate(timeout=TIMEOUT)[1] for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, error in zip(processes, errors):
-        assert process.returncode == 1, error[-2000:]
-        assert "error: the workers of run mixed hold different jobs" in error
+    }
+    outputs = finish(processes)
+    for name, process in processes.items():
+        assert process.returncode == 1, outcomes(processes, outputs)
+        assert "error: the workers of run mixed hold different jobs" in outputs[name], outcomes(processes, outputs)
     assert json.loads((tmp_path / "runs" / "mixed" / JOB_FILE).read_text())["config"] == "epochs=1"  # the chief's
 
 
@@ -165,17 +186,8 @@ def test_two_workers_match_one(tmp_path):
             command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=lambda umask=umask: os.umask(umask),
         )  # fmt: skip
-    outputs = {}
-    try:
-        for name, process in processes.items():
-            outputs[name], _ = process.communicate(timeout=TIMEOUT)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    for name, process in processes.items():
-        assert process.returncode == 0, f"{name} exited with {process.returncode}:\n{outputs.get(name, '')[-3000:]}"
+    outputs = finish(processes)
+    assert all(process.returncode == 0 for process in processes.values()), outcomes(processes, outputs)
     assert "worker 0 of 2 workers (the chief)" in outputs["chief"]
     assert "worker 1 of 2 workers (not the chief: writes nothing)" in outputs["worker"]
     assert "trained 6 steps of run two (worker 1)" in outputs["worker"]
