@@ -49,6 +49,7 @@ class TrainingCheckpoint:
         self._state = resource_variable_ops.ResourceVariable("{}", dtype=tf.string, trainable=False)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, state=self._state)
         self._manager = tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=KEEP)
+        self.latest_step: int | None = None  # the step of the latest checkpoint restored or saved; None before any
 
     def restore(self) -> tuple[int, list[dict]]:
         """Load the latest checkpoint, if any: (the step it was taken after, finished epochs' metrics)."""
@@ -64,8 +65,9 @@ class TrainingCheckpoint:
         for metric, values in zip(self.metrics, state["metrics"]):
             for variable, value in zip(metric.variables, values):
                 variable.assign(value)
-        print(f"resuming from checkpoint {latest} at step {int(self.step.numpy())}")
-        return int(self.step.numpy()), state["history"]
+        self.latest_step = int(self.step.numpy())
+        print(f"resuming from checkpoint {latest} at step {self.latest_step}")
+        return self.latest_step, state["history"]
 
     def save(self, step: int, history: list[dict]) -> str:
         self.step.assign(step)
@@ -81,15 +83,18 @@ class TrainingCheckpoint:
         if not self.writes:
             scratch = tempfile.mkdtemp(prefix="tapeline-worker-checkpoint-")
             try:
-                return tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
+                saved = tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(checkpoint_number=step)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
+            self.latest_step = step  # the chief's, saved in the same collective
+            return saved
         kept = set(self._manager.checkpoints)
         saved = self._manager.save(checkpoint_number=step)
         self.storage.publish(*self._files(saved), self.directory / "checkpoint")
         for dropped in kept - set(self._manager.checkpoints):  # the manager deletes local files only
             stale = [name for name in self.storage.listdir(self.directory) if name.startswith(Path(dropped).name + ".")]
             self.storage.delete(*(self.directory / name for name in stale))
+        self.latest_step = step
         return saved
 
     def _fetch_latest(self) -> None:
@@ -106,7 +111,3 @@ class TrainingCheckpoint:
     def _files(self, prefix: str) -> list[Path]:
         """A checkpoint's files (its index and data shards), by its prefix."""
         return sorted(Path(prefix).parent.glob(Path(prefix).name + ".*"))
-
-    @property
-    def latest_step(self) -> int:
-        return int(self.step.numpy())

@@ -399,9 +399,10 @@ def batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size:
 def _non_finite(step, epoch, loss, variables, stats, checkpoint, trained) -> NonFiniteError:
     bad = ["loss"] if not math.isfinite(loss) else []
     bad += [name for name, row in zip(variables, stats) if row[5:].any()]
+    latest = checkpoint.latest_step
+    kept = "no checkpoint was written yet" if latest is None else f"the last good checkpoint is step {latest}"
     return NonFiniteError(
-        f"non-finite values at step {step} (epoch {epoch}) in {', '.join(bad)}; "
-        f"the last good checkpoint is step {checkpoint.latest_step}, the gradients of step {step} were exported",
+        f"non-finite values at step {step} (epoch {epoch}) in {', '.join(bad)}; {kept}, the gradients of step {step} were exported",
         dataclasses.replace(trained, steps=step),
     )
 

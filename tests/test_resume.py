@@ -113,16 +113,21 @@ def test_resuming_with_other_parameters_is_refused(setup, uninterrupted):
         train_model(dataclasses.replace(config, learning_rate=0.5), data, "straight")
 
 
-def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup):
+@pytest.mark.parametrize("checkpoint_every", [1, 10**6])
+def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup, checkpoint_every):
     config, data = setup
-    config = dataclasses.replace(config, learning_rate=1e10, checkpoint_every=1, epochs=1)
+    config = dataclasses.replace(config, learning_rate=1e10, checkpoint_every=checkpoint_every, epochs=1)
     with pytest.raises(NonFiniteError, match=r"non-finite values at step \d+ \(epoch 1\) in .*cnn/") as raised:
-        train_model(config, data, "explodes")
+        train_model(config, data, f"explodes-{checkpoint_every}")
     trained = raised.value.trained
     exported = publish_gradients(Storage(config.storage), trained)
     assert exported.steps[-1] == trained.steps
     assert exported.anomalies[-1]["step"] == trained.steps and "non-finite" in exported.anomalies[-1]["reason"]
-    assert f"last good checkpoint is step {trained.steps - 1}" in str(raised.value)
+    # The message names the checkpoint on disk, or says there is none (with checkpoint_every 10**6 there is none yet).
+    kept = latest_checkpoint_step(Storage(config.storage).run_dir(trained.run_id))
+    assert kept == (trained.steps - 1 if checkpoint_every == 1 else 0)
+    expected = f"the last good checkpoint is step {kept}," if kept else "no checkpoint was written yet,"
+    assert expected in str(raised.value)
     last = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, trained.steps))
     assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
 
