@@ -28,13 +28,13 @@ from tasks.devices import resolve_devices  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
-from tasks.manifest import StageClock, new_run_id, run_manifest_uri, write_run_manifest  # noqa: E402
+from tasks.manifest import StageClock, choose_run_id, flow_run_name, run_manifest_uri, tag_flow_run, write_run_manifest  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
-from tasks.promote import promote  # noqa: E402
+from tasks.promote import promote, publish_model_registry  # noqa: E402
 from tasks.storage import Storage, utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
 
-@flow(name="train-flow", log_prints=True)
+@flow(name="train-flow", flow_run_name=flow_run_name, log_prints=True)
 def train_flow(
     dataset: str = RunConfig.dataset,
     source: str | None = RunConfig.source,
@@ -64,7 +64,8 @@ def train_flow(
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
     check_where_to_train(config)  # fail before any stage runs
-    run_id, started, stages = config.run_name or new_run_id(), utc_now(), StageClock()
+    run_id, started, stages = choose_run_id(config.run_name), utc_now(), StageClock()
+    tag_flow_run(f"dataset:{config.dataset}")
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     champion = warm_start_champion(Storage(config.storage), config.dataset) if config.warm_start else None
     if config.warm_start and champion is None:
@@ -85,7 +86,9 @@ def train_flow(
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     promotion = stages.run(promote, config, trained, scores)
 
-    return write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
+    manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
+    publish_model_registry(config.storage)  # after run.json: the registry lists this run too
+    return manifest
 
 
 def check_where_to_train(config: RunConfig) -> None:

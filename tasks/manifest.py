@@ -9,7 +9,7 @@
     metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                  seconds, train_samples_per_second}], test_accuracy, test_loss
     promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
-    uris         model, gradients, steps, train, validation, test
+    uris         model, model_card, gradients, steps, train, validation, test
 """
 
 from __future__ import annotations
@@ -18,15 +18,39 @@ import dataclasses
 import secrets
 import time
 
+from prefect import get_client
 from prefect.context import FlowRunContext
 
 from tasks.config import RunConfig
 from tasks.download import DatasetFiles
 from tasks.export import GradientExport
+from tasks.model_card import write_model_card
 from tasks.preprocess import PreparedData
 from tasks.promote import Promotion
 from tasks.storage import Storage, utc_now
 from tasks.train import TrainedModel
+
+
+def choose_run_id(run_name: str | None) -> str:
+    """The run's id: its run_name, else `new_run_id()`."""
+    return run_name or new_run_id()
+
+
+def flow_run_name() -> str:
+    """train-flow's `flow_run_name`: the run id, so Prefect's run list and `<storage>/runs/` line up.
+
+    Prefect calls it in the flow run's context before the flow body runs, and again
+    on a retry, which keeps the flow run's creation time, id and parameters: both
+    calls, and the body's, give the same id.
+    """
+    return choose_run_id(FlowRunContext.get().parameters.get("run_name"))
+
+
+def tag_flow_run(*tags: str) -> None:
+    """Add tags to the current flow run, keeping those it has (Prefect's `tags` context only tags runs created inside it)."""
+    flow_run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=list(dict.fromkeys([*flow_run.tags, *tags])))
 
 
 def new_run_id() -> str:
@@ -69,6 +93,8 @@ def write_run_manifest(
     promotion: Promotion,
     stages: dict,
 ) -> dict:
+    storage = Storage(config.storage)
+    model_card = write_model_card(storage, run_id, files, trained, scores)
     manifest = {
         "run_id": run_id,
         "status": "completed",
@@ -83,12 +109,12 @@ def write_run_manifest(
         "promotion": dataclasses.asdict(promotion),
         "uris": {
             "model": trained.model_uri,
+            "model_card": model_card,
             "gradients": exported.uri,
             "steps": trained.steps_uri,
             **data.uris,
         },
     }
-    storage = Storage(config.storage)
     storage.write_json(storage.run_dir(run_id) / "run.json", manifest)
     return manifest
 

@@ -6,6 +6,8 @@ import keras
 
 from tasks.preprocess import IMAGE_SHAPE
 
+INPUT_DTYPE = "uint8"  # raw pixels: see build_model
+
 
 def build_model(precision: str = "float32") -> keras.Model:
     """Conv2D 32 3x3 relu -> Flatten -> Dense 128 relu -> Dense 10 logits.
@@ -20,7 +22,7 @@ def build_model(precision: str = "float32") -> keras.Model:
     """
     return keras.Sequential(
         [
-            keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image"),
+            keras.Input(shape=IMAGE_SHAPE, dtype=INPUT_DTYPE, name="image"),
             keras.layers.Rescaling(1.0 / 255, name="normalize", dtype=precision),
             keras.layers.Conv2D(32, 3, activation="relu", name="conv", dtype=precision),
             keras.layers.Flatten(name="flatten", dtype=precision),

@@ -60,17 +60,17 @@ def model_registry(storage: Storage) -> list[dict]:
             continue  # running, or failed
         run = storage.read_json(manifest_path)
         rows.append(
-            {
+            {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
                 "run_id": run["run_id"],
                 "current": run["run_id"] == champion.get("run_id"),
-                "finished": run.get("finished"),
+                "test_accuracy": run["metrics"]["test_accuracy"],
                 "dataset": run["dataset"]["name"],
                 "train_images_sha256": run["dataset"]["sha256"]["train_images"][:12],
                 "epochs": run["parameters"]["epochs"],
                 "learning_rate": run["parameters"]["learning_rate"],
                 "batch_size": run["parameters"]["batch_size"],
-                "test_accuracy": run["metrics"]["test_accuracy"],
                 "promoted": run.get("promotion", {}).get("promoted"),
+                "finished": run.get("finished"),
             }
         )
     return rows
@@ -78,20 +78,45 @@ def model_registry(storage: Storage) -> list[dict]:
 
 @task(name="promote")
 def promote(config: RunConfig, trained: TrainedModel, scores: dict) -> Promotion:
-    """Make this run's model the current one if it beats the champion; report the decision and the registry."""
+    """Make this run's model the current one if it beats the champion; report the decision."""
     storage = Storage(config.storage)
     decision = promote_if_better(
         storage, trained.run_id, config.dataset, trained.model_uri, scores["accuracy"], config.promotion_margin
     )
-    verdict = "promoted" if decision.promoted else "not promoted"
-    create_markdown_artifact(
-        key="promotion",
-        markdown=f"## Run `{trained.run_id}`: {verdict}\n\n{decision.reason}.\n\n"
-        f"Challenger: `{decision.challenger}`\n\nChampion: `{decision.champion}`",
-    )
-    create_table_artifact(key="model-registry", table=model_registry(storage), description="tapeline model versions")
-    print(f"{verdict}: {decision.reason}")
+    create_markdown_artifact(key="promotion", markdown=promotion_markdown(decision), description="champion and challenger")
+    print(f"{verdict(decision)}: {decision.reason}")
     return decision
+
+
+def verdict(decision: Promotion) -> str:
+    return "promoted" if decision.promoted else "not promoted"
+
+
+def promotion_markdown(decision: Promotion) -> str:
+    """The decision as a heading, its reason, and both models side by side."""
+    rows = [("challenger", decision.challenger, verdict(decision), f"{decision.margin:g}")]
+    if decision.champion is not None:
+        rows.append(("champion", decision.champion, "replaced" if decision.promoted else "stays current", ""))
+    lines = [
+        f"## Run `{decision.challenger['run_id']}`: {verdict(decision)}",
+        "",
+        f"Reason: {decision.reason}.",
+        "",
+        "| | run | dataset | test accuracy | decision | margin |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {role} | `{model['run_id']}` | {model['dataset']} | {model['test_accuracy']:.4f} | {outcome} | {margin} |"
+            for role, model, outcome, margin in rows
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_model_registry(storage: str) -> None:
+    """The `model-registry` artifact of the current flow run: call it after this run's run.json is written, so it is listed."""
+    create_table_artifact(
+        key="model-registry", table=model_registry(Storage(storage)), description="tapeline model versions; current: the champion"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

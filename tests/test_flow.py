@@ -4,12 +4,18 @@ import json
 from pathlib import Path
 
 import duckdb
+import keras
+import numpy as np
 import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName
 
 from flows.train import train_flow
 from tasks import verify
 from tasks.config import ConfigError
+from tasks.datasets import FASHION_MNIST
 from tasks.model import build_model
+from tasks.preprocess import read_split
 from tasks.reader import gradient_arrays, read_gradients
 from tasks.train import NonFiniteError
 
@@ -44,6 +50,65 @@ def test_end_to_end_on_fashion_mnist(first_run, storage):
     epoch = manifest["metrics"]["epochs"][0]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "train_samples_per_second"} <= set(epoch)
     assert len(manifest["dataset"]["sha256"]) == 4
+
+
+def flow_run_and_artifacts(name: str | None = None, flow_run_id=None) -> tuple:
+    """A flow run as the Prefect API has it (by name or id), and its artifacts by key."""
+    with get_client(sync_client=True) as client:
+        if flow_run_id is None:
+            (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        else:
+            run = client.read_flow_run(flow_run_id)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    return run, {artifact.key: artifact for artifact in artifacts}
+
+
+@pytest.mark.slow
+def test_prefect_shows_the_first_run_its_promotion_and_itself_in_the_registry(first_run):
+    run, artifacts = flow_run_and_artifacts(name="e2e")
+    assert "dataset:fashion-mnist" in run.tags
+    registry = json.loads(artifacts["model-registry"].data)
+    assert [(row["run_id"], row["current"]) for row in registry] == [("e2e", True)]
+    promotion = artifacts["promotion"].data
+    accuracy = first_run["metrics"]["test_accuracy"]
+    assert f"| challenger | `e2e` | fashion-mnist | {accuracy:.4f} | promoted | 0 |" in promotion
+    assert "Reason: no champion yet." in promotion and "{" not in promotion
+
+
+@pytest.mark.slow
+def test_flow_run_is_named_after_its_run_id_and_tagged_with_the_dataset(first_run, storage):
+    state = train_flow(dataset="fashion-mnist", source="/nonexistent", storage=str(storage), epochs=1, train_limit=64, return_state=True)
+    manifest = state.result()
+    run, artifacts = flow_run_and_artifacts(flow_run_id=state.state_details.flow_run_id)
+    assert run.name == manifest["run_id"] != "e2e" and (storage / "runs" / run.name / "run.json").exists()
+    assert "dataset:fashion-mnist" in run.tags
+    registry = {row["run_id"]: row["current"] for row in json.loads(artifacts["model-registry"].data)}
+    assert registry[run.name] is False and registry["e2e"] is True
+    promotion = artifacts["promotion"].data
+    assert f"| challenger | `{run.name}` |" in promotion and "| champion | `e2e` | fashion-mnist |" in promotion
+    assert "| not promoted |" in promotion and "| stays current |" in promotion
+
+
+@pytest.mark.slow
+def test_model_card_says_how_to_use_the_model(first_run):
+    card_path = Path(first_run["uris"]["model_card"])
+    assert card_path == Path(first_run["uris"]["model"]).with_name("model.json")
+    card = json.loads(card_path.read_text())
+    assert card["run_id"] == "e2e" and card["model"] == first_run["uris"]["model"]
+    assert card["classes"] == list(FASHION_MNIST.classes) and card["classes"][9] == "Ankle boot"
+    assert card["dataset"] == {"name": "fashion-mnist", "sha256": first_run["dataset"]["sha256"]}
+    assert card["metrics"]["test_accuracy"] == first_run["metrics"]["test_accuracy"]
+    assert (card["input"]["dtype"], card["input"]["range"], card["output"]["values"]) == ("uint8", [0, 255], "logits")
+    # Fed as the card says, the model scores what the card records; rescaled first, it guesses.
+    model = keras.models.load_model(card["model"])
+    images, labels, _ = read_split(first_run["uris"]["test"])
+    assert images.dtype == card["input"]["dtype"] and list(images.shape[1:]) == card["input"]["shape"][1:]
+
+    def accuracy(pixels: np.ndarray) -> float:
+        return float(np.mean(model.predict(pixels, batch_size=1024, verbose=0).argmax(axis=1) == labels))
+
+    assert accuracy(images) == pytest.approx(card["metrics"]["test_accuracy"])
+    assert accuracy(images / 255) < 0.2
 
 
 @pytest.mark.slow
@@ -128,12 +193,12 @@ def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
     from prefect import flow
     from prefect.context import FlowRunContext
 
-    from tasks.manifest import new_run_id
+    from tasks.manifest import flow_run_name, new_run_id
 
     @flow
-    def ids() -> tuple[str, str, str]:
+    def ids() -> tuple[str, str, str, str]:
         run = FlowRunContext.get().flow_run
-        return new_run_id(), new_run_id(), f"{run.created:%Y%m%d-%H%M%S}-{run.id.hex[:6]}"
+        return new_run_id(), new_run_id(), flow_run_name(), f"{run.created:%Y%m%d-%H%M%S}-{run.id.hex[:6]}"
 
-    first, again, expected = ids()
-    assert first == again == expected  # a function of the flow run alone, which a retry keeps
+    first, again, name, expected = ids()
+    assert first == again == name == expected  # a function of the flow run alone, which a retry keeps

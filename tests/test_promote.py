@@ -7,7 +7,7 @@ import pytest
 
 from tasks.config import ConfigError, RunConfig
 from tasks.champion import ChampionPointer, current_champion
-from tasks.promote import main, model_registry, promote_if_better
+from tasks.promote import main, model_registry, promote_if_better, promotion_markdown
 from tasks.storage import Storage
 
 
@@ -89,6 +89,21 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
     assert [r["current"] for r in rows] == [True, False]
     assert main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("* 20260102-000000-bbbbbb")
+
+
+def test_promotion_is_a_table_of_both_models(tmp_path):
+    storage = Storage(tmp_path)
+    first = promotion_markdown(promote_if_better(storage, "a", "mnist", "m", 0.9, margin=0.01))
+    assert "## Run `a`: promoted" in first and "Reason: no champion yet." in first
+    assert [line for line in first.splitlines() if line.startswith("| challenger") or line.startswith("| champion")] == [
+        "| challenger | `a` | mnist | 0.9000 | promoted | 0.01 |"
+    ]
+    second = promotion_markdown(promote_if_better(storage, "b", "mnist", "m", 0.905, margin=0.01)).splitlines()
+    assert second[0] == "## Run `b`: not promoted"
+    assert second[-2:] == [
+        "| challenger | `b` | mnist | 0.9050 | not promoted | 0.01 |",
+        "| champion | `a` | mnist | 0.9000 | stays current |  |",
+    ]
 
 
 def test_bad_margin(tmp_path):

@@ -1,0 +1,54 @@
+"""The model card, `<storage>/runs/<run_id>/model.json`: how to use `model.keras`, beside it.
+
+The model takes raw uint8 pixels and rescales them itself, and returns logits. A
+user who divides by 255 first, as most MNIST code does, silently gets chance-level
+predictions; the card says so, with the class names in output order, the dataset
+it was trained on and its test accuracy. Written once test accuracy is known.
+
+    run_id, model
+    input        shape ([null, 28, 28, 1]), dtype (uint8), range ([0, 255]), rescale (false), note
+    output       shape ([null, 10]), values ("logits"), note
+    classes      class names, index = output position
+    dataset      name, and the SHA-256 of each IDX file
+    metrics      test_accuracy, test_loss, test_samples
+"""
+
+from __future__ import annotations
+
+from tasks.datasets import DATASETS
+from tasks.download import DatasetFiles
+from tasks.model import INPUT_DTYPE
+from tasks.preprocess import IMAGE_SHAPE
+from tasks.storage import Storage
+from tasks.train import TrainedModel
+
+
+def model_card(run_id: str, files: DatasetFiles, trained: TrainedModel, scores: dict) -> dict:
+    classes = DATASETS[files.dataset].classes
+    return {
+        "run_id": run_id,
+        "model": trained.model_uri,
+        "input": {
+            "shape": [None, *IMAGE_SHAPE],
+            "dtype": INPUT_DTYPE,
+            "range": [0, 255],
+            "rescale": False,
+            "note": "raw pixels, as the IDX files and the Parquet splits hold them: the model's first layer "
+            "rescales them; dividing by 255 first gives chance-level predictions",
+        },
+        "output": {
+            "shape": [None, len(classes)],
+            "values": "logits",
+            "note": "argmax is the class; keras.ops.softmax(logits) gives probabilities",
+        },
+        "classes": list(classes),
+        "dataset": {"name": files.dataset, "sha256": files.sha256},
+        "metrics": {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"], "test_samples": scores["samples"]},
+    }
+
+
+def write_model_card(storage: Storage, run_id: str, files: DatasetFiles, trained: TrainedModel, scores: dict) -> str:
+    """Write the card beside the model; its URI."""
+    path = storage.path_of(trained.model_uri).with_name("model.json")
+    storage.write_json(path, model_card(run_id, files, trained, scores))
+    return storage.uri_of(path)
