@@ -36,19 +36,22 @@ class VersionedObject:
         text = self.storage.fetch(self.path).read_text()
         return json.loads(text), text
 
-    def swap(self, value: dict, version: str | None) -> bool:
-        """Write `value` if the object is still at `version` (None: only if absent); False if another got there first."""
+    def swap(self, value: dict, version: str | None) -> str | None:
+        """Write `value` if the object is still at `version` (None: only if absent).
+
+        Returns the new version, or None if another writer got there first.
+        """
         if self._s3:
             return self._swap_s3(value, version)
         if self.storage.remote:  # no conditional write: replaced whole, not serialised
             self.storage.write_json(self.path, value)
-            return True
+            return self.path.read_text()
         with self._lock():
             current = self.path.read_text() if self.path.exists() else None
             if current != version:
-                return False
+                return None
             write_json(self.path, value)
-            return True
+            return self.path.read_text()
 
     def delete(self) -> None:
         if self._s3:
@@ -82,13 +85,13 @@ class VersionedObject:
             return None, None
         return json.loads(response["Body"].read()), response["ETag"]
 
-    def _swap_s3(self, value: dict, version: str | None) -> bool:
+    def _swap_s3(self, value: dict, version: str | None) -> str | None:
         client, bucket, key = self._s3_object()
         condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
         try:
-            client.put_object(Bucket=bucket, Key=key, Body=json.dumps(value, indent=2).encode(), **condition)
+            response = client.put_object(Bucket=bucket, Key=key, Body=json.dumps(value, indent=2).encode(), **condition)
         except client.exceptions.ClientError as error:
             if error.response["Error"]["Code"] in _LOST_RACE:
-                return False
+                return None
             raise
-        return True
+        return response["ETag"]
