@@ -28,6 +28,7 @@ from tasks.devices import resolve_devices  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.export import export_gradients  # noqa: E402
+from tasks.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tasks.manifest import StageClock, choose_run_id, flow_run_name, run_manifest_uri, tag_flow_run, write_run_manifest  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
 from tasks.promote import promote, publish_model_registry  # noqa: E402
@@ -64,8 +65,14 @@ def train_flow(
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
     check_where_to_train(config)  # fail before any stage runs
-    run_id, started, stages = choose_run_id(config.run_name), utc_now(), StageClock()
+    run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
+    with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
+        return run_pipeline(config, run_id, started, StageClock(before_each=lease.check))
+
+
+def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageClock) -> dict:
+    """The stages, in order, for one run; its lease held."""
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     champion = warm_start_champion(Storage(config.storage), config.dataset) if config.warm_start else None
     if config.warm_start and champion is None:
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parameters = parse_args(argv)
     try:
         manifest = train_flow(**parameters)
+    except RunLeaseHeld as error:  # nothing was written: like a bad flag, a matter of what was asked
+        print(f"flows/train.py: error: {error}", file=sys.stderr)
+        return 2
     except TapelineError as error:
         print(f"flows/train.py: error: {error}", file=sys.stderr)
         return 1

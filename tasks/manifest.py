@@ -66,12 +66,17 @@ def new_run_id() -> str:
 
 
 class StageClock:
-    """Runs the pipeline's stages in order and keeps, per stage, its seconds and cache status."""
+    """Runs the pipeline's stages in order and keeps, per stage, its seconds and cache status.
 
-    def __init__(self):
+    `before_each` runs before every stage (the run lease's check: a process that lost it stops there).
+    """
+
+    def __init__(self, before_each=lambda: None):
         self.record: dict[str, dict] = {}
+        self._before_each = before_each
 
     def run(self, stage, *args):
+        self._before_each()
         started = time.perf_counter()
         result = stage(*args)
         self.record[stage.name] = {

@@ -1,0 +1,136 @@
+"""The run lease: one process writes a run directory, `runs/<run_id>/`, at a time.
+
+train-flow takes the lease of its run before the first stage and holds it until
+the run manifest is written; a second process that finds it held fails before it
+writes anything, naming the holder. Workers of multi-worker training write
+nothing and take no lease: the chief, which runs the flow, holds it.
+
+- A local root: an flock on `runs/<run_id>/.lease`. The kernel releases it when
+  the holder's process ends, however it ends, so a retry takes it over at once.
+  The file keeps the last holder's host, pid and start, for the message.
+- An object store: the object `runs/<run_id>/.lease`, created only if absent and
+  renewed by a heartbeat every third of its lifetime, each time by a
+  compare-and-swap on the version last written (tasks/versioned.py). A lease not
+  renewed for its lifetime ($TAPELINE_LEASE_SECONDS, default 120) has expired:
+  its holder is taken for dead, and the next process takes it over by a
+  compare-and-swap against the expired version, so a retried flow run resumes
+  without waiting on a person. A holder whose renewal fails has lost the lease
+  and stops at the next stage (`check`). Expiry compares the holder's clock with
+  the taker's: machines sharing a bucket must keep their clocks in step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from tasks.config import TapelineError
+from tasks.storage import Storage, utc_now
+from tasks.versioned import VersionedObject
+
+LEASE_SECONDS_ENV = "TAPELINE_LEASE_SECONDS"
+DEFAULT_LEASE_SECONDS = 120.0
+
+
+class RunLeaseHeld(TapelineError):
+    """Another process holds the run's lease."""
+
+
+class RunLease:
+    """`with RunLease(storage, run_id):` around everything that writes the run."""
+
+    def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
+        self.run_id, self.path = run_id, storage.run_dir(run_id) / ".lease"
+        self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
+        self._object = VersionedObject(storage, self.path) if storage.remote else None
+        self._file, self._version, self._lost = None, None, None
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew_until_stopped, name=f"lease {run_id}", daemon=True)
+
+    def __enter__(self) -> RunLease:
+        if self._object is None:
+            self._lock_file()
+        else:
+            self._take_object()
+            self._heartbeat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the flock
+        else:
+            self._stop.set()
+            self._heartbeat.join()
+            if self._lost is None:
+                self._object.delete()
+
+    def check(self) -> None:
+        """Raise if the heartbeat lost the lease to another process: this one must stop writing."""
+        if self._lost is not None:
+            raise RunLeaseHeld(f"run {self.run_id!r}: lost its lease to {_describe(self._lost)}; this process stopped writing")
+
+    def _lock_file(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _parse(handle.read())
+            handle.close()
+            raise self._held(holder) from None
+        handle.truncate(0)
+        handle.write(json.dumps(self._holder) + "\n")
+        handle.flush()
+        self._file = handle
+
+    def _take_object(self) -> None:
+        holder, version = self._object.read()
+        if holder is not None and holder["expires"] > time.time():
+            raise self._held(holder)
+        self._version = self._object.swap(self._renewed(), version)
+        if self._version is None:  # another process took it between our read and our write
+            raise self._held(self._object.read()[0])
+        if holder is not None:
+            print(f"run {self.run_id}: took over the expired lease of {_describe(holder)}")
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                self._version = self._object.swap(self._renewed(), self._version)
+            except Exception as error:  # a passing fault: try again at the next beat, while the lease lasts
+                print(f"run {self.run_id}: could not renew the lease ({' '.join(str(error).split())}); retrying")
+                continue
+            if self._version is None:
+                self._lost = self._object.read()[0] or {}
+                print(f"run {self.run_id}: lease lost to {_describe(self._lost)}; stopping at the next stage")
+                return
+
+    def _renewed(self) -> dict:
+        return {**self._holder, "expires": time.time() + self.seconds}
+
+    def _held(self, holder: dict | None) -> RunLeaseHeld:
+        return RunLeaseHeld(
+            f"run {self.run_id!r} is being written by {_describe(holder)}: "
+            "wait for it to finish (or, if it died, for its lease to expire), or choose another --run-name"
+        )
+
+
+def _parse(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError:  # caught between the holder's truncate and write
+        return {}
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another process"
+    expires = f", lease expires {time.strftime('%H:%M:%SZ', time.gmtime(holder['expires']))}" if "expires" in holder else ""
+    return f"{holder['host']} pid {holder['pid']} since {holder['since']}{expires}"

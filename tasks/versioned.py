@@ -1,0 +1,97 @@
+"""A small JSON object in the storage root, replaced only by compare-and-swap.
+
+Read it with its version, decide, and write only if it is still that version:
+two processes that decide at once cannot both win, and nobody ever reads a torn
+object. On a local root a swap holds a lock file and renames a temporary file
+into place; on S3 it is a conditional write (If-Match on the version read,
+If-None-Match for a first write), which S3 and S3-compatible servers check
+atomically. Other object stores have no conditional write here: there the object
+is replaced whole but not serialised. The champion pointer (tasks/champion.py)
+and the run lease (tasks/lease.py) are such objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from pathlib import Path
+
+from tasks.storage import Storage, write_json
+
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class VersionedObject:
+    def __init__(self, storage: Storage, path: Path):
+        self.storage, self.path = storage, path
+        self._s3 = storage.remote and storage.uri.startswith("s3://")
+
+    def read(self) -> tuple[dict | None, str | None]:
+        """(the value or None, the version to pass to `swap`)."""
+        if self._s3:
+            return self._read_s3()
+        if not self.storage.exists(self.path):
+            return None, None
+        text = self.storage.fetch(self.path).read_text()
+        return json.loads(text), text
+
+    def swap(self, value: dict, version: str | None) -> str | None:
+        """Write `value` if the object is still at `version` (None: only if absent).
+
+        Returns the new version, or None if another writer got there first.
+        """
+        if self._s3:
+            return self._swap_s3(value, version)
+        if self.storage.remote:  # no conditional write: replaced whole, not serialised
+            self.storage.write_json(self.path, value)
+            return self.path.read_text()
+        with self._lock():
+            current = self.path.read_text() if self.path.exists() else None
+            if current != version:
+                return None
+            write_json(self.path, value)
+            return self.path.read_text()
+
+    def delete(self) -> None:
+        if self._s3:
+            client, bucket, key = self._s3_object()
+            client.delete_object(Bucket=bucket, Key=key)
+        elif self.storage.remote:
+            self.storage.delete(self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _lock(self):
+        lock = self.path.with_name(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even if the process dies
+            yield
+
+    def _s3_object(self) -> tuple:
+        import boto3  # endpoint and credentials from the environment, as for pyarrow
+
+        bucket, _, prefix = self.storage.uri.removeprefix("s3://").partition("/")
+        relative = self.path.relative_to(self.storage.root).as_posix()
+        return boto3.client("s3"), bucket, "/".join(part for part in (prefix, relative) if part)
+
+    def _read_s3(self) -> tuple[dict | None, str | None]:
+        client, bucket, key = self._s3_object()
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None, None
+        return json.loads(response["Body"].read()), response["ETag"]
+
+    def _swap_s3(self, value: dict, version: str | None) -> str | None:
+        client, bucket, key = self._s3_object()
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+        try:
+            response = client.put_object(Bucket=bucket, Key=key, Body=json.dumps(value, indent=2).encode(), **condition)
+        except client.exceptions.ClientError as error:
+            if error.response["Error"]["Code"] in _LOST_RACE:
+                return None
+            raise
+        return response["ETag"]

@@ -1,0 +1,173 @@
+"""One writer per run: the run lease, locally (flock) and on a real S3-compatible server (moto), with real processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tasks.champion import current_champion
+from tasks.lease import RunLease, RunLeaseHeld
+from tasks.preprocess import read_split
+from tasks.storage import Storage
+from tasks.versioned import VersionedObject
+
+ROOT = Path(__file__).resolve().parent.parent
+WHERE = ["local", "s3"]
+
+
+def storage_root(where: str, tmp_path: Path, request) -> str:
+    return str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3").uri(f"lease-{tmp_path.name}")
+
+
+HOLD = """
+import sys, time
+from tasks.lease import RunLease
+from tasks.storage import Storage
+with RunLease(Storage(sys.argv[1]), "same", seconds=float(sys.argv[2])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def holder_process(root: str, seconds: float = 60) -> subprocess.Popen:
+    """Another process that takes the lease of run "same" and holds it until killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "holding\n", "the holder never took the lease"
+    return process
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_a_held_lease_is_refused_with_its_holder(where, tmp_path, request):
+    storage = Storage(storage_root(where, tmp_path, request))
+    holder = holder_process(storage.uri)
+    try:
+        with pytest.raises(RunLeaseHeld) as refused, RunLease(storage, "same"):
+            pass
+        message = str(refused.value)
+        assert f"run 'same' is being written by {socket.gethostname()} pid {holder.pid} since " in message
+        assert "choose another --run-name" in message
+        with RunLease(storage, "other"):  # another run of the same root is free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_local_lease_dies_with_its_process(tmp_path):
+    storage = Storage(tmp_path)
+    holder = holder_process(storage.uri)
+    holder.kill()
+    holder.wait()
+    with RunLease(storage, "same"):  # at once: the kernel released the flock
+        pass
+
+
+def test_an_s3_lease_is_renewed_then_expires_after_its_holder_dies(s3, tmp_path, capsys):
+    storage = Storage(s3.uri(f"expiry-{tmp_path.name}"))
+    holder = holder_process(storage.uri, seconds=2)
+    time.sleep(5)  # two and a half lifetimes: only the heartbeat keeps it
+    with pytest.raises(RunLeaseHeld):
+        RunLease(storage, "same").__enter__()
+    holder.kill()
+    holder.wait()
+    with pytest.raises(RunLeaseHeld):  # not yet expired
+        RunLease(storage, "same").__enter__()
+    time.sleep(2.5)
+    with RunLease(storage, "same", seconds=2):
+        assert f"took over the expired lease of {socket.gethostname()} pid {holder.pid}" in capsys.readouterr().out
+    assert VersionedObject(storage, storage.run_dir("same") / ".lease").read() == (None, None)  # released: deleted
+
+
+def test_a_holder_that_lost_its_s3_lease_stops_at_the_next_stage(s3, tmp_path):
+    storage = Storage(s3.uri(f"lost-{tmp_path.name}"))
+    with RunLease(storage, "same", seconds=1.5) as lease:
+        lease_object = VersionedObject(storage, lease.path)
+        _, version = lease_object.read()
+        assert lease_object.swap({"host": "elsewhere", "pid": 7, "since": "then", "expires": time.time() + 60}, version)
+        time.sleep(1.5)  # a heartbeat or two
+        with pytest.raises(RunLeaseHeld, match="lost its lease to elsewhere pid 7"):
+            lease.check()
+    assert lease_object.read()[0]["host"] == "elsewhere"  # the loser leaves the new holder's lease alone
+
+
+# Real runs of the CLI, racing and killed: Fashion-MNIST, a few hundred samples.
+
+
+def train_command(fashion_mnist_dir: Path, root: str, *flags: str) -> list[str]:
+    return [
+        sys.executable, "flows/train.py", "--dataset", "fashion-mnist", "--source", str(fashion_mnist_dir), "--storage", root,
+        "--run-name", "same", "--epochs", "1", "--validation-size", "100", *flags,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def cli_env(prefect_api, s3, tmp_path) -> dict:
+    """The CLI's environment: the test API, and the S3 server's address and keys (for the s3 cases)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TAPELINE_WORKDIR": str(tmp_path / "workdir")}
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def model_accuracy(storage: Storage, run: dict) -> float:
+    """The test accuracy of the model.keras that the run directory holds, measured anew."""
+    model = keras.models.load_model(storage.local(run["uris"]["model"]))
+    images, labels, _ = read_split(run["uris"]["test"])
+    predictions = np.argmax(model.predict(images, batch_size=1024, verbose=0), axis=1)
+    return float(np.mean(predictions == labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_two_processes_racing_on_one_run_name(where, tmp_path, request, fashion_mnist_dir, cli_env):
+    root = storage_root(where, tmp_path, request)
+    racers = {seed: start(train_command(fashion_mnist_dir, root, "--seed", str(seed), "--train-limit", "500"), cli_env) for seed in (1, 2)}
+    outcomes = {seed: (racer.wait(timeout=600), *racer.communicate()) for seed, racer in racers.items()}
+    assert sorted(code for code, _, _ in outcomes.values()) == [0, 2], outcomes
+    winner = next(seed for seed, (code, _, _) in outcomes.items() if code == 0)
+    _, out, err = outcomes[3 - winner]
+    last = err.strip().splitlines()[-1]
+    assert f"error: run 'same' is being written by {socket.gethostname()} pid {racers[winner].pid} since " in last
+    assert "training on" not in out  # failed before any stage
+
+    storage = Storage(root)
+    run = storage.read_json(storage.run_dir("same") / "run.json")
+    champion = current_champion(storage)
+    assert run["parameters"]["seed"] == winner and champion["run_id"] == "same"
+    assert champion["test_accuracy"] == run["metrics"]["test_accuracy"] == pytest.approx(model_accuracy(storage, run), abs=1e-6)
+
+
+def checkpoint_written(storage: Storage) -> bool:
+    return storage.exists(storage.run_dir("same") / "checkpoints" / "checkpoint")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_a_rerun_takes_over_from_a_killed_holder_and_resumes(where, tmp_path, request, fashion_mnist_dir, cli_env):
+    root, env = storage_root(where, tmp_path, request), {**cli_env, "TAPELINE_LEASE_SECONDS": "3"}
+    command = train_command(fashion_mnist_dir, root, "--train-limit", "2000", "--checkpoint-every", "20")
+    storage = Storage(root)
+    first = start(command, env)
+    deadline = time.monotonic() + 300
+    while not checkpoint_written(storage) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.kill()
+    _, err = first.communicate()
+    assert checkpoint_written(storage), err
+    if where == "s3":
+        time.sleep(3)  # the dead holder's lease expires
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from checkpoint" in rerun.stdout + rerun.stderr  # Prefect logs the task's prints
+    run = storage.read_json(storage.run_dir("same") / "run.json")
+    assert current_champion(storage)["test_accuracy"] == run["metrics"]["test_accuracy"]
