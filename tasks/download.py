@@ -87,7 +87,8 @@ def _fetch_file(dataset: Dataset, split: str, spec: DatasetFile, target: Path, s
             failures[place] = error
     tried = "; ".join(f"{place}: {_reason(error)}" for place, error in failures.items()) or "no source applies"
     if source:
-        raise DownloadError(f"could not get {dataset.name} {spec.name} from --source ({tried})")
+        hint = f"--source must be a directory or URL of the four files of --dataset {dataset.name}"
+        raise DownloadError(f"could not get {dataset.name} {spec.name} from --source ({tried}); {hint}")
     # Without --source the user may not know there is one: the message ends saying what to pass.
     unreachable = failures and all(map(_is_unreachable, failures.values()))
     nothing = "no mirror was reachable" if unreachable else "no source had a verified copy"

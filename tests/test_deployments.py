@@ -21,7 +21,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from flows.train import parse_args
+from flows.cli import parse_args
 from tasks.promote import model_registry
 from tasks.reader import read_gradients, read_run_json
 from tasks.storage import Storage
