@@ -17,9 +17,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 
-from tasks.config import RunConfig, TapelineError  # noqa: E402
+from tasks.config import RunConfig, TapelineError, log_expected_failures_without_traceback  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.preprocess import preprocess  # noqa: E402
+
+log_expected_failures_without_traceback()
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(

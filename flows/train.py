@@ -1,6 +1,6 @@
 """train-flow: download -> preprocess -> train (gpu) -> export gradients -> evaluate -> promote.
 
-Run it locally with `python flows/train.py --help`; with no PREFECT_API_URL set,
+Run it locally with `python flows/train.py --help` (flows/cli.py reads the flags); with no PREFECT_API_URL set,
 Prefect starts a temporary local API for the run. Stages hand each other small
 references (storage URIs, digests, counts), never arrays: every stage reads and
 writes files under the storage root (a directory or a bucket), so any stage can
@@ -9,11 +9,14 @@ run on another machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
-import typing
+
+if __name__ == "__main__":  # `python flows/train.py`: the flags first, before the imports below take seconds
+    from flows.cli import main
+
+    sys.exit(main())
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry, and no errors offline
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
@@ -23,7 +26,7 @@ from prefect import flow  # noqa: E402
 from flows.prepare import prepare_elsewhere  # noqa: E402
 from tasks.champion import warm_start_champion  # noqa: E402
 from tasks.cluster import check_cluster  # noqa: E402
-from tasks.config import ConfigError, RunConfig, TapelineError, parameter_fields  # noqa: E402
+from tasks.config import ConfigError, RunConfig, TapelineError, log_expected_failures_without_traceback  # noqa: E402
 from tasks.devices import resolve_devices  # noqa: E402
 from tasks.download import download  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
@@ -34,6 +37,9 @@ from tasks.preprocess import preprocess  # noqa: E402
 from tasks.promote import promote, publish_model_registry  # noqa: E402
 from tasks.storage import Storage, utc_now  # noqa: E402
 from tasks.train import NonFiniteError, train  # noqa: E402
+
+log_expected_failures_without_traceback()
+
 
 @flow(name="train-flow", flow_run_name=flow_run_name, log_prints=True)
 def train_flow(
@@ -105,53 +111,39 @@ def check_where_to_train(config: RunConfig) -> None:
         raise ConfigError(f"TF_CONFIG names this process {cluster}: the flow runs on the chief, the others run python -m tasks.worker")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage dump
-
-
-def _flag_type(name: str):
-    hint = typing.get_type_hints(RunConfig)[name]
-    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-
-
-def parse_args(argv: list[str] | None = None) -> dict:
-    parser = _Parser(prog="flows/train.py", description=__doc__.split("\n\n")[0])
-    for f in parameter_fields():
-        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(f.name)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-            continue
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""),
-        )
-    args = vars(parser.parse_args(argv))
+def main(parameters: dict) -> int:
+    """Run the flow with the parameters flows/cli.py read; an expected failure ends in one line saying what to do."""
     try:
-        config = RunConfig(**args).validated()
-        check_where_to_train(config)
+        check_where_to_train(RunConfig(**parameters).validated())  # needs TensorFlow, so not in flows/cli.py
     except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    parameters = parse_args(argv)
+        return _failed(2, error)
     try:
-        manifest = train_flow(**parameters)
+        try:
+            manifest = train_flow(**parameters)
+        finally:
+            _stop_temporary_api()
     except RunLeaseHeld as error:  # nothing was written: like a bad flag, a matter of what was asked
-        print(f"flows/train.py: error: {error}", file=sys.stderr)
-        return 2
+        return _failed(2, error)
     except TapelineError as error:
-        print(f"flows/train.py: error: {error}", file=sys.stderr)
-        return 1
+        return _failed(1, error)
     print(run_manifest_uri(manifest["parameters"]["storage"], manifest["run_id"]))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _failed(code: int, error: TapelineError) -> int:
+    print(f"flows/train.py: error: {error}", file=sys.stderr)
+    return code
+
+
+def _stop_temporary_api() -> None:
+    """Without PREFECT_API_URL, Prefect ran the flow on a temporary API that it stops at exit, with a line after
+    our last one. Send the run's logs to it and stop it now."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return  # a real API (or a test harness's): not ours to stop
+    from prefect.logging.handlers import APILogHandler
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogHandler().flush()
+    SubprocessASGIServer().stop()  # the one Prefect started, if it started one

@@ -7,9 +7,11 @@ The field names are the flow's parameter names and, dashed, the CLI's flags, so
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -33,6 +35,29 @@ class TapelineError(Exception):
 
 class ConfigError(TapelineError, ValueError):
     """A run parameter is invalid."""
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback from a log record of a TapelineError: its message says all the user needs.
+
+    Any other exception keeps its traceback: that one is a bug to report.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TapelineError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# Where Prefect logs a failed task run, a failed flow run, and a deployment's run that raised.
+PREFECT_FAILURE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+_WITHOUT_TRACEBACK = _WithoutTraceback()
+
+
+def log_expected_failures_without_traceback() -> None:
+    """Prefect logs every failure with its traceback, in the terminal and in its API; keep that for bugs only."""
+    for name in PREFECT_FAILURE_LOGGERS:
+        logging.getLogger(name).addFilter(_WITHOUT_TRACEBACK)  # the same filter twice is a no-op
 
 
 def _help(text: str, **extra):
@@ -96,7 +121,7 @@ class RunConfig:
     def validated(self) -> RunConfig:
         """Check every parameter and resolve defaults that depend on the environment.
 
-        Writes nothing: a bad parameter must leave the storage root as it was.
+        Leaves nothing behind: a bad parameter must leave the storage root as it was.
         """
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -176,6 +201,14 @@ def _writable_root(storage: str) -> Path:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"storage {storage!r}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage {storage!r}: {existing} is not writable")
+    _probe_write(storage, existing)
     return path
+
+
+def _probe_write(storage: str, directory: Path) -> None:
+    """Create and remove a file: os.access says yes to root everywhere, even in /proc or on a read-only mount."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tapeline-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"storage {storage!r}: cannot create files in {directory} ({error.strerror or error})") from None

@@ -28,10 +28,14 @@ from tasks.datasets import DATASETS, SPLIT_FILES, Dataset, DatasetFile
 from tasks.idx import encode_idx
 from tasks.storage import Storage, atomic_path, sha256_file, sha256_stream
 
-ATTEMPTS = 3  # per URL, for errors that may pass (timeouts, resets, 5xx)
+ATTEMPTS = 3  # per URL, for errors that may pass once connected (timeouts, resets, 5xx)
 BACKOFF_SECONDS = 1.0  # doubled after each failed attempt
 TIMEOUT_SECONDS = 30
 KERAS_SPLITS = {"train_images": "x_train", "train_labels": "y_train", "test_images": "x_test", "test_labels": "y_test"}
+SOURCE_HINT = (
+    "pass --source with a directory or URL of the four files, for example Debian's dataset-fashion-mnist: "
+    "--dataset fashion-mnist --source /usr/share/datasets/fashion-mnist"
+)
 
 
 class DownloadError(TapelineError):
@@ -72,7 +76,7 @@ def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None,
 
 
 def _fetch_file(dataset: Dataset, split: str, spec: DatasetFile, target: Path, source: str | None) -> None:
-    failures = []
+    failures = {}
     for place, fetch in _sources(dataset, split, spec, source):
         try:
             with atomic_path(target) as temporary:
@@ -80,9 +84,15 @@ def _fetch_file(dataset: Dataset, split: str, spec: DatasetFile, target: Path, s
                 verify(temporary, spec)
             return
         except (OSError, ValueError, KeyError, zlib.error, EOFError) as error:
-            failures.append(f"{place}: {_reason(error)}")
-    tried = "; ".join(failures) or "no source applies"
-    raise DownloadError(f"could not get {dataset.name} {spec.name} from any source ({tried})")
+            failures[place] = error
+    tried = "; ".join(f"{place}: {_reason(error)}" for place, error in failures.items()) or "no source applies"
+    if source:
+        hint = f"--source must be a directory or URL of the four files of --dataset {dataset.name}"
+        raise DownloadError(f"could not get {dataset.name} {spec.name} from --source ({tried}); {hint}")
+    # Without --source the user may not know there is one: the message ends saying what to pass.
+    unreachable = failures and all(map(_is_unreachable, failures.values()))
+    nothing = "no mirror was reachable" if unreachable else "no source had a verified copy"
+    raise DownloadError(f"could not get {dataset.name} {spec.name}: {nothing} ({tried}); {SOURCE_HINT}")
 
 
 def _sources(dataset: Dataset, split: str, spec: DatasetFile, source: str | None):
@@ -130,13 +140,27 @@ def _download(url: str, destination: Path) -> None:
             if error.code < 500 and error.code != 429 or attempt == ATTEMPTS:
                 raise
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            if attempt == ATTEMPTS or _is_permanent(error):
+            if attempt == ATTEMPTS or _is_unreachable(error) or _is_missing_file(error):
                 raise
         time.sleep(delay)
         delay *= 2
 
 
-def _is_permanent(error: urllib.error.URLError) -> bool:
+def _is_unreachable(error: Exception) -> bool:
+    """No connection was made (unknown host, no route, refused, connect timeout): the next mirror, not a retry.
+
+    Offline, retries only made the user wait; a mirror that answers and then fails is retried.
+    """
+    reason = getattr(error, "reason", None)
+    return (
+        isinstance(error, urllib.error.URLError)
+        and not isinstance(error, urllib.error.HTTPError)
+        and isinstance(reason, OSError)
+        and not isinstance(reason, FileNotFoundError)
+    )
+
+
+def _is_missing_file(error: urllib.error.URLError) -> bool:
     # A file:// URL that names nothing will not appear on a second try.
     return isinstance(getattr(error, "reason", None), FileNotFoundError)
 

@@ -6,7 +6,8 @@ from dataclasses import fields
 
 import pytest
 
-from flows.train import parse_args, train_flow
+from flows.cli import parse_args
+from flows.train import train_flow
 from tasks.config import ConfigError, RunConfig
 
 

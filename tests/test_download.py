@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import http.server
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.datasets import DATASETS, SPLIT_FILES, KerasArchive
-from tasks.download import ChecksumError, DownloadError, fetch_dataset, verify
+from tasks.download import SOURCE_HINT, ChecksumError, DownloadError, fetch_dataset, verify
 from tasks.storage import Storage
 from tests.conftest import tiny_arrays
 
@@ -151,6 +152,30 @@ def test_http_404_everywhere_is_one_error(tiny, tmp_path, flaky_server, monkeypa
     with pytest.raises(DownloadError) as raised:
         fetch_dataset(dataset, Storage(tmp_path / "store"))
     assert "HTTP 404" in str(raised.value) and flaky_server.url() in str(raised.value)
+
+
+_connects: list | None = None  # socket.connect addresses, while a test counts them
+
+
+def _count_connects(event: str, args: tuple) -> None:
+    if event == "socket.connect" and _connects is not None:
+        _connects.append(args[1])
+
+
+def test_unreachable_mirrors_are_not_retried_and_the_error_says_to_pass_source(tiny, tmp_path, monkeypatch):
+    """Offline, retrying an address that cannot be reached only makes the user wait: one attempt per mirror."""
+    global _connects
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
+    dataset = replace(tiny[0], mirrors=("http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"))  # the discard port: refused
+    sys.addaudithook(_count_connects)  # audit hooks stay for the process; this one counts only inside this test
+    _connects = []
+    try:
+        with pytest.raises(DownloadError) as raised:
+            fetch_dataset(dataset, Storage(tmp_path / "store"))
+        assert _connects == [("127.0.0.1", 9)] * 2
+    finally:
+        _connects = None
+    assert "no mirror was reachable" in str(raised.value) and str(raised.value).endswith(SOURCE_HINT)
 
 
 def test_keras_cache_is_used_without_pickle(tmp_path, monkeypatch):

@@ -96,11 +96,10 @@ def test_tf_config_roles():
     ],
 )
 def test_the_flow_checks_the_cluster_before_any_stage(tmp_path, monkeypatch, capsys, index, flags, message):
-    from flows.train import parse_args
+    from flows.cli import main
 
     monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], index))
-    with pytest.raises(SystemExit):
-        parse_args(["--storage", str(tmp_path), *flags])
+    assert main(["--storage", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

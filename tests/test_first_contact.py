@@ -1,0 +1,160 @@
+"""What a new user meets in the first minutes: quick answers to flags, and expected failures in one line.
+
+The flow-level cases run the real command in a fresh process, on Prefect's temporary API, as a user runs it.
+"""
+
+import gzip
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+
+from tasks.config import PREFECT_FAILURE_LOGGERS, RunConfig, log_expected_failures_without_traceback
+from tasks.download import SOURCE_HINT, ChecksumError
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = {"tensorflow", "keras", "prefect"}
+UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: connection refused
+
+
+def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run python with -X importtime; return the result (stderr without the import lines) and the top-level packages imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    packages = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports}
+    result.stderr = "".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    return result, packages
+
+
+@pytest.mark.parametrize(
+    "flags, code, message",
+    [
+        (["--help"], 0, None),
+        (["--epochs", "many"], 2, "flows/train.py: error: argument --epochs: invalid int value: 'many'"),
+        (["--epochs", "0"], 2, "flows/train.py: error: epochs must be at least 1, got 0"),
+        (["--storage", "/proc/nope"], 2, "flows/train.py: error: storage '/proc/nope': cannot create files in /proc"),
+    ],
+)
+def test_flags_are_answered_before_tensorflow_and_prefect_load(flags, code, message):
+    result, packages = run_with_imports(["flows/train.py", *flags])
+    assert result.returncode == code, result.stderr
+    assert not packages & HEAVY
+    if message:
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    else:
+        assert "--storage" in result.stdout
+
+
+def test_the_console_script_reads_flags_before_tensorflow_and_prefect_load():
+    entry = re.search(r'^tapeline-train = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    module, function = entry.split(":")
+    result, packages = run_with_imports(["-c", f"import sys; from {module} import {function}; sys.exit({function}(['--help']))"])
+    assert result.returncode == 0 and "--storage" in result.stdout, result.stderr
+    assert not packages & HEAVY
+
+
+def test_storage_root_probe_leaves_nothing_behind(tmp_path):
+    assert RunConfig(storage=str(tmp_path / "new" / "root")).validated().storage == str(tmp_path / "new" / "root")
+    assert list(tmp_path.iterdir()) == []
+
+
+# Run the command line in a new process with the registry's mirrors replaced (the registry is module data).
+DRIVER = """
+import dataclasses, sys
+from tasks.datasets import DATASETS
+DATASETS["mnist"] = dataclasses.replace(DATASETS["mnist"], mirrors=tuple(sys.argv[1].split()))
+from flows.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """The temporary API's database, not the user's; one for the module, so its migrations run once."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def run_cli(tmp_path: Path, prefect_home: Path, mirrors: list[str], flags: list[str]) -> tuple[int, list[str]]:
+    """Exit code and the output lines (stdout and stderr as one stream, as in a terminal), with no Prefect API set."""
+    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    environment.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",  # a new database's migrations, on a busy machine
+        KERAS_HOME=str(tmp_path / "no-keras"),  # no Keras cache to fall back on
+        PYTHONPATH=os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, " ".join(mirrors), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=environment, timeout=600,
+    )  # fmt: skip
+    return result.returncode, [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_offline_default_ends_in_one_line_saying_to_pass_source(tmp_path, prefect_home):
+    """No flags, no mirror reachable: no traceback anywhere (Prefect's logs included), and the last line says what to do."""
+    code, lines = run_cli(tmp_path, prefect_home, [UNREACHABLE], [])
+    output = "\n".join(lines)
+    assert code == 1, output
+    assert "Traceback" not in output
+    assert lines[-1].startswith("flows/train.py: error: could not get mnist train-images-idx3-ubyte.gz: no mirror was reachable")
+    assert lines[-1].endswith(SOURCE_HINT)
+    assert "Task run failed with exception: DownloadError" in output  # Prefect did log the failure, in one line
+
+
+def test_checksum_mismatch_ends_in_one_line(tmp_path, prefect_home):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not the MNIST training images"))
+    code, lines = run_cli(tmp_path, prefect_home, [UNREACHABLE], ["--source", str(source), "--storage", str(tmp_path / "store")])
+    output = "\n".join(lines)
+    assert code == 1, output
+    assert "Traceback" not in output
+    assert lines[-1].startswith("flows/train.py: error: could not get mnist train-images-idx3-ubyte.gz from --source")
+    assert "SHA-256 mismatch" in lines[-1]
+    assert lines[-1].endswith("--source must be a directory or URL of the four files of --dataset mnist")
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(logging.Formatter().format(record))
+
+
+@pytest.fixture
+def failure_logs():
+    """What Prefect's task-run and flow-run loggers emit, formatted with any traceback."""
+    log_expected_failures_without_traceback()  # as flows/train.py and flows/prepare.py do
+    records = Records()
+    loggers = [logging.getLogger(name) for name in PREFECT_FAILURE_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(records)
+    yield records.texts
+    for logger in loggers:
+        logger.removeHandler(records)
+
+
+@task
+def fails_with(kind: str):
+    raise ChecksumError("t10k-labels-idx1-ubyte.gz: SHA-256 mismatch") if kind == "expected" else KeyError("a bug")
+
+
+@flow
+def runs_a_failing_task(kind: str):
+    fails_with(kind)
+
+
+@pytest.mark.parametrize("kind, error, traceback", [("expected", ChecksumError, False), ("unexpected", KeyError, True)])
+def test_only_unexpected_errors_are_logged_with_a_traceback(prefect_api, failure_logs, kind, error, traceback):
+    with pytest.raises(error):
+        runs_a_failing_task(kind)
+    failures = [text for text in failure_logs if "Task run failed" in text or "Encountered exception" in text]
+    assert len(failures) == 2  # the task run's and the flow run's
+    assert all(("Traceback" in text) == traceback for text in failures)
