@@ -9,7 +9,9 @@
     metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                  seconds, train_samples_per_second}], test_accuracy, test_loss
     promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
-    uris         model, gradients, steps, train, validation, test
+    uris         everything the run wrote that a user reads: model, gradients, steps, stats
+                 (Parquet dataset directories), tensorboard (its log directory), and the
+                 preprocessed train, validation, test split files
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def write_run_manifest(
     promotion: Promotion,
     stages: dict,
 ) -> dict:
+    storage = Storage(config.storage)
     manifest = {
         "run_id": run_id,
         "status": "completed",
@@ -85,10 +88,11 @@ def write_run_manifest(
             "model": trained.model_uri,
             "gradients": exported.uri,
             "steps": trained.steps_uri,
+            "stats": storage.uri_of(storage.run_dir(run_id) / "stats"),
+            "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },
     }
-    storage = Storage(config.storage)
     storage.write_json(storage.run_dir(run_id) / "run.json", manifest)
     return manifest
 
