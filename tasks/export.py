@@ -22,9 +22,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import RunConfig, TapelineError
-from tasks.gradients import GRADIENT_DTYPES, MANIFEST, file_schema, gradient_schema
+from tasks.gradients import GRADIENT_DTYPES, file_schema, gradient_schema
 from tasks.reader import read_stats
-from tasks.storage import Storage, atomic_path
+from tasks.storage import Storage, atomic_path, manifest_path
 from tasks.train import TrainedModel
 
 
@@ -73,7 +73,7 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
         for step, reason in sorted(reasons.items())
         if "non-finite" in reason or "norm-spike" in reason
     ]
-    manifest = directory.with_name(MANIFEST)
+    manifest = manifest_path(directory)
     storage.write_json(
         manifest,
         {

@@ -12,7 +12,7 @@ from tasks.config import ConfigError
 from tasks.download import fetch_dataset
 from tasks.idx import IdxError, encode_idx, parse_idx, read_idx_gz
 from tasks.preprocess import IMAGE_TYPE, prepare, read_split
-from tasks.storage import Storage
+from tasks.storage import Storage, manifest_path
 from tests.conftest import tiny_arrays
 
 
@@ -57,7 +57,7 @@ def test_splits_schema_and_manifest(files, tmp_path):
     assert table.schema.field("image").type == IMAGE_TYPE
     assert table.schema.field("image").type.shape == [28, 28, 1]
     assert sorted(p.name for p in Path(data.directory).iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
-    manifest = json.loads(Path(data.directory).with_name(Path(data.directory).name + ".manifest.json").read_text())
+    manifest = json.loads(manifest_path(Path(data.directory)).read_text())  # beside the splits' directory
     assert manifest["source_sha256"] == files.sha256
     assert sum(manifest["splits"]["train"]["class_counts"]) == 250
     assert 0 < manifest["pixel_mean"] < 1 and 0 < manifest["pixel_std"] < 1
