@@ -3,8 +3,8 @@
 Training writes one Parquet file per snapshot step, `epoch=<N>/step-<step>.parquet`.
 This stage checks every complete file against the schema (no `epoch` column in a
 file: its directory holds it) and the model's variables, then writes
-`gradients/_manifest.json` listing them: a reader that trusts the manifest never
-sees a file that was still being written. It is safe to run twice.
+`gradients.manifest.json` beside `gradients/`, listing them: a reader that trusts
+the manifest never sees a file that was still being written. It is safe to run twice.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import RunConfig, TapelineError
-from tasks.gradients import GRADIENT_DTYPES, MANIFEST, file_schema, gradient_schema
+from tasks.gradients import GRADIENT_DTYPES, file_schema, gradient_schema
 from tasks.reader import read_stats
-from tasks.storage import Storage, atomic_path
+from tasks.storage import Storage, atomic_path, manifest_path
 from tasks.train import TrainedModel
 
 
@@ -46,8 +46,8 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
     directory = storage.path_of(trained.gradients_uri)
     filesystem, base = storage.arrow(directory)
     listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    # Temporary files start with "." and do not match. Sorted by file name, i.e. by
-    # step: as text, epoch=10 would come before epoch=2.
+    # Sorted by file name, i.e. by step: as text, epoch=10 would come before epoch=2.
+    # (Temporary files are never in here: see tasks/storage.py.)
     files = sorted((info for info in listing if info.base_name.startswith("step-")), key=lambda info: info.base_name)
     if not files:
         raise GradientExportError(f"{trained.gradients_uri}: training wrote no gradient snapshots")
@@ -73,7 +73,7 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
         for step, reason in sorted(reasons.items())
         if "non-finite" in reason or "norm-spike" in reason
     ]
-    manifest = directory / MANIFEST
+    manifest = manifest_path(directory)
     storage.write_json(
         manifest,
         {
@@ -105,7 +105,7 @@ def plot_norms(storage: Storage, run_dir: Path) -> Path:
     figure.tight_layout()
     path = run_dir / "gradient_norms.png"
     with atomic_path(path) as temporary:
-        figure.savefig(temporary)
+        figure.savefig(temporary, format="png")  # not from the name: a temporary one ends in .tmp
     plt.close(figure)
     storage.publish(path)
     return path

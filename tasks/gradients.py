@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import Storage, atomic_path
+from tasks.storage import MANIFEST_SUFFIX, Storage, atomic_path
 
-MANIFEST = "_manifest.json"  # in gradients/: the complete files, written last by export_gradients
+MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
 GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # Pyarrow refuses a column that is also a hive key, so the directory alone holds the
 # epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
@@ -95,6 +95,19 @@ def file_schema(schema: pa.Schema) -> pa.Schema:
 
 def partition_file(directory: Path, epoch: int, name: str) -> Path:
     return directory / f"epoch={epoch}" / name
+
+
+def atomic_partition_path(path: Path):
+    """`atomic_path` for a `partition_file` of a dataset: staged beside the dataset's directory, in
+    `path.parents[2]`, so a reader of the directory (Polars takes hidden files too) never meets it."""
+    return atomic_path(path, staging=path.parents[2])
+
+
+def write_partition_file(storage: Storage, path: Path, table: pa.Table, **options) -> None:
+    """Write `table` to `path`, a `partition_file` of a dataset, whole or not at all, and publish it."""
+    with atomic_partition_path(path) as temporary:
+        pq.write_table(table, temporary, **options)
+    storage.publish(path)  # an upload, for an object store
 
 
 # Dictionary encoding of floats is slow and grows the file; BYTE_STREAM_SPLIT
@@ -228,10 +241,8 @@ class SnapshotWriter:
                 step, epoch, reason, gradients, norms, weights = item
                 try:
                     table = snapshot_table(self.run_id, step, reason, self.variables, gradients, norms, weights, self.dtype)
-                    path = snapshot_file(self.directory, epoch, step)
-                    with atomic_path(path) as temporary:
-                        pq.write_table(table, temporary, **PARQUET_OPTIONS)
-                    self.storage.publish(path)  # an upload, for an object store: off the training thread too
+                    # off the training thread, and so is the upload to an object store
+                    write_partition_file(self.storage, snapshot_file(self.directory, epoch, step), table, **PARQUET_OPTIONS)
                 except BaseException as error:  # surfaced on the training thread
                     self._error = error
 
@@ -290,7 +301,5 @@ class StepLog:
         )
         for name, table in (("steps", step_table), ("stats", stat_table)):
             path = partition_file(self.run_dir / name, epochs[0], f"{name}-{steps[0]:09d}.parquet")
-            with atomic_path(path) as temporary:
-                pq.write_table(table, temporary, compression="zstd")
-            self.storage.publish(path)
+            write_partition_file(self.storage, path, table, compression="zstd")
         self._rows = []

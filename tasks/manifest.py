@@ -9,7 +9,9 @@
     metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
                  seconds, train_samples_per_second}], test_accuracy, test_loss
     promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
-    uris         model, model_card, gradients, steps, train, validation, test
+    uris         everything the run wrote that a user reads: model, model_card (model.json),
+                 gradients, steps, stats (Parquet dataset directories), tensorboard (its log
+                 directory), and the preprocessed train, validation, test split files
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def write_run_manifest(
             "model_card": model_card,
             "gradients": exported.uri,
             "steps": trained.steps_uri,
+            "stats": storage.uri_of(storage.run_dir(run_id) / "stats"),
+            "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },
     }

@@ -1,4 +1,4 @@
-"""Stage 2, preprocess: IDX files to one Parquet file per split, plus a manifest.
+"""Stage 2, preprocess: IDX files to one Parquet file per split, plus a manifest beside them.
 
 Each split (`train`, `validation`, `test`) is a Parquet file with columns
 `sample_id` (int64: index into the original IDX set), `image` (Arrow's
@@ -8,12 +8,13 @@ so the saved model takes the same bytes as the Parquet files hold.
 
 The output directory is named by a content key over the input digests and the
 split parameters, so the same inputs are never processed twice, in any flow run
-or on any machine sharing the storage root.
+or on any machine sharing the storage root. It holds the three split files and
+nothing else (a Parquet reader can take it as a dataset); its manifest,
+`<key>.manifest.json` beside it, is written last and says the splits are complete.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,11 @@ from prefect import task
 from tasks.config import ConfigError, RunConfig
 from tasks.download import DatasetFiles
 from tasks.idx import IdxError, read_idx_gz
-from tasks.storage import TEMP_MARK, Storage, content_key, utc_now, write_json
+from tasks.storage import Storage, atomic_path, content_key, manifest_path, utc_now
 
-FORMAT_VERSION = 1  # bump when the output of this stage changes for the same inputs
+FORMAT_VERSION = 2  # bump when the output of this stage changes for the same inputs (2: the manifest moved out)
 IMAGE_SHAPE = (28, 28, 1)
 SPLITS = ("train", "validation", "test")
-SPLIT_FILE_NAMES = (*(f"{split}.parquet" for split in SPLITS), "manifest.json")  # the manifest last: it says "complete"
 IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
 
 
@@ -51,10 +51,10 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
         {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
     )
     directory = storage.dataset_dir(files.dataset, key)
-    cached = not refresh and storage.exists(directory / "manifest.json")
+    cached = not refresh and storage.exists(manifest_path(directory))
     if not cached:
         _write_splits(storage, files, directory, seed, validation_size)
-    manifest = storage.read_json(directory / "manifest.json")
+    manifest = storage.read_json(manifest_path(directory))
     return PreparedData(
         dataset=files.dataset,
         directory=storage.uri_of(directory),
@@ -77,21 +77,23 @@ def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: 
     is_validation[held_out] = True
     train_ids, validation_ids = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
 
-    # Build in a staging directory and rename it into place whole: a reader sees
-    # either no directory or a complete one.
-    staging = directory.with_name(f".{directory.name}{TEMP_MARK}{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
+    # Each split is renamed into place whole (written beside the directory, where no reader
+    # of it looks), then the manifest beside it says all three are there: `prepare` trusts
+    # nothing without it. A refresh replaces the files one by one, with the same content.
     splits = {}
     for split, images, labels, ids in (
         ("train", train_images, train_labels, train_ids),
         ("validation", train_images, train_labels, validation_ids),
         ("test", test_images, test_labels, np.arange(len(test_images))),
     ):
-        pq.write_table(split_table(ids, images[ids], labels[ids]), staging / f"{split}.parquet", compression="zstd")
+        path = directory / f"{split}.parquet"
+        with atomic_path(path, staging=directory.parent) as temporary:
+            pq.write_table(split_table(ids, images[ids], labels[ids]), temporary, compression="zstd")
+        storage.publish(path)
         splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=10).tolist()}
     train_pixels = train_images[train_ids].astype(np.float64) / 255.0
-    write_json(
-        staging / "manifest.json",
+    storage.write_json(
+        manifest_path(directory),
         {
             "dataset": files.dataset,
             "source_sha256": files.sha256,
@@ -105,17 +107,6 @@ def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: 
             "splits": splits,
         },
     )
-    try:
-        staging.rename(directory)
-    except OSError:
-        # Published already (by another run, or before a refresh), with the same content: swap it
-        # in file by file, the manifest last, so the directory never stands incomplete.
-        if not (directory / "manifest.json").exists():
-            raise
-        for name in SPLIT_FILE_NAMES:
-            os.replace(staging / name, directory / name)
-        staging.rmdir()
-    storage.publish(*(directory / name for name in SPLIT_FILE_NAMES))
 
 
 def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:

@@ -1,7 +1,8 @@
 """Reading a run's gradients back: Arrow tables, or numpy arrays in their original shape.
 
-Only files listed in `gradients/_manifest.json` are read: the manifest is written
-last, by `export_gradients`, so a reader never sees a half-written snapshot.
+Only gradient files listed in `gradients.manifest.json` (beside `gradients/`) are
+read: the manifest is written last, by `export_gradients`, so a reader never sees a
+snapshot that was not checked.
 Every dataset is hive-partitioned by epoch (see tasks/gradients.py); tables come
 back with the columns in schema order, `epoch` included. A run is named by its
 directory or run.json, on local disk or in an object store (`s3://bucket/…/runs/<id>`,
@@ -52,9 +53,9 @@ def published_files(run: str | Path) -> list[str]:
     """The complete snapshot files, as the manifest lists them: epoch=<N>/step-<step>.parquet under gradients/."""
     _, directory = run_location(run)
     try:
-        manifest = read_run_json(run, f"gradients/{MANIFEST}")
+        manifest = read_run_json(run, MANIFEST)
     except NoGradientsError:
-        raise NoGradientsError(f"{run} has no published gradients (no gradients/{MANIFEST})") from None
+        raise NoGradientsError(f"{run} has no published gradients (no {MANIFEST})") from None
     return [f"{directory}/gradients/{entry['path']}" for entry in manifest["files"]]
 
 
@@ -67,7 +68,7 @@ def open_dataset(run: str | Path, name: str) -> ds.Dataset:
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
         raise NoGradientsError(f"{run} has no {name}/")
     schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA}[name]
-    # Temporary files start with "." and are skipped, as are any "_" files such as the manifest.
+    # Temporary files are never inside a dataset directory (tasks/storage.py); pyarrow would skip them anyway.
     return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 
 

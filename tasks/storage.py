@@ -3,18 +3,35 @@
 Layout under the root:
 
     cache/<dataset>/<idx sha256>.gz          verified dataset files, content-addressed
-    datasets/<dataset>/<key>/                 preprocessed splits (Parquet) + manifest.json
+    datasets/<dataset>/<key>/                 preprocessed splits: train/validation/test.parquet
+    datasets/<dataset>/<key>.manifest.json    their manifest, written last: the splits are complete
     runs/<run_id>/run.json                    the run manifest
     runs/<run_id>/model.keras                 the trained model
-    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset + _manifest.json)
+    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
+    runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
     runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
                                               (all three hive-partitioned: epoch=<N>/ directories)
     runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
 
+Every directory above holds only what its name says: a dataset directory's
+manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
+Polars read the directory as it is.
+
 Nothing that looks complete is ever half-written: files are written under a
-temporary name in the same directory and renamed into place, which is atomic on
-a POSIX filesystem; on an object store they are uploaded under such a name and
-copied to the final key, which is atomic there (see `Storage.publish`).
+temporary name and renamed into place, which is atomic on a POSIX filesystem; on
+an object store they are uploaded under a temporary key and copied to the final
+key, which is atomic there (see `Storage.publish`). The rule for temporary names:
+
+- A temporary name is hidden and ends in `.tmp`: `.<final name>.<8 hex>.tmp`. It
+  never ends in a suffix that readers glob for complete files (`*.parquet`,
+  `*.json`, `*.gz`), so a query such as `read_parquet('<run>/gradients/**/*.parquet')`
+  sees complete files only, during a write and after a writer was killed. The one
+  exception is the model: Keras saves only to a name ending in `.keras`, so its
+  temporary name is `.model.keras.<8 hex>.tmp.keras`, which no dataset glob matches.
+- It sits beside its final name, except for the files of a Parquet dataset
+  directory: those are written beside the dataset directory (`atomic_path(...,
+  staging=)`), because Polars reads every file under a directory it is given,
+  hidden ones included. An object store stages every upload at its root.
 """
 
 from __future__ import annotations
@@ -26,28 +43,35 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path, PurePath, PurePosixPath
+from pathlib import Path, PurePath
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-TEMP_MARK = ".tmp-"  # temporary names contain this; readers skip them
+TEMP_SUFFIX = ".tmp"  # every temporary name ends in this (the model's in TEMP_SUFFIX + ".keras")
+MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
 WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy lives on this machine
 _LOCAL = pafs.LocalFileSystem()
 
 
-def temporary_name(path: PurePath) -> PurePath:
-    """A name beside `path` for its content until it is complete: hidden (readers skip names starting
-    with "."), unique, and with the same suffix (Keras insists on `.keras`, Parquet tools like `.parquet`)."""
-    return path.with_name(f".{path.stem}{TEMP_MARK}{uuid.uuid4().hex[:8]}{path.suffix}")
+def temporary_name(path: PurePath, suffix: str = "") -> str:
+    """A unique name for `path`'s content until it is complete: hidden, ending in `.tmp` (then `suffix`, only for
+    a writer that insists on one, like Keras on `.keras`); see the module's docstring."""
+    return f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}{suffix}"
+
+
+def manifest_path(directory: PurePath) -> PurePath:
+    """The manifest of a dataset directory: beside it, so the directory holds nothing but the dataset's files."""
+    return directory.with_name(directory.name + MANIFEST_SUFFIX)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
+def atomic_path(path: Path, staging: Path | None = None, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path in `staging` (default: beside `path`; the same filesystem); rename it to `path`
+    if the block succeeds. Files of a dataset directory pass the directory's parent as `staging`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_name(path)
+    temporary = (staging or path.parent) / temporary_name(path, suffix)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -165,16 +189,17 @@ class Storage:
         """Make finished local files visible in the storage root, in the order given (object stores: upload).
 
         Object stores have no rename, and Arrow's S3 writer completes an upload even
-        when the writer fails. So an upload goes to a temporary key beside the final
-        one (hidden, like a local temporary file), and only a complete one is then
-        copied to its final key, which the store does in one step: an upload that
-        dies half-way leaves a hidden object that no reader takes, never a torn one.
+        when the writer fails. So an upload goes to a temporary key at the root of the
+        store (named like a local temporary file, and outside every dataset directory),
+        and only a complete one is then copied to its final key, which the store does in
+        one step: an upload that dies half-way leaves a hidden `.tmp` object that no
+        reader takes, never a torn one.
         """
         if not self.remote:
             return
         for path in paths:
             key = self._key(path)
-            staging = str(temporary_name(PurePosixPath(key)))
+            staging = f"{self._prefix}/{temporary_name(path)}"
             pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
             self.fs.move(staging, key)
 

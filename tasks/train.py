@@ -356,7 +356,7 @@ def train_model(
 
     model_path = run_dir / "model.keras"
     if writes:
-        with atomic_path(model_path) as temporary:
+        with atomic_path(model_path, suffix=".keras") as temporary:  # Keras saves only to a .keras name
             model.save(temporary)
         storage.publish(model_path)
     return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)

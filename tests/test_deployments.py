@@ -169,7 +169,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
     assert manifest["stages"]["download"]["cached"] and manifest["stages"]["preprocess"]["cached"]
     assert list((tmp_path / "cpu" / "work").rglob("*.gz")) and not list((tmp_path / "gpu" / "work").rglob("*.gz"))
     assert not list((tmp_path / "cpu" / "work").rglob("model.keras"))  # and trained nothing
-    steps = read_run_json(f"{root}/runs/split", "gradients/_manifest.json")["steps"]
+    steps = read_run_json(f"{root}/runs/split", "gradients.manifest.json")["steps"]
     norms = read_gradients(f"{root}/runs/split", columns=["step", "variable", "l2_norm"])  # from the bucket
     assert steps and norms.num_rows == len(steps) * 6
 

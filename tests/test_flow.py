@@ -185,7 +185,7 @@ def test_reader_and_duckdb_on_a_real_run(first_run):
 def test_diverging_run_fails_but_exports_the_failing_step(first_run, storage):
     with pytest.raises(NonFiniteError) as raised:
         train_flow(dataset="fashion-mnist", storage=str(storage), run_name="diverges", epochs=1, train_limit=640, learning_rate=1e10)
-    manifest = json.loads((storage / "runs" / "diverges" / "gradients" / "_manifest.json").read_text())
+    manifest = json.loads((storage / "runs" / "diverges" / "gradients.manifest.json").read_text())
     assert manifest["anomalies"][-1]["step"] == raised.value.trained.steps
 
 

@@ -12,7 +12,7 @@ from tasks.config import ConfigError
 from tasks.download import fetch_dataset
 from tasks.idx import IdxError, encode_idx, parse_idx, read_idx_gz
 from tasks.preprocess import IMAGE_TYPE, prepare, read_split
-from tasks.storage import Storage
+from tasks.storage import Storage, manifest_path
 from tests.conftest import tiny_arrays
 
 
@@ -56,7 +56,8 @@ def test_splits_schema_and_manifest(files, tmp_path):
     assert table.schema.field("label").type == pa.uint8()
     assert table.schema.field("image").type == IMAGE_TYPE
     assert table.schema.field("image").type.shape == [28, 28, 1]
-    manifest = json.loads((Path(data.directory) / "manifest.json").read_text())
+    assert sorted(p.name for p in Path(data.directory).iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
+    manifest = json.loads(manifest_path(Path(data.directory)).read_text())  # beside the splits' directory
     assert manifest["source_sha256"] == files.sha256
     assert sum(manifest["splits"]["train"]["class_counts"]) == 250
     assert 0 < manifest["pixel_mean"] < 1 and 0 < manifest["pixel_std"] < 1
@@ -92,10 +93,11 @@ def test_refresh_rebuilds_in_place(files, tmp_path):
     again = prepare(files, storage, seed=1, validation_size=10, refresh=True)
     assert not again.cached and again.uris == first.uris
     assert len(read_split(again.uris["test"])[0]) == 100
-    assert sorted(p.name for p in Path(again.directory).parent.iterdir()) == [Path(again.directory).name]  # no staging left
+    key = Path(again.directory).name
+    assert sorted(p.name for p in Path(again.directory).parent.iterdir()) == [key, f"{key}.manifest.json"]  # no temporary left
 
 
 def test_validation_size_too_large(files, tmp_path):
     with pytest.raises(ConfigError, match="leaves no training samples"):
         prepare(files, Storage(tmp_path / "store"), seed=1, validation_size=300)
-    assert not list((tmp_path / "store" / "datasets").rglob("manifest.json"))
+    assert not list((tmp_path / "store" / "datasets").rglob("*manifest.json"))

@@ -70,7 +70,7 @@ def test_simultaneous_challengers_leave_the_best_as_champion(where, tmp_path, re
     assert outcomes["r1"]  # 0.58 beats every champion it could have met
     assert current_champion(Storage(root))["run_id"] == "r1"
     if where == "local":
-        assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]
+        assert not [p for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):

@@ -24,6 +24,7 @@ from tasks.storage import Storage
 from tasks.reader import read_gradients, read_steps
 from tasks.train import NonFiniteError, TrainedModel, train_model
 from tests.conftest import tiny_arrays, write_idx_dir
+from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,21 +134,27 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup, checkpoin
 
 
 def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_path):
-    """SIGKILL during a stream of snapshot writes: every file under a final name is whole."""
-    config, data = dataclasses.replace(setup[0], snapshot_every=1, checkpoint_every=10**6), setup[1]
+    """SIGKILL during a stream of snapshot writes: every file under a final name is whole, and pyarrow,
+    DuckDB and Polars read each dataset directory as it is, while training writes and after the kill."""
+    config, data = dataclasses.replace(setup[0], snapshot_every=1, checkpoint_every=10), setup[1]
     run_dir = Storage(config.storage).run_dir("killed-export")
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-export"}))
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    reads = 0
     try:
         deadline = time.monotonic() + 120
         while len(data_files(run_dir / "gradients")) < 20 and time.monotonic() < deadline:
+            if data_files(run_dir / "stats"):  # every dataset has a file by now; the writers go on
+                for name in PARTITIONED:  # rows change between readers here: each must just read
+                    assert all(rows > 0 for rows, _ in read_by_every_reader(str(run_dir / name)).values())
+                reads += 1
             time.sleep(0.01)
         os.kill(worker.pid, signal.SIGKILL)
     finally:
         worker.wait()
     files = [run_dir / "gradients" / name for name in data_files(run_dir / "gradients")]
-    assert worker.returncode == -signal.SIGKILL and len(files) >= 20
+    assert worker.returncode == -signal.SIGKILL and len(files) >= 20 and reads > 0
     variables = pq.read_table(files[0]).column("variable").to_pylist()
     trained = TrainedModel(
         run_id="killed-export", device="/CPU:0", model_uri=None, gradients_uri=str(run_dir / "gradients"),
@@ -157,6 +164,11 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     assert exported.steps == [int(f.stem.split("-")[1]) for f in files]
     table = read_gradients(run_dir, columns=["step", "variable", "values"])
     assert table.num_rows == len(files) * len(variables)
-    # Any tool reading the complete files by name pattern skips what the kill left half-written.
-    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{run_dir}/gradients/*/step-*.parquet')").fetchall()[0][0]
+    # Any tool reading the complete files, by directory or by glob, skips what the kill left half-written,
+    # which is never inside a dataset directory.
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{run_dir}/gradients/**/*.parquet')").fetchall()[0][0]
     assert count == table.num_rows
+    assert not [path for name in PARTITIONED for path in (run_dir / name).rglob(".*")]
+    assert assert_every_reader_agrees(str(run_dir / "gradients")) == table.num_rows
+    assert assert_every_reader_agrees(str(run_dir / "steps")) == read_steps(run_dir).num_rows > 0
+    assert_every_reader_agrees(str(run_dir / "stats"))

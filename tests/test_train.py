@@ -18,7 +18,8 @@ from tasks.config import RunConfig
 from tasks.download import fetch_dataset
 from tasks.export import GradientExportError, plot_norms, publish_gradients
 from tasks.gradients import (
-    GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy, file_schema, snapshot_file,
+    GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy, atomic_partition_path, file_schema, partition_file,
+    snapshot_file,
 )  # fmt: skip
 from tasks.model import build_model
 from tasks.preprocess import prepare, read_split
@@ -27,6 +28,7 @@ from tasks.promote import promote_if_better
 from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
 from tasks.storage import Storage
 from tasks.train import train_model
+from tests.readers import PARTITIONED, assert_every_reader_agrees
 
 EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3
 
@@ -44,6 +46,10 @@ def trained(tmp_path_factory):
     storage = Storage(config.storage)
     data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
     return config, data, train_model(config, data, "run-1")
+
+
+class WriterStopped(Exception):
+    """Ends a write a test holds open, the way a failing writer does: its temporary file is removed, never renamed."""
 
 
 def run_dir(result) -> Path:
@@ -71,15 +77,16 @@ def test_datasets_are_hive_partitioned_by_epoch(trained):
 
 def test_duckdb_reads_the_stats_with_a_plain_select(trained):
     config, data, result = trained
-    partial = run_dir(result) / "stats" / "epoch=1" / ".stats-000000999.tmp-deadbeef.parquet"
-    partial.write_bytes(b"PAR1 half a file")  # what a killed writer leaves: the glob must not match it
-    try:
+    being_written = partition_file(run_dir(result) / "stats", 1, "stats-000000999.parquet")
+    with pytest.raises(WriterStopped), atomic_partition_path(being_written) as partial:
+        partial.write_bytes(b"PAR1 half a file")  # what a writer has written so far, or a killed one left
         rows = duckdb.sql(
-            f"SELECT step, epoch, variable, l2_norm FROM read_parquet('{run_dir(result)}/stats/*/stats-*.parquet', "
+            f"SELECT step, epoch, variable, l2_norm FROM read_parquet('{run_dir(result)}/stats/**/*.parquet', "
             f"hive_partitioning = true) ORDER BY step, variable"
         ).fetchall()
-    finally:
-        partial.unlink()
+        for name in PARTITIONED:  # and every other reader, of every dataset
+            assert_every_reader_agrees(str(run_dir(result) / name))
+        raise WriterStopped  # so the partial file is never renamed into place
     assert len(rows) == result.steps * len(result.variables)
     assert all(epoch == epoch_of(step, data) for step, epoch, _, _ in rows)
     expected = read_stats(run_dir(result), columns=["step", "variable", "l2_norm"]).sort_by([("step", "ascending"), ("variable", "ascending")])
@@ -152,14 +159,13 @@ def test_metrics_and_model(trained):
 def test_publish_writes_a_manifest_and_ignores_partial_files(trained):
     config, data, result = trained
     directory = Path(result.gradients_uri)
-    partial = directory / "epoch=1" / ".step-000000999.tmp-deadbeef.parquet"
-    partial.write_bytes(b"PAR1 half a file")
-    try:
+    with pytest.raises(WriterStopped), atomic_partition_path(snapshot_file(directory, 1, 999)) as partial:
+        partial.write_bytes(b"PAR1 half a file")
         first = publish_gradients(Storage(config.storage), result)
         second = publish_gradients(Storage(config.storage), result)  # exporting twice is harmless
-    finally:
-        partial.unlink()
+        raise WriterStopped
     assert first == second
+    assert Path(first.manifest_uri) == directory.with_name("gradients.manifest.json")  # beside the dataset, not in it
     manifest = json.loads(Path(first.manifest_uri).read_text())
     assert [f["path"] for f in manifest["files"]] == [f"epoch={epoch_of(s, data)}/step-{s:09d}.parquet" for s in first.steps]
     assert [v["variable"] for v in first.variables] == result.variables
