@@ -27,16 +27,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from tasks.gradients import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
-from tasks.model import build_model
-from tasks.storage import Storage
-from tasks.train import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
+from tapeline.gradients.writers import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
+from tapeline.model import build_model
+from tapeline.storage.root import Storage
+from tapeline.training.loop import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
 
 def load(n: int) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.idx import read_idx_gz
+    from tapeline.data.idx import read_idx_gz
 
     images = read_idx_gz(DATA / "train-images-idx3-ubyte.gz", 3)[:n, :, :, None]
     return np.ascontiguousarray(images), read_idx_gz(DATA / "train-labels-idx1-ubyte.gz", 1)[:n]

@@ -1,11 +1,11 @@
 """Training speed of the project's compiled GradientTape step vs Keras `model.fit` vs an eager loop.
 
-All three train the same model (`tasks.model.build_model`) with Keras Adam(1e-3) and
+All three train the same model (`tapeline.model.build_model`) with Keras Adam(1e-3) and
 SparseCategoricalCrossentropy(from_logits=True) at the same batch size on the same
 uint8 images (Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random bytes of
 the same shape if it is missing), in ONE process:
 
-  project  `tasks.train.make_train_step` (the run's default, XLA-compiled) fed by the
+  project  `tapeline.training.loop.make_train_step` (the run's default, XLA-compiled) fed by the
            project's own `batches()` pipeline, reading the loss each step (the gradient
            statistics and export are measured apart, by export_overhead.py)
   project --no-jit  the same step as a plain tf.function
@@ -30,9 +30,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.idx import read_idx_gz
-from tasks.model import build_model
-from tasks.train import batches, epoch_order, make_train_step
+from tapeline.data.idx import read_idx_gz
+from tapeline.model import build_model
+from tapeline.training.loop import batches, epoch_order, make_train_step
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 WARMUP_STEPS = 20

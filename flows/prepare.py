@@ -17,11 +17,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 
-from tasks.config import RunConfig, TapelineError, log_expected_failures_without_traceback  # noqa: E402
-from tasks.download import download  # noqa: E402
-from tasks.preprocess import preprocess  # noqa: E402
+from tapeline.config import RunConfig  # noqa: E402
+from tapeline.errors import TapelineError  # noqa: E402
+from tapeline.tasks.download import download  # noqa: E402
+from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
+from tapeline.tasks.preprocess import preprocess  # noqa: E402
 
 log_expected_failures_without_traceback()
+
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(
@@ -34,7 +37,8 @@ def prepare_data(
 ) -> dict:
     """Fetch, verify and preprocess a dataset into the storage root; returns where the splits are."""
     config = RunConfig(**locals()).validated()
-    data = preprocess(config, download(config))
+    files = download(config.dataset, config.source, config.storage, config.refresh)
+    data = preprocess(files, config.storage, config.seed, config.validation_size, config.refresh)
     print(f"{data.dataset}: {data.counts} in {data.directory}")
     return {"directory": data.directory, "counts": data.counts}
 

@@ -1,148 +1,15 @@
-"""Stage 2, preprocess: IDX files to one Parquet file per split, plus a manifest beside them.
-
-Each split (`train`, `validation`, `test`) is a Parquet file with columns
-`sample_id` (int64: index into the original IDX set), `image` (Arrow's
-`fixed_shape_tensor` of uint8, shape [28, 28, 1]) and `label` (uint8). Pixels stay
-raw uint8 here: scaling to [0, 1] is the model's first layer (see tasks/model.py),
-so the saved model takes the same bytes as the Parquet files hold.
-
-The output directory is named by a content key over the input digests and the
-split parameters, so the same inputs are never processed twice, in any flow run
-or on any machine sharing the storage root. It holds the three split files and
-nothing else (a Parquet reader can take it as a dataset); its manifest,
-`<key>.manifest.json` beside it, is written last and says the splits are complete.
-"""
+"""Stage 2, preprocess: the IDX files as train/validation/test Parquet splits, cached by content."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.config import ConfigError, RunConfig
-from tasks.download import DatasetFiles
-from tasks.idx import IdxError, read_idx_gz
-from tasks.storage import Storage, atomic_path, content_key, manifest_path, utc_now
-
-FORMAT_VERSION = 2  # bump when the output of this stage changes for the same inputs (2: the manifest moved out)
-IMAGE_SHAPE = (28, 28, 1)
-SPLITS = ("train", "validation", "test")
-IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """The preprocess stage's result: where the splits are, and what they hold."""
-
-    dataset: str
-    directory: str
-    uris: dict[str, str]  # split -> Parquet file
-    counts: dict[str, int]
-    cached: bool
-
-
-def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int, refresh: bool = False) -> PreparedData:
-    """Write the splits unless the storage root has them already (`refresh` rebuilds them anyway)."""
-    key = content_key(
-        {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
-    )
-    directory = storage.dataset_dir(files.dataset, key)
-    cached = not refresh and storage.exists(manifest_path(directory))
-    if not cached:
-        _write_splits(storage, files, directory, seed, validation_size)
-    manifest = storage.read_json(manifest_path(directory))
-    return PreparedData(
-        dataset=files.dataset,
-        directory=storage.uri_of(directory),
-        uris={split: storage.uri_of(directory / f"{split}.parquet") for split in SPLITS},
-        counts={split: manifest["splits"][split]["count"] for split in SPLITS},
-        cached=cached,
-    )
-
-
-def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: int, validation_size: int) -> None:
-    train_images, train_labels = _read_pair(storage, files, "train")
-    test_images, test_labels = _read_pair(storage, files, "test")
-    if validation_size >= len(train_images):
-        raise ConfigError(f"validation_size {validation_size} leaves no training samples (the set has {len(train_images)})")
-
-    # Seeded and sorted: the same seed always holds out the same samples, and each
-    # split keeps the original order, so "the first N samples" means something.
-    held_out = np.random.default_rng(seed).permutation(len(train_images))[:validation_size]
-    is_validation = np.zeros(len(train_images), dtype=bool)
-    is_validation[held_out] = True
-    train_ids, validation_ids = np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
-
-    # Each split is renamed into place whole (written beside the directory, where no reader
-    # of it looks), then the manifest beside it says all three are there: `prepare` trusts
-    # nothing without it. A refresh replaces the files one by one, with the same content.
-    splits = {}
-    for split, images, labels, ids in (
-        ("train", train_images, train_labels, train_ids),
-        ("validation", train_images, train_labels, validation_ids),
-        ("test", test_images, test_labels, np.arange(len(test_images))),
-    ):
-        path = directory / f"{split}.parquet"
-        with atomic_path(path, staging=directory.parent) as temporary:
-            pq.write_table(split_table(ids, images[ids], labels[ids]), temporary, compression="zstd")
-        storage.publish(path)
-        splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=10).tolist()}
-    train_pixels = train_images[train_ids].astype(np.float64) / 255.0
-    storage.write_json(
-        manifest_path(directory),
-        {
-            "dataset": files.dataset,
-            "source_sha256": files.sha256,
-            "seed": seed,
-            "validation_size": validation_size,
-            "format": FORMAT_VERSION,
-            "created": utc_now(),
-            # Statistics of x / 255 on the training split, for anyone standardising further.
-            "pixel_mean": float(train_pixels.mean()),
-            "pixel_std": float(train_pixels.std()),
-            "splits": splits,
-        },
-    )
-
-
-def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:
-    images = np.ascontiguousarray(images, dtype=np.uint8).reshape((-1, *IMAGE_SHAPE))
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), int(np.prod(IMAGE_SHAPE)))
-    return pa.table(
-        {
-            "sample_id": pa.array(sample_ids, pa.int64()),
-            "image": pa.ExtensionArray.from_storage(IMAGE_TYPE, storage),
-            "label": pa.array(labels, pa.uint8()),
-        }
-    )
-
-
-def read_split(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images [n, 28, 28, 1] uint8, labels [n] uint8, sample_ids [n] int64) of a split file."""
-    table = pq.read_table(uri)
-    if limit is not None:
-        table = table.slice(0, limit)
-    images = table.column("image").combine_chunks().to_numpy_ndarray()
-    return images, table.column("label").to_numpy(), table.column("sample_id").to_numpy()
-
-
-def _read_pair(storage: Storage, files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx_gz(storage.local(files.paths[f"{split}_images"]), ndim=3)
-    labels = read_idx_gz(storage.local(files.paths[f"{split}_labels"]), ndim=1)
-    if images.shape[1:] != IMAGE_SHAPE[:2]:
-        raise IdxError(f"{split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
-    if len(images) != len(labels):
-        raise IdxError(f"{split} split has {len(images)} images but {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise IdxError(f"{split} labels must be 0-9, found {labels.max()}")
-    return images, labels
+from tapeline.data.splits import prepare
+from tapeline.results import DatasetFiles, PreparedData
+from tapeline.storage.root import Storage
 
 
 @task(name="preprocess")
-def preprocess(config: RunConfig, files: DatasetFiles) -> PreparedData:
+def preprocess(files: DatasetFiles, storage: str, seed: int, validation_size: int, refresh: bool) -> PreparedData:
     """Parse and validate the IDX files; write train/validation/test Parquet splits (cached by content)."""
-    return prepare(files, Storage(config.storage), config.seed, config.validation_size, config.refresh)
+    return prepare(files, Storage(storage), seed, validation_size, refresh)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 ARTIFACT_SECONDS = 2.0  # the Prefect API is told at most this often
 

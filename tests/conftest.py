@@ -14,8 +14,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tasks.datasets import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
-from tasks.idx import encode_idx  # noqa: E402
+from tapeline.data.idx import encode_idx  # noqa: E402
+from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FILE_NAMES = {

@@ -6,9 +6,10 @@ from dataclasses import fields
 
 import pytest
 
-from flows.cli import parse_args
-from flows.train import train_flow
-from tasks.config import ConfigError, RunConfig
+from tapeline.cli import parse_train_args as parse_args
+from tapeline.config import RunConfig
+from tapeline.errors import ConfigError
+from tapeline.flows.train import train_flow
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,7 @@ def test_cli_flags(capsys, tmp_path):
     with pytest.raises(SystemExit) as exited:
         parse_args(["--snapshot-every", "0", "--storage", str(tmp_path)])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == "flows/train.py: error: snapshot_every must be at least 1, got 0"
+    assert capsys.readouterr().err.strip() == "tapeline train: error: snapshot_every must be at least 1, got 0"
 
 
 def test_cli_rejects_bad_input_before_any_work(tmp_path):

@@ -21,10 +21,10 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from flows.cli import parse_args
-from tasks.promote import model_registry
-from tasks.reader import read_gradients, read_run_json
-from tasks.storage import Storage
+from tapeline.cli import parse_train_args as parse_args
+from tapeline.reader import read_gradients, read_run_json
+from tapeline.registry.listing import model_registry
+from tapeline.storage.root import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(REPO / "deployments" / "stack.py")]
@@ -178,7 +178,7 @@ def test_invalid_parameter_fails_before_any_stage_with_the_cli_message(env, api,
     storage = tmp_path / "storage"
     with pytest.raises(SystemExit):
         parse_args(["--epochs", "0", "--storage", str(storage)])  # the CLI's check, which exits with code 2
-    message = capsys.readouterr().err.strip().removeprefix("flows/train.py: error: ")
+    message = capsys.readouterr().err.strip().removeprefix("tapeline train: error: ")
     assert message == "epochs must be at least 1, got 0"
 
     flow_run_id = _deployment_run(env, "epochs=0", f"storage={storage}")

@@ -12,13 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ConfigError, RunConfig
-from tasks.devices import resolve_devices
-from tasks.download import fetch_dataset
-from tasks.preprocess import prepare
-from tasks.reader import read_steps
-from tasks.storage import Storage
-from tasks.train import train_model
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare
+from tapeline.errors import ConfigError
+from tapeline.reader import read_steps
+from tapeline.storage.root import Storage
+from tapeline.training.devices import resolve_devices
+from tapeline.training.loop import train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent

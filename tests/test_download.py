@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datasets import DATASETS, SPLIT_FILES, KerasArchive
-from tasks.download import SOURCE_HINT, ChecksumError, DownloadError, fetch_dataset, verify
-from tasks.storage import Storage
+from tapeline.data.fetch import SOURCE_HINT, ChecksumError, DownloadError, fetch_dataset, verify
+from tapeline.data.registry import DATASETS, SPLIT_FILES, KerasArchive
+from tapeline.storage.root import Storage
 from tests.conftest import tiny_arrays
 
 
@@ -136,7 +136,7 @@ def flaky_server(tiny):
 
 
 def test_mirrors_over_http_with_retry(tiny, tmp_path, flaky_server, monkeypatch):
-    monkeypatch.setattr("tasks.download.BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr("tapeline.data.fetch.BACKOFF_SECONDS", 0.01)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))
     dead = "http://127.0.0.1:9/"  # discard port: connection refused
     dataset = replace(tiny[0], mirrors=(dead, flaky_server.url()))

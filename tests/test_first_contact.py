@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from tasks.config import PREFECT_FAILURE_LOGGERS, RunConfig, log_expected_failures_without_traceback
-from tasks.download import SOURCE_HINT, ChecksumError
+from tapeline.config import RunConfig
+from tapeline.data.fetch import SOURCE_HINT, ChecksumError
+from tapeline.tasks.failures import PREFECT_FAILURE_LOGGERS, log_expected_failures_without_traceback
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"tensorflow", "keras", "prefect"}
@@ -51,9 +52,9 @@ def test_flags_are_answered_before_tensorflow_and_prefect_load(flags, code, mess
 
 
 def test_the_console_script_reads_flags_before_tensorflow_and_prefect_load():
-    entry = re.search(r'^tapeline-train = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    entry = re.search(r'^tapeline = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     module, function = entry.split(":")
-    result, packages = run_with_imports(["-c", f"import sys; from {module} import {function}; sys.exit({function}(['--help']))"])
+    result, packages = run_with_imports(["-c", f"import sys; from {module} import {function}; sys.exit({function}(['train', '--help']))"])
     assert result.returncode == 0 and "--storage" in result.stdout, result.stderr
     assert not packages & HEAVY
 
@@ -66,10 +67,10 @@ def test_storage_root_probe_leaves_nothing_behind(tmp_path):
 # Run the command line in a new process with the registry's mirrors replaced (the registry is module data).
 DRIVER = """
 import dataclasses, sys
-from tasks.datasets import DATASETS
+from tapeline.data.registry import DATASETS
 DATASETS["mnist"] = dataclasses.replace(DATASETS["mnist"], mirrors=tuple(sys.argv[1].split()))
-from flows.cli import main
-sys.exit(main(sys.argv[2:]))
+from tapeline.cli import train
+sys.exit(train(sys.argv[2:], prog="flows/train.py"))
 """
 
 

@@ -10,14 +10,14 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName
 
-from flows.train import train_flow
-from tasks import verify
-from tasks.config import ConfigError
-from tasks.datasets import FASHION_MNIST
-from tasks.model import build_model
-from tasks.preprocess import read_split
-from tasks.reader import gradient_arrays, read_gradients
-from tasks.train import NonFiniteError
+from tapeline.cli import main
+from tapeline.data.registry import FASHION_MNIST
+from tapeline.data.splits import read_split
+from tapeline.errors import ConfigError, NonFiniteError
+from tapeline.flows.train import train_flow
+from tapeline.gradients import verify
+from tapeline.model import build_model
+from tapeline.reader import gradient_arrays, read_gradients
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -160,7 +160,7 @@ def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
 @pytest.mark.slow
 def test_verify_recomputes_the_last_snapshot(first_run, capsys):
     run_json = str(Path(first_run["uris"]["model"]).parent / "run.json")
-    assert verify.main([run_json]) == 0
+    assert main(["verify", run_json]) == 0
     assert "agrees" in capsys.readouterr().out
     report = verify.verify_snapshot(run_json, step=1)
     assert report["max_relative_difference"] <= 1e-4
@@ -193,7 +193,7 @@ def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
     from prefect import flow
     from prefect.context import FlowRunContext
 
-    from tasks.manifest import flow_run_name, new_run_id
+    from tapeline.tasks.runs import flow_run_name, new_run_id
 
     @flow
     def ids() -> tuple[str, str, str, str]:

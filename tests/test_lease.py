@@ -1,6 +1,5 @@
 """One writer per run: the run lease, locally (flock) and on a real S3-compatible server (moto), with real processes."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,11 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.champion import current_champion
-from tasks.lease import RunLease, RunLeaseHeld
-from tasks.preprocess import read_split
-from tasks.storage import Storage
-from tasks.versioned import VersionedObject
+from tapeline.data.splits import read_split
+from tapeline.registry.champion import current_champion
+from tapeline.storage.lease import RunLease, RunLeaseHeld
+from tapeline.storage.root import Storage
+from tapeline.storage.versioned import VersionedObject
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -28,8 +27,8 @@ def storage_root(where: str, tmp_path: Path, request) -> str:
 
 HOLD = """
 import sys, time
-from tasks.lease import RunLease
-from tasks.storage import Storage
+from tapeline.storage.lease import RunLease
+from tapeline.storage.root import Storage
 with RunLease(Storage(sys.argv[1]), "same", seconds=float(sys.argv[2])):
     print("holding", flush=True)
     time.sleep(600)

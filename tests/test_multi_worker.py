@@ -15,14 +15,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.cluster import JOB_FILE, check_cluster, cluster_from_env
-from tasks.config import ConfigError, RunConfig
-from tasks.download import fetch_dataset
-from tasks.export import publish_gradients
-from tasks.preprocess import prepare
-from tasks.reader import read_gradients
-from tasks.storage import Storage
-from tasks.train import TrainedModel, train_model
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare
+from tapeline.errors import ConfigError
+from tapeline.gradients.export import publish_gradients
+from tapeline.reader import read_gradients
+from tapeline.results import TrainedModel
+from tapeline.storage.root import Storage
+from tapeline.training.cluster import JOB_FILE, check_cluster, cluster_from_env
+from tapeline.training.loop import train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,10 +98,10 @@ def test_tf_config_roles():
     ],
 )
 def test_the_flow_checks_the_cluster_before_any_stage(tmp_path, monkeypatch, capsys, index, flags, message):
-    from flows.cli import main
+    from tapeline.cli import main
 
     monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], index))
-    assert main(["--storage", str(tmp_path), *flags]) == 2
+    assert main(["train", "--storage", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -115,7 +117,7 @@ def test_joining_after_tensorflow_started_is_a_clear_error(tmp_path, monkeypatch
     import tensorflow as tf
     from tensorflow.python.eager import context
 
-    from tasks.cluster import join_cluster
+    from tapeline.training.cluster import join_cluster
 
     tf.constant(1.0) + 1.0  # this process's TensorFlow runtime is up (as in any test process by now)
     assert context.context()._context_handle is not None
@@ -126,9 +128,9 @@ def test_joining_after_tensorflow_started_is_a_clear_error(tmp_path, monkeypatch
 
 JOIN = """
 import sys
-from tasks.cluster import cluster_from_env, join_cluster
-from tasks.config import TapelineError
-from tasks.storage import Storage
+from tapeline.training.cluster import cluster_from_env, join_cluster
+from tapeline.errors import TapelineError
+from tapeline.storage.root import Storage
 try:
     join_cluster(cluster_from_env(), Storage(sys.argv[1]), {"run_id": "mixed", "config": sys.argv[2]}, ["/CPU:0"])
 except TapelineError as error:
@@ -174,7 +176,7 @@ def test_two_workers_match_one(tmp_path):
     scratch.mkdir()
     commands = {
         "chief": [sys.executable, "-m", "tests.train_worker", str(job), str(result)],
-        "worker": [sys.executable, "-m", "tasks.worker", "--storage", config.storage, "--run-name", "two", "--wait", "120"],
+        "worker": [sys.executable, "-m", "tapeline.cli", "worker", "--storage", config.storage, "--run-name", "two", "--wait", "120"],
     }
     processes = {}
     for index, (name, command) in enumerate(commands.items()):

@@ -13,15 +13,15 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 
-from flows.train import train_flow
-from tasks import verify
-from tasks.config import RunConfig
-from tasks.download import fetch_dataset
-from tasks.export import publish_gradients
-from tasks.preprocess import prepare
-from tasks.reader import open_dataset, read_gradients, read_run_json, read_stats
-from tasks.storage import Storage
-from tasks.train import TrainedModel
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare
+from tapeline.flows.train import train_flow
+from tapeline.gradients import verify
+from tapeline.gradients.export import publish_gradients
+from tapeline.reader import open_dataset, read_gradients, read_run_json, read_stats
+from tapeline.results import TrainedModel
+from tapeline.storage.root import Storage
 from tests.conftest import tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ConfigError, RunConfig
-from tasks.download import fetch_dataset
-from tasks.gradients import snapshot_file
-from tasks.preprocess import prepare
-from tasks.storage import Storage
-from tasks.train import train_model
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare
+from tapeline.errors import ConfigError
+from tapeline.gradients.writers import snapshot_file
+from tapeline.storage.root import Storage
+from tapeline.training.loop import train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 
 
@@ -57,7 +58,7 @@ def test_unknown_precision(tmp_path):
 def test_float16_storage_of_gradients(setup):
     config, data, reference = setup
     trained = train_model(dataclasses.replace(config, gradient_dtype="float16", snapshot_weights=True), data, "stored-f16")
-    from tasks.export import publish_gradients
+    from tapeline.gradients.export import publish_gradients
 
     publish_gradients(Storage(config.storage), trained)  # the float16 schema is a valid gradient schema
     table = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, 1))

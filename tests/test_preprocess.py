@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ConfigError
-from tasks.download import fetch_dataset
-from tasks.idx import IdxError, encode_idx, parse_idx, read_idx_gz
-from tasks.preprocess import IMAGE_TYPE, prepare, read_split
-from tasks.storage import Storage, manifest_path
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.idx import IdxError, encode_idx, parse_idx, read_idx_gz
+from tapeline.data.splits import IMAGE_TYPE, prepare, read_split
+from tapeline.errors import ConfigError
+from tapeline.storage.root import Storage, manifest_path
 from tests.conftest import tiny_arrays
 
 

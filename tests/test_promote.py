@@ -5,10 +5,14 @@ import multiprocessing
 
 import pytest
 
-from tasks.config import ConfigError, RunConfig
-from tasks.champion import ChampionPointer, current_champion
-from tasks.promote import main, model_registry, promote_if_better, promotion_markdown
-from tasks.storage import Storage
+from tapeline.cli import main
+from tapeline.config import RunConfig
+from tapeline.errors import ConfigError
+from tapeline.registry.champion import ChampionPointer, current_champion
+from tapeline.registry.listing import model_registry
+from tapeline.registry.promotion import promote_if_better
+from tapeline.storage.root import Storage
+from tapeline.tasks.promote import promotion_markdown
 
 
 def test_better_promotes_worse_does_not(tmp_path):
@@ -87,7 +91,7 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
     rows = model_registry(storage)
     assert [r["run_id"] for r in rows] == ["20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
     assert [r["current"] for r in rows] == [True, False]
-    assert main([str(tmp_path)]) == 0
+    assert main(["models", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("* 20260102-000000-bbbbbb")
 
 

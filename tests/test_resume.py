@@ -15,14 +15,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import ConfigError, RunConfig
-from tasks.download import fetch_dataset
-from tasks.export import publish_gradients
-from tasks.gradients import snapshot_file
-from tasks.preprocess import prepare
-from tasks.storage import Storage
-from tasks.reader import read_gradients, read_steps
-from tasks.train import NonFiniteError, TrainedModel, train_model
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare
+from tapeline.errors import ConfigError, NonFiniteError
+from tapeline.gradients.export import publish_gradients
+from tapeline.gradients.writers import snapshot_file
+from tapeline.reader import read_gradients, read_steps
+from tapeline.results import TrainedModel
+from tapeline.storage.root import Storage
+from tapeline.training.loop import train_model
 from tests.conftest import tiny_arrays, write_idx_dir
 from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
 

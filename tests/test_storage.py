@@ -3,8 +3,9 @@
 import pyarrow.fs as pafs
 import pytest
 
-from tasks.config import ConfigError, RunConfig
-from tasks.storage import Storage
+from tapeline.config import RunConfig
+from tapeline.errors import ConfigError
+from tapeline.storage.root import Storage
 
 
 def test_publish_then_fetch_on_another_machine(s3, tmp_path, monkeypatch):

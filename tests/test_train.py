@@ -14,20 +14,27 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from tasks.config import RunConfig
-from tasks.download import fetch_dataset
-from tasks.export import GradientExportError, plot_norms, publish_gradients
-from tasks.gradients import (
-    GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, SnapshotPolicy, atomic_partition_path, file_schema, partition_file,
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.splits import prepare, read_split
+from tapeline.gradients.export import GradientExportError, plot_norms, publish_gradients
+from tapeline.gradients.writers import (
+    GRADIENT_SCHEMA,
+    PARTITIONING,
+    STATS_SCHEMA,
+    STEP_SCHEMA,
+    SnapshotPolicy,
+    atomic_partition_path,
+    file_schema,
+    partition_file,
     snapshot_file,
 )  # fmt: skip
-from tasks.model import build_model
-from tasks.preprocess import prepare, read_split
-from tasks.champion import current_champion, warm_start_champion
-from tasks.promote import promote_if_better
-from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
-from tasks.storage import Storage
-from tasks.train import train_model
+from tapeline.model import build_model
+from tapeline.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
+from tapeline.registry.champion import current_champion, warm_start_champion
+from tapeline.registry.promotion import promote_if_better
+from tapeline.storage.root import Storage
+from tapeline.training.loop import train_model
 from tests.readers import PARTITIONED, assert_every_reader_agrees
 
 EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3

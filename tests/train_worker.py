@@ -7,9 +7,9 @@ import dataclasses
 import json
 import sys
 
-from tasks.config import RunConfig
-from tasks.preprocess import PreparedData
-from tasks.train import train_model
+from tapeline.config import RunConfig
+from tapeline.results import PreparedData
+from tapeline.training.loop import train_model
 
 if __name__ == "__main__":
     job = json.loads(open(sys.argv[1]).read())

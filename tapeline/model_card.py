@@ -15,12 +15,11 @@ it was trained on and its test accuracy. Written once test accuracy is known.
 
 from __future__ import annotations
 
-from tasks.datasets import DATASETS
-from tasks.download import DatasetFiles
-from tasks.model import INPUT_DTYPE
-from tasks.preprocess import IMAGE_SHAPE
-from tasks.storage import Storage
-from tasks.train import TrainedModel
+from tapeline.data.registry import DATASETS
+from tapeline.data.splits import IMAGE_SHAPE
+from tapeline.model import INPUT_DTYPE
+from tapeline.results import DatasetFiles, TrainedModel
+from tapeline.storage.root import Storage
 
 
 def model_card(run_id: str, files: DatasetFiles, trained: TrainedModel, scores: dict) -> dict:

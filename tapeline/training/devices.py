@@ -6,7 +6,8 @@ import os
 
 import tensorflow as tf
 
-from tasks.config import ConfigError
+from tapeline.errors import ConfigError
+from tapeline.training.cluster import check_cluster
 
 
 def resolve_devices(kind: str, count: int = 1) -> list[str]:
@@ -46,3 +47,10 @@ def _split_cpu(count: int) -> None:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
     except RuntimeError:
         raise ConfigError(f"devices {count}: TensorFlow already started with one CPU device in this process") from None
+
+
+def check_placement(config) -> None:
+    """Devices and, under TF_CONFIG, the cluster, for a RunConfig: a ConfigError now, before any stage runs."""
+    cluster = check_cluster(resolve_devices(config.device, config.devices), config.run_name)
+    if cluster and not cluster.chief:
+        raise ConfigError(f"TF_CONFIG names this process {cluster}: the flow runs on the chief, the others run `tapeline worker`")

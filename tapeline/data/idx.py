@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import TapelineError
+from tapeline.errors import TapelineError
 
 UBYTE = 0x08
 

@@ -7,9 +7,9 @@ cannot both win against the same champion, and nobody ever reads a torn pointer.
 
 from __future__ import annotations
 
-from tasks.config import TapelineError
-from tasks.storage import Storage
-from tasks.versioned import VersionedObject
+from tapeline.errors import TapelineError
+from tapeline.storage.root import Storage
+from tapeline.storage.versioned import VersionedObject
 
 
 class ChampionPointer(VersionedObject):

@@ -27,11 +27,10 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
-from tasks.config import TapelineError
-from tasks.storage import Storage, utc_now
-from tasks.versioned import VersionedObject
+from tapeline.errors import TapelineError
+from tapeline.storage.root import Storage, utc_now
+from tapeline.storage.versioned import VersionedObject
 
 LEASE_SECONDS_ENV = "TAPELINE_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 120.0

@@ -17,7 +17,7 @@ import fcntl
 import json
 from pathlib import Path
 
-from tasks.storage import Storage, write_json
+from tapeline.storage.root import Storage, write_json
 
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
 

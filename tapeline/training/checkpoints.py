@@ -18,8 +18,8 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
-from tasks.config import ConfigError
-from tasks.storage import Storage
+from tapeline.errors import ConfigError
+from tapeline.storage.root import Storage
 
 KEEP = 3  # checkpoints kept; older ones are deleted by the manager
 

@@ -1,6 +1,6 @@
 """Recompute a snapshot's gradients from its recorded weights, batch and data, and compare.
 
-    python -m tasks.verify <run dir, run.json or s3://…/runs/<id>> [--step N] [--tolerance 1e-4]
+    tapeline verify <run dir, run.json or s3://…/runs/<id>> [--step N] [--tolerance 1e-4]
 
 Needs a run trained with `--snapshot-weights`. Exit code 0 when every variable's
 relative difference, ||recomputed - stored|| / ||stored||, is within the tolerance.
@@ -8,17 +8,19 @@ relative difference, ||recomputed - stored|| / ||stored||, is within the toleran
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tasks.config import TapelineError
-from tasks.model import build_model
-from tasks.preprocess import read_split
-from tasks.reader import NoGradientsError, gradient_arrays, read_gradients, read_run_json, read_steps
+from tapeline.data.splits import read_split
+from tapeline.model import build_model
+from tapeline.reader import (
+    NoGradientsError,
+    gradient_arrays,
+    read_gradients,
+    read_run_json,
+    read_steps,
+)
 
 
 def verify_snapshot(run, step: int | None = None) -> dict:
@@ -56,25 +58,3 @@ def verify_snapshot(run, step: int | None = None) -> dict:
         "variables": differences,
     }
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="run directory or its run.json")
-    parser.add_argument("--step", type=int, help="snapshot step (default: the last one with weights)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference")
-    args = parser.parse_args(argv)
-    try:
-        report = verify_snapshot(args.run, args.step)
-    except (TapelineError, FileNotFoundError) as error:
-        print(f"verify: error: {error}", file=sys.stderr)
-        return 2
-    for name, d in report["variables"].items():
-        print(f"{name:24} max |diff| {d['max_abs_difference']:.3e}  relative {d['relative_difference']:.3e}")
-    agrees = report["max_relative_difference"] <= args.tolerance
-    print(f"step {report['step']}: {'agrees' if agrees else 'DIFFERS'} (largest relative difference "
-          f"{report['max_relative_difference']:.3e}, tolerance {args.tolerance:g})")
-    return 0 if agrees else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from tasks.config import TapelineError
-from tasks.gradients import GRADIENT_SCHEMA, MANIFEST, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA
-from tasks.storage import is_remote, remote_filesystem
+from tapeline.errors import TapelineError
+from tapeline.gradients.writers import (
+    GRADIENT_SCHEMA,
+    MANIFEST,
+    PARTITIONING,
+    STATS_SCHEMA,
+    STEP_SCHEMA,
+)
+from tapeline.storage.root import is_remote, remote_filesystem
 
 _LOCAL = pafs.LocalFileSystem()
 

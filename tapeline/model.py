@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from tasks.preprocess import IMAGE_SHAPE
+from tapeline.data.splits import IMAGE_SHAPE
 
 INPUT_DTYPE = "uint8"  # raw pixels: see build_model
 

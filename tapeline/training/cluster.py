@@ -14,7 +14,7 @@ every collective and write nothing.
 
 The chief is the process that runs the flow (its `train` stage). Before joining
 the cluster it writes `runs/<run_id>/cluster.json`: the run's config, prepared
-data and warm start. The other workers (`python -m tasks.worker`) wait for that
+data and warm start. The other workers (`python -m tapeline.training.worker`) wait for that
 file, so they train exactly the chief's job, and after joining, all workers
 compare a digest of it: a worker holding another job fails at once instead of
 hanging in a collective.
@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import ConfigError, TapelineError
-from tasks.storage import Storage
+from tapeline.errors import ConfigError, TapelineError
+from tapeline.storage.root import Storage
 
 TF_CONFIG = "TF_CONFIG"
 JOB_FILE = "cluster.json"  # under runs/<run_id>/: what the chief hands the other workers

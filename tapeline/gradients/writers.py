@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tasks.storage import MANIFEST_SUFFIX, Storage, atomic_path
+from tapeline.storage.root import MANIFEST_SUFFIX, Storage, atomic_path
 
 MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
 GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}

@@ -7,7 +7,6 @@ The field names are the flow's parameter names and, dashed, the CLI's flags, so
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from tasks.datasets import DATASETS
-from tasks.storage import is_remote, remote_filesystem
+from tapeline.data.registry import DATASETS
+from tapeline.errors import ConfigError
+from tapeline.storage.root import is_remote, remote_filesystem
 
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
@@ -29,35 +29,6 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class TapelineError(Exception):
-    """An error the user can act on; its message is one line, fit for a terminal."""
-
-
-class ConfigError(TapelineError, ValueError):
-    """A run parameter is invalid."""
-
-
-class _WithoutTraceback(logging.Filter):
-    """Drops the traceback from a log record of a TapelineError: its message says all the user needs.
-
-    Any other exception keeps its traceback: that one is a bug to report.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TapelineError):
-            record.exc_info = record.exc_text = None
-        return True
-
-
-# Where Prefect logs a failed task run, a failed flow run, and a deployment's run that raised.
-PREFECT_FAILURE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
-_WITHOUT_TRACEBACK = _WithoutTraceback()
-
-
-def log_expected_failures_without_traceback() -> None:
-    """Prefect logs every failure with its traceback, in the terminal and in its API; keep that for bugs only."""
-    for name in PREFECT_FAILURE_LOGGERS:
-        logging.getLogger(name).addFilter(_WITHOUT_TRACEBACK)  # the same filter twice is a no-op
 
 
 def _help(text: str, **extra):

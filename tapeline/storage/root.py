@@ -43,8 +43,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs

@@ -1,0 +1,129 @@
+"""The command line: `tapeline train | models | verify | worker`.
+
+Each command reads and checks its arguments before it imports anything heavy:
+`--help` and a bad flag answer at once, and `tapeline train` imports the flow (and
+so TensorFlow and Prefect) only once its parameters are good. An expected failure
+ends in one line, `<command>: error: …`, and exit code 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, parameter_fields  # noqa: E402
+from tapeline.errors import ConfigError, TapelineError  # noqa: E402
+
+COMMANDS = {
+    "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",
+    "models": "list the model versions of a storage root; * marks the champion",
+    "verify": "recompute a recorded snapshot's gradients from its weights and batch, and compare",
+    "worker": "join a multi-worker training run as a non-chief worker (TF_CONFIG)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line, no usage dump
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        usage = "usage: tapeline {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(f"  {c:8} {h}" for c, h in COMMANDS.items())
+        print(usage, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command = {"train": train, "models": models, "verify": verify, "worker": worker}[argv[0]]
+    return command(argv[1:], prog=f"tapeline {argv[0]}")
+
+
+def train(argv: list[str], prog: str) -> int:
+    parameters = parse_train_args(argv, prog)
+    from tapeline.flows import (
+        train as flow,  # seconds of imports: only once the flags are known to be good
+    )
+
+    return flow.main(parameters, prog)
+
+
+def parse_train_args(argv: list[str] | None, prog: str = "tapeline train") -> dict:
+    """The flow's parameters from the flags; exits 2 with one line when they are not valid."""
+    parser = _Parser(prog=prog, description="Train the tf.GradientTape CNN as the train-flow pipeline.")
+    for f in parameter_fields():
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(f.name)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            continue
+        default = f" (default: {f.default})" if f.default is not None else ""
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"] + default)
+    args = vars(parser.parse_args(argv))
+    try:
+        RunConfig(**args).validated()
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args
+
+
+def _flag_type(name: str):
+    hint = typing.get_type_hints(RunConfig)[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def models(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["models"])
+    parser.add_argument("storage", nargs="?", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE), help="the storage root")
+    from tapeline.registry.listing import model_registry, registry_lines
+    from tapeline.storage.root import Storage
+
+    for line in registry_lines(model_registry(Storage(parser.parse_args(argv).storage))):
+        print(line)
+    return 0
+
+
+def verify(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["verify"] + "; exit 0 when within the tolerance")
+    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    parser.add_argument("--step", type=int, help="snapshot step (default: the last one with weights)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference")
+    args = parser.parse_args(argv)
+    from tapeline.gradients.verify import verify_snapshot
+
+    try:
+        report = verify_snapshot(args.run, args.step)
+    except (TapelineError, FileNotFoundError) as error:
+        return _failed(prog, 2, error)
+    for name, d in report["variables"].items():
+        print(f"{name:24} max |diff| {d['max_abs_difference']:.3e}  relative {d['relative_difference']:.3e}")
+    agrees = report["max_relative_difference"] <= args.tolerance
+    print(f"step {report['step']}: {'agrees' if agrees else 'DIFFERS'} (largest relative difference "
+          f"{report['max_relative_difference']:.3e}, tolerance {args.tolerance:g})")  # fmt: skip
+    return 0 if agrees else 1
+
+
+def worker(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["worker"])
+    parser.add_argument("--storage", default=None, help=f"the chief's storage root (default ${STORAGE_ENV})")
+    parser.add_argument("--run-name", required=True, help="the run id the chief trains (its --run-name)")
+    parser.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for the chief's job (default: 3600)")
+    args = parser.parse_args(argv)
+    from tapeline.training.worker import work
+
+    try:
+        trained = work(args.storage, args.run_name, args.wait)
+    except TapelineError as error:
+        return _failed(prog, 1, error)
+    print(f"{trained.role}: trained {trained.steps} steps of run {trained.run_id}")
+    return 0
+
+
+def _failed(prog: str, code: int, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

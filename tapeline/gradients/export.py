@@ -1,0 +1,117 @@
+"""Stage 4, export_gradients: validate what training wrote, publish it, report it.
+
+Training writes one Parquet file per snapshot step, `epoch=<N>/step-<step>.parquet`.
+This stage checks every complete file against the schema (no `epoch` column in a
+file: its directory holds it) and the model's variables, then writes
+`gradients.manifest.json` beside `gradients/`, listing them: a reader that trusts
+the manifest never sees a file that was still being written. It is safe to run twice.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tapeline.errors import TapelineError
+from tapeline.gradients.writers import GRADIENT_DTYPES, file_schema, gradient_schema
+from tapeline.reader import read_stats
+from tapeline.results import GradientExport, TrainedModel
+from tapeline.storage.root import Storage, atomic_path, manifest_path
+
+
+class GradientExportError(TapelineError):
+    """Training left gradient files that do not match the schema or the model."""
+
+
+def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport:
+    """Check every complete snapshot file where training published it, then publish the manifest that lists them."""
+    directory = storage.path_of(trained.gradients_uri)
+    filesystem, base = storage.arrow(directory)
+    listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    # Sorted by file name, i.e. by step: as text, epoch=10 would come before epoch=2.
+    # (Temporary files are never in here: see tasks/storage.py.)
+    files = sorted((info for info in listing if info.base_name.startswith("step-")), key=lambda info: info.base_name)
+    if not files:
+        raise GradientExportError(f"{trained.gradients_uri}: training wrote no gradient snapshots")
+    tables, entries = [], []
+    for info in files:
+        name = info.path.removeprefix(base + "/")
+        if not re.fullmatch(r"epoch=\d+/step-\d+\.parquet", name):
+            raise GradientExportError(f"{name}: not in an epoch=<N> directory of {trained.gradients_uri}")
+        schema = pq.read_schema(info.path, filesystem=filesystem)
+        if not any(schema.equals(file_schema(gradient_schema(dtype))) for dtype in GRADIENT_DTYPES):
+            raise GradientExportError(f"{name}: schema {schema} is not the gradient schema (less `epoch`, which is the directory's)")
+        table = pq.read_table(info.path, filesystem=filesystem, columns=["step", "variable", "shape", "l2_norm", "reason"])
+        if table.column("variable").to_pylist() != trained.variables:
+            raise GradientExportError(f"{name}: variables {table.column('variable').to_pylist()} != {trained.variables}")
+        tables.append(table)
+        entries.append({"path": name, "rows": len(table), "bytes": info.size})
+    stats = pa.concat_tables(tables)
+    steps = sorted(set(stats.column("step").to_pylist()))
+    summary = _summarise(stats, trained.variables)
+    reasons = dict(zip(stats.column("step").to_pylist(), stats.column("reason").to_pylist()))
+    anomalies = [
+        {"step": step, "reason": reason}
+        for step, reason in sorted(reasons.items())
+        if "non-finite" in reason or "norm-spike" in reason
+    ]
+    manifest = manifest_path(directory)
+    storage.write_json(
+        manifest,
+        {
+            "run_id": trained.run_id,
+            "files": entries,
+            "steps": steps,
+            "variables": summary,
+            "anomalies": anomalies,
+        },
+    )
+    return GradientExport(
+        uri=trained.gradients_uri, manifest_uri=storage.uri_of(manifest), steps=steps, variables=summary, anomalies=anomalies
+    )
+
+
+def plot_norms(storage: Storage, run_dir: Path) -> Path:
+    """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a worker
+    from matplotlib import pyplot as plt
+
+    stats = read_stats(storage.uri_of(run_dir), columns=["step", "variable", "l2_norm"]).to_pandas()
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for variable, rows in stats.groupby("variable", sort=False):
+        axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)
+    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_dir.name}")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = run_dir / "gradient_norms.png"
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")  # not from the name: a temporary one ends in .tmp
+    plt.close(figure)
+    storage.publish(path)
+    return path
+
+
+def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:
+    names = np.array(stats.column("variable").to_pylist())
+    norms = stats.column("l2_norm").to_numpy()
+    shapes = stats.column("shape").to_pylist()
+    rows = []
+    for name in variables:
+        mine = np.flatnonzero(names == name)  # in step order: files were read sorted by step
+        rows.append(
+            {
+                "variable": name,
+                "shape": shapes[mine[0]],
+                "last_l2_norm": float(norms[mine[-1]]),
+                "mean_l2_norm": float(norms[mine].mean()),
+                "max_l2_norm": float(norms[mine].max()),
+            }
+        )
+    return rows

@@ -1,0 +1,75 @@
+"""The run manifest, `<storage>/runs/<run_id>/run.json`: what one run did, and where it put it.
+
+    run_id, status, started, finished
+    parameters   every flow parameter, by name
+    dataset      name, and the SHA-256 of each IDX file
+    device       the TensorFlow device training ran on
+    warm_start   the champion pointer training started from (--warm-start), or null
+    stages       per task name: seconds, and whether it was served from cache
+    metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
+                 seconds, train_samples_per_second}], test_accuracy, test_loss
+    promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
+    uris         everything the run wrote that a user reads: model, model_card (model.json),
+                 gradients, steps, stats (Parquet dataset directories), tensorboard (its log
+                 directory), and the preprocessed train, validation, test split files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tapeline.config import RunConfig
+from tapeline.model_card import write_model_card
+from tapeline.results import (
+    DatasetFiles,
+    GradientExport,
+    PreparedData,
+    Promotion,
+    TrainedModel,
+)
+from tapeline.storage.root import Storage, utc_now
+
+
+def write_run_manifest(
+    config: RunConfig,
+    run_id: str,
+    started: str,
+    files: DatasetFiles,
+    data: PreparedData,
+    trained: TrainedModel,
+    exported: GradientExport,
+    scores: dict,
+    promotion: Promotion,
+    stages: dict,
+) -> dict:
+    storage = Storage(config.storage)
+    model_card = write_model_card(storage, run_id, files, trained, scores)
+    manifest = {
+        "run_id": run_id,
+        "status": "completed",
+        "started": started,
+        "finished": utc_now(),
+        "parameters": config.parameters(),
+        "dataset": {"name": files.dataset, "sha256": files.sha256, "preprocessed": data.directory},
+        "device": trained.device,
+        "warm_start": trained.warm_start,
+        "stages": stages,
+        "metrics": {"epochs": trained.epochs, "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+        "promotion": dataclasses.asdict(promotion),
+        "uris": {
+            "model": trained.model_uri,
+            "model_card": model_card,
+            "gradients": exported.uri,
+            "steps": trained.steps_uri,
+            "stats": storage.uri_of(storage.run_dir(run_id) / "stats"),
+            "tensorboard": trained.tensorboard_uri,
+            **data.uris,
+        },
+    }
+    storage.write_json(storage.run_dir(run_id) / "run.json", manifest)
+    return manifest
+
+
+def run_manifest_uri(storage: str, run_id: str) -> str:
+    storage = Storage(storage)
+    return storage.uri_of(storage.run_dir(run_id) / "run.json")

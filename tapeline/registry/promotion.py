@@ -1,0 +1,35 @@
+"""Champion and challenger: a run's model becomes the current one only if it is better.
+
+A challenger replaces the champion (`<storage>/models/current`, see
+tasks/champion.py) when its test accuracy is at least the champion's plus
+`promotion_margin`; the decision is made against the pointer as it is when the
+new one is written (compare-and-swap), so two runs finishing at once cannot both
+win against the same champion. A champion trained on another dataset is no
+yardstick: the challenger replaces it.
+"""
+
+from __future__ import annotations
+
+from tapeline.registry.champion import ChampionPointer
+from tapeline.results import Promotion
+from tapeline.storage.root import Storage, utc_now
+
+
+def promote_if_better(storage: Storage, run_id: str, dataset: str, model_uri: str, test_accuracy: float, margin: float) -> Promotion:
+    challenger = {"run_id": run_id, "dataset": dataset, "model": model_uri, "test_accuracy": test_accuracy}
+    pointer = ChampionPointer(storage)
+    while True:  # until the decision is made against the pointer as it still is
+        champion, version = pointer.read()
+        if champion is None:
+            promoted, reason = True, "no champion yet"
+        elif champion["dataset"] != dataset:
+            promoted, reason = True, f"the champion was trained on {champion['dataset']}"
+        else:
+            promoted = test_accuracy >= champion["test_accuracy"] + margin
+            reason = (
+                f"test accuracy {test_accuracy:.4f} {'>=' if promoted else '<'} "
+                f"champion {champion['test_accuracy']:.4f} + margin {margin:g}"
+            )
+        if not promoted or pointer.swap({**challenger, "promoted": utc_now()}, version):
+            return Promotion(promoted=promoted, reason=reason, margin=margin, challenger=challenger, champion=champion)
+

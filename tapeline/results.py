@@ -1,0 +1,66 @@
+"""What each stage hands the next: small, picklable references to what it wrote, never arrays.
+
+Kept apart from the modules that produce them, so that reading a result never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The download stage's result: verified files in the storage cache."""
+
+    dataset: str
+    paths: dict[str, str]  # storage URIs, keyed by SPLIT_FILES
+    sha256: dict[str, str]  # IDX content digests, keyed like paths
+    cached: bool  # every file was already in the cache
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The preprocess stage's result: where the splits are, and what they hold."""
+
+    dataset: str
+    directory: str
+    uris: dict[str, str]  # split -> Parquet file
+    counts: dict[str, int]
+    cached: bool
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The train stage's result: where the model and the raw gradient files are, and how training went."""
+
+    run_id: str
+    device: str
+    model_uri: str | None  # None when training stopped on a non-finite value
+    gradients_uri: str
+    steps_uri: str
+    tensorboard_uri: str
+    variables: list[str]
+    steps: int
+    resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
+    warm_start: dict | None  # the champion (models/current) whose weights training started from
+    epochs: list[dict]
+    role: str = "single"  # multi-worker training (TF_CONFIG): "chief", or e.g. "worker 1" (which writes nothing)
+
+
+@dataclass(frozen=True)
+class GradientExport:
+    uri: str
+    manifest_uri: str
+    steps: list[int]
+    variables: list[dict]  # per variable: name, shape, last, mean and max L2 norm
+    anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+    margin: float
+    challenger: dict  # run_id, test_accuracy
+    champion: dict | None  # the champion it was measured against
+
