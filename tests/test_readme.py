@@ -1,6 +1,6 @@
-"""The README's code, run as a user pastes it, against a real run of the real CLI on Fashion-MNIST.
+"""The code of the README and docs/, run as a user pastes it, against a real run of the real CLI on Fashion-MNIST.
 
-Convention for README authors: every ```python block runs as its own script, from a
+Convention for README and docs/ authors: every ```python block runs as its own script, from a
 directory whose `artifacts/` is the default storage root holding one completed run;
 the literal `<run-id>` stands for that run's id. A block that is not meant to run is
 fenced as something else (```text, ```sh).
@@ -28,7 +28,8 @@ def python_blocks(markdown: str) -> list[tuple[int, str]]:
     return [(markdown.count("\n", 0, match.start()) + 1, textwrap.dedent(match["code"])) for match in FENCE.finditer(markdown)]
 
 
-BLOCKS = python_blocks((ROOT / "README.md").read_text())
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(f"{page.relative_to(ROOT)}:{line}", code) for page in PAGES for line, code in python_blocks(page.read_text())]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,18 @@ def project(tmp_path_factory, fashion_mnist_dir, prefect_api) -> tuple[Path, str
 
 
 def test_the_readme_has_python_blocks_to_run():
+    readme = [code for where, code in BLOCKS if where.startswith("README.md:")]
+    assert any("tapeline.reader" in code for code in readme) and any("model.json" in code for code in readme)
     assert len(BLOCKS) >= 3 and any("read_parquet" in code for _, code in BLOCKS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_python_block_runs_as_pasted(project, line, code):
+@pytest.mark.parametrize("where, code", BLOCKS, ids=[where for where, _ in BLOCKS])
+def test_python_block_runs_as_pasted(project, where, code):
     directory, run_id = project
     script = code.replace(PLACEHOLDER, run_id)
     result = subprocess.run([sys.executable, "-c", script], cwd=directory, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"README.md:{line} failed:\n{script}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{where} failed:\n{script}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.slow
