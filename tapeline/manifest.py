@@ -1,17 +1,6 @@
 """The run manifest, `<storage>/runs/<run_id>/run.json`: what one run did, and where it put it.
 
-    run_id, status, started, finished
-    parameters   every flow parameter, by name
-    dataset      name, and the SHA-256 of each IDX file
-    device       the TensorFlow device training ran on
-    warm_start   the champion pointer training started from (--warm-start), or null
-    stages       per task name: seconds, and whether it was served from cache
-    metrics      epochs: [{epoch, train_loss, train_accuracy, val_loss, val_accuracy,
-                 seconds, train_samples_per_second}], test_accuracy, test_loss
-    promotion    promoted, reason, margin, challenger, champion (see tasks/promote.py)
-    uris         everything the run wrote that a user reads: model, model_card (model.json),
-                 gradients, steps, stats (Parquet dataset directories), tensorboard (its log
-                 directory), and the preprocessed train, validation, test split files
+Its fields: docs/data-format.md#runjson.
 """
 
 from __future__ import annotations

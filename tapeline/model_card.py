@@ -5,12 +5,7 @@ user who divides by 255 first, as most MNIST code does, silently gets chance-lev
 predictions; the card says so, with the class names in output order, the dataset
 it was trained on and its test accuracy. Written once test accuracy is known.
 
-    run_id, model
-    input        shape ([null, 28, 28, 1]), dtype (uint8), range ([0, 255]), rescale (false), note
-    output       shape ([null, 10]), values ("logits"), note
-    classes      class names, index = output position
-    dataset      name, and the SHA-256 of each IDX file
-    metrics      test_accuracy, test_loss, test_samples
+Its fields: docs/data-format.md#modeljson-the-model-card.
 """
 
 from __future__ import annotations

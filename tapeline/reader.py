@@ -3,7 +3,7 @@
 Only gradient files listed in `gradients.manifest.json` (beside `gradients/`) are
 read: the manifest is written last, by `export_gradients`, so a reader never sees a
 snapshot that was not checked.
-Every dataset is hive-partitioned by epoch (see tasks/gradients.py); tables come
+Every dataset is hive-partitioned by epoch (docs/data-format.md); tables come
 back with the columns in schema order, `epoch` included. A run is named by its
 directory or run.json, on local disk or in an object store (`s3://bucket/…/runs/<id>`,
 credentials from the environment): the files are read where they are.

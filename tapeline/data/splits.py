@@ -1,16 +1,6 @@
 """Stage 2, preprocess: IDX files to one Parquet file per split, plus a manifest beside them.
 
-Each split (`train`, `validation`, `test`) is a Parquet file with columns
-`sample_id` (int64: index into the original IDX set), `image` (Arrow's
-`fixed_shape_tensor` of uint8, shape [28, 28, 1]) and `label` (uint8). Pixels stay
-raw uint8 here: scaling to [0, 1] is the model's first layer (see tasks/model.py),
-so the saved model takes the same bytes as the Parquet files hold.
-
-The output directory is named by a content key over the input digests and the
-split parameters, so the same inputs are never processed twice, in any flow run
-or on any machine sharing the storage root. It holds the three split files and
-nothing else (a Parquet reader can take it as a dataset); its manifest,
-`<key>.manifest.json` beside it, is written last and says the splits are complete.
+The splits' schema, their content-keyed directory and its manifest: docs/data-format.md#splits.
 """
 
 from __future__ import annotations

@@ -1,33 +1,6 @@
 """The gradient schema, and the writers that persist it during training.
 
-Three Parquet datasets under a run, each hive-partitioned by epoch: a file lives
-in `<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name
-supplies it (declared int32 by PARTITIONING). The schemas below are the datasets'
-as read; `file_schema` is what a file holds.
-
-`gradients/` — full snapshots, one row per (step, variable), one file per step
-(`epoch=<N>/step-<step>.parquet`):
-    run_id string, epoch int32, step int64, variable string,
-    shape list<int32>, values large_list<float32> (flattened in C order),
-    l2_norm float32 (of the float32 gradient, the same as in `stats/`, so reports
-        never need to read `values`),
-    reason string (why this step was kept in full: first, scheduled, last,
-    non-finite, norm-spike; comma-separated when several).
-The values are the gradients exactly as `tape.gradient` returned them, before
-the optimizer applied them.
-
-`steps/` — one row per training step, and `stats/` — one row per (step,
-variable), computed on the device right after each step; one file each per stretch
-between checkpoints (`epoch=<N>/steps-<first step>.parquet`, `stats-…`):
-    steps: step int64, epoch int32, loss float32, global_norm float32,
-           learning_rate float32, sample_ids list<int64>
-    stats: step int64, epoch int32, variable string, l2_norm, mean, std,
-           max_abs, zero_fraction float32, nan_count, inf_count int64
-`sample_ids` are values of the training split's `sample_id` column. A NaN or
-Inf in a gradient shows in its float statistics too; `nan_count` and
-`inf_count` say how many there were.
-
-Files appear under their final name only when complete (see tasks/storage.py).
+The gradients, steps and stats datasets, their schemas and hive layout: docs/data-format.md#gradients-steps-and-stats.
 """
 
 from __future__ import annotations
@@ -113,7 +86,7 @@ def write_partition_file(storage: Storage, path: Path, table: pa.Table, **option
 # Dictionary encoding of floats is slow and grows the file; BYTE_STREAM_SPLIT
 # groups the exponent bytes together so zstd can find their redundancy. Min/max
 # statistics only for the columns a reader filters on: on the tensors they would
-# cost a pass over every value (about 15% of the write) and serve no query.
+# cost a pass over every value (docs/performance.md#export-cost) and serve no query.
 PARQUET_OPTIONS = dict(
     compression="zstd",
     use_dictionary=["run_id", "variable"],
@@ -139,7 +112,7 @@ def snapshot_table(
     """One snapshot; `norms` are the gradients' L2 norms as `gradient_stats` computed them (on float32).
 
     A C-contiguous tensor already in `dtype` is not copied: it becomes one chunk of its
-    column, zero-copy. (Cast to float16 on the device: numpy's cast runs at ~130 MB/s here.)
+    column, zero-copy. (Cast to float16 on the device: numpy's cast is slow, docs/performance.md.)
     """
     n = len(variables)
     schema = file_schema(gradient_schema(dtype))

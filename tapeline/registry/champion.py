@@ -1,6 +1,6 @@
 """The champion pointer, `<storage>/models/current`: which run's model is the current one.
 
-A small JSON object (run_id, dataset, model, test_accuracy, promoted), replaced
+A small JSON object (docs/data-format.md), replaced
 only by compare-and-swap (see tasks/versioned.py): two runs that finish at once
 cannot both win against the same champion, and nobody ever reads a torn pointer.
 """

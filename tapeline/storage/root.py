@@ -1,37 +1,6 @@
 """The storage root: where every stage reads and writes, and how it writes safely.
 
-Layout under the root:
-
-    cache/<dataset>/<idx sha256>.gz          verified dataset files, content-addressed
-    datasets/<dataset>/<key>/                 preprocessed splits: train/validation/test.parquet
-    datasets/<dataset>/<key>.manifest.json    their manifest, written last: the splits are complete
-    runs/<run_id>/run.json                    the run manifest
-    runs/<run_id>/model.keras                 the trained model
-    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
-    runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
-    runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
-                                              (all three hive-partitioned: epoch=<N>/ directories)
-    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
-
-Every directory above holds only what its name says: a dataset directory's
-manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
-Polars read the directory as it is.
-
-Nothing that looks complete is ever half-written: files are written under a
-temporary name and renamed into place, which is atomic on a POSIX filesystem; on
-an object store they are uploaded under a temporary key and copied to the final
-key, which is atomic there (see `Storage.publish`). The rule for temporary names:
-
-- A temporary name is hidden and ends in `.tmp`: `.<final name>.<8 hex>.tmp`. It
-  never ends in a suffix that readers glob for complete files (`*.parquet`,
-  `*.json`, `*.gz`), so a query such as `read_parquet('<run>/gradients/**/*.parquet')`
-  sees complete files only, during a write and after a writer was killed. The one
-  exception is the model: Keras saves only to a name ending in `.keras`, so its
-  temporary name is `.model.keras.<8 hex>.tmp.keras`, which no dataset glob matches.
-- It sits beside its final name, except for the files of a Parquet dataset
-  directory: those are written beside the dataset directory (`atomic_path(...,
-  staging=)`), because Polars reads every file under a directory it is given,
-  hidden ones included. An object store stages every upload at its root.
+The layout: docs/data-format.md#the-storage-root; temporary names and atomic writes: docs/design.md#temporary-names.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
     return gradients if scale is None else [g / scale for g in gradients]
 
 
-@tf.function  # a TensorFlow graph, not XLA: XLA's CPU reductions ran single-threaded and 4-5x slower here
+@tf.function  # a TensorFlow graph, not XLA: XLA's CPU reductions ran single-threaded (docs/performance.md#export-cost)
 def gradient_stats(gradients) -> tf.Tensor:
     """[variables, STAT_NAMES]: l2_norm, mean, std, max_abs, zero_fraction, nan and inf counts.
 
@@ -159,8 +159,8 @@ def gradient_stats(gradients) -> tf.Tensor:
 def with_stats(train_step: Callable) -> Callable:
     """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats).
 
-    One call from Python per step instead of two (a call costs about 0.5 ms here, 2% of
-    a step); the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
+    One call from Python per step instead of two (each call has a fixed cost: docs/performance.md);
+    the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
     """
 
     @tf.function
@@ -172,7 +172,7 @@ def with_stats(train_step: Callable) -> Callable:
 
 
 def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
-    """Host copies in the stored dtype, cast on the device (20x faster than numpy's float16 cast)."""
+    """Host copies in the stored dtype, cast on the device (faster than numpy's float16 cast: docs/performance.md)."""
     return [tf.cast(t, dtype).numpy() for t in tensors]
 
 
