@@ -17,6 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, task  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 
+from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.errors import TapelineError  # noqa: E402
 from tapeline.tasks.download import download  # noqa: E402
@@ -28,12 +29,12 @@ log_expected_failures_without_traceback()
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(
-    dataset: str = RunConfig.dataset,
-    source: str | None = RunConfig.source,
-    storage: str | None = RunConfig.storage,
-    refresh: bool = RunConfig.refresh,
-    seed: int = RunConfig.seed,
-    validation_size: int = RunConfig.validation_size,
+    dataset: param.Dataset = RunConfig.dataset,
+    source: param.Source = RunConfig.source,
+    storage: param.StorageRoot = RunConfig.storage,
+    refresh: param.Refresh = RunConfig.refresh,
+    seed: param.Seed = RunConfig.seed,
+    validation_size: param.ValidationSize = RunConfig.validation_size,
 ) -> dict:
     """Fetch, verify and preprocess a dataset into the storage root; returns where the splits are."""
     config = RunConfig(**locals()).validated()

@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 
 from prefect import flow  # noqa: E402
 
+from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: E402
 from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
@@ -45,30 +46,30 @@ log_expected_failures_without_traceback()
 
 @flow(name="train-flow", flow_run_name=flow_run_name, log_prints=True)
 def train_flow(
-    dataset: str = RunConfig.dataset,
-    source: str | None = RunConfig.source,
-    storage: str | None = RunConfig.storage,
-    run_name: str | None = RunConfig.run_name,
-    prepare_on: str | None = RunConfig.prepare_on,
-    refresh: bool = RunConfig.refresh,
-    epochs: int = RunConfig.epochs,
-    batch_size: int = RunConfig.batch_size,
-    learning_rate: float = RunConfig.learning_rate,
-    seed: int = RunConfig.seed,
-    train_limit: int | None = RunConfig.train_limit,
-    validation_size: int = RunConfig.validation_size,
-    snapshot_every: int = RunConfig.snapshot_every,
-    snapshot_weights: bool = RunConfig.snapshot_weights,
-    gradient_dtype: str = RunConfig.gradient_dtype,
-    spike_factor: float = RunConfig.spike_factor,
-    checkpoint_every: int = RunConfig.checkpoint_every,
-    promotion_margin: float = RunConfig.promotion_margin,
-    warm_start: bool = RunConfig.warm_start,
-    precision: str = RunConfig.precision,
-    jit_compile: bool = RunConfig.jit_compile,
-    deterministic: bool = RunConfig.deterministic,
-    device: str = RunConfig.device,
-    devices: int = RunConfig.devices,
+    dataset: param.Dataset = RunConfig.dataset,
+    source: param.Source = RunConfig.source,
+    storage: param.StorageRoot = RunConfig.storage,
+    run_name: param.RunName = RunConfig.run_name,
+    prepare_on: param.PrepareOn = RunConfig.prepare_on,
+    refresh: param.Refresh = RunConfig.refresh,
+    epochs: param.Epochs = RunConfig.epochs,
+    batch_size: param.BatchSize = RunConfig.batch_size,
+    learning_rate: param.LearningRate = RunConfig.learning_rate,
+    seed: param.Seed = RunConfig.seed,
+    train_limit: param.TrainLimit = RunConfig.train_limit,
+    validation_size: param.ValidationSize = RunConfig.validation_size,
+    snapshot_every: param.SnapshotEvery = RunConfig.snapshot_every,
+    snapshot_weights: param.SnapshotWeights = RunConfig.snapshot_weights,
+    gradient_dtype: param.GradientDtype = RunConfig.gradient_dtype,
+    spike_factor: param.SpikeFactor = RunConfig.spike_factor,
+    checkpoint_every: param.CheckpointEvery = RunConfig.checkpoint_every,
+    promotion_margin: param.PromotionMargin = RunConfig.promotion_margin,
+    warm_start: param.WarmStart = RunConfig.warm_start,
+    precision: param.Precision = RunConfig.precision,
+    jit_compile: param.JitCompile = RunConfig.jit_compile,
+    deterministic: param.Deterministic = RunConfig.deterministic,
+    device: param.Device = RunConfig.device,
+    devices: param.Devices = RunConfig.devices,
 ) -> dict:
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields

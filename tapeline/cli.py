@@ -15,7 +15,7 @@ import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, parameter_fields  # noqa: E402
+from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, run_parameters  # noqa: E402
 from tapeline.errors import ConfigError, TapelineError  # noqa: E402
 
 COMMANDS = {
@@ -53,24 +53,18 @@ def train(argv: list[str], prog: str) -> int:
 def parse_train_args(argv: list[str] | None, prog: str = "tapeline train") -> dict:
     """The flow's parameters from the flags; exits 2 with one line when they are not valid."""
     parser = _Parser(prog=prog, description="Train the tf.GradientTape CNN as the train-flow pipeline.")
-    for f in parameter_fields():
-        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(f.name)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+    for p in run_parameters():
+        if p.kind is bool:
+            parser.add_argument(p.flag, dest=p.name, action=argparse.BooleanOptionalAction, default=p.default, help=p.help)
             continue
-        default = f" (default: {f.default})" if f.default is not None else ""
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"] + default)
+        default = f" (default: {p.default})" if p.default is not None else ""
+        parser.add_argument(p.flag, dest=p.name, type=p.kind, default=p.default, choices=p.choices, help=p.help + default)
     args = vars(parser.parse_args(argv))
     try:
         RunConfig(**args).validated()
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args
-
-
-def _flag_type(name: str):
-    hint = typing.get_type_hints(RunConfig)[name]
-    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 def models(argv: list[str], prog: str) -> int:

@@ -2,14 +2,23 @@ import inspect
 import os
 import subprocess
 import sys
+import typing
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
+from prefect.utilities.callables import parameter_schema
 
 from tapeline.cli import parse_train_args as parse_args
-from tapeline.config import RunConfig
+from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
+from tapeline.config import GradientDtype, RunConfig, parameters_markdown, run_parameters
+from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
+from tapeline.flows.prepare import prepare_data
 from tapeline.flows.train import train_flow
+from tapeline.gradients.writers import GRADIENT_DTYPES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -27,6 +36,13 @@ from tapeline.flows.train import train_flow
         ({"run_name": "/abs/path"}, "must be one path segment"),
         ({"train_limit": 0}, "train_limit must be at least 1"),
         ({"prepare_on": "train-flow/on-demand"}, "must name a deployment of prepare-data"),
+        ({"gradient_dtype": "float64"}, "unknown gradient_dtype 'float64'; choose one of: float32, float16"),
+        ({"precision": "float64"}, "unknown precision 'float64'; choose one of: float32, mixed_bfloat16, mixed_float16"),
+        ({"warm_start": 1}, "warm_start must be true or false, got 1"),
+        ({"promotion_margin": 1.0}, "promotion_margin must be a number from 0 to below 1, got 1.0"),
+        ({"spike_factor": float("inf")}, "spike_factor must be a number above 1, got inf"),
+        ({"seed": -1}, "seed must be at least 0, got -1"),
+        ({"run_name": "a..b"}, "must be one path segment"),
     ],
 )
 def test_bad_parameters(overrides, message, tmp_path):
@@ -52,6 +68,28 @@ def test_flow_parameters_are_the_config_fields():
     """Deployments pass the flow's parameters by name: they must be exactly RunConfig's, same defaults."""
     signature = inspect.signature(train_flow.fn)
     assert [(p.name, p.default) for p in signature.parameters.values()] == [(f.name, f.default) for f in fields(RunConfig)]
+
+
+@pytest.mark.parametrize("flow", [train_flow, prepare_data], ids=lambda f: f.name)
+def test_flows_annotate_their_parameters_as_the_config_does(flow):
+    """Same types, constraints and help: the deployments' parameter schemas carry the rules validated() checks."""
+    config = typing.get_type_hints(RunConfig, include_extras=True)
+    signature = inspect.signature(flow.fn, eval_str=True)
+    assert signature.parameters and all(p.annotation == config[p.name] for p in signature.parameters.values())
+    assert all(p.default == getattr(RunConfig, p.name) for p in signature.parameters.values())
+    schema = parameter_schema(flow).properties
+    assert schema["dataset"]["enum"] == list(DATASETS) and schema["seed"]["minimum"] == 0
+
+
+def test_one_list_of_gradient_dtypes():
+    assert tuple(GRADIENT_DTYPES) == typing.get_args(typing.get_args(GradientDtype)[0]) == STORED_DTYPES
+    assert [p.choices for p in run_parameters() if p.name == "gradient_dtype"] == [STORED_DTYPES]
+
+
+def test_parameters_doc_is_generated_from_the_config():
+    """docs/parameters.md is `python -m tapeline.config > docs/parameters.md`: regenerate it when a parameter changes."""
+    assert (REPO / "docs" / "parameters.md").read_text() == parameters_markdown()
+    assert all(f"| `{p.name}` | `{p.flag}`" in parameters_markdown() for p in run_parameters())
 
 
 def test_cli_flags(capsys, tmp_path):

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from prefect.client.schemas.objects import StateType
 
 from tapeline.cli import parse_train_args as parse_args
@@ -174,25 +174,29 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
     assert steps and norms.num_rows == len(steps) * 6
 
 
-def test_invalid_parameter_fails_before_any_stage_with_the_cli_message(env, api, tmp_path, capsys):
+def test_invalid_parameter_is_refused_when_the_run_is_created(env, api, tmp_path, capsys):
+    """A value that breaks a parameter's rule never becomes a run: the CLI exits before it starts one, and the API
+    refuses `prefect deployment run … --param` (the deployment's parameter schema carries the rules of tapeline/config.py)."""
     storage = tmp_path / "storage"
     with pytest.raises(SystemExit):
         parse_args(["--epochs", "0", "--storage", str(storage)])  # the CLI's check, which exits with code 2
-    message = capsys.readouterr().err.strip().removeprefix("tapeline train: error: ")
-    assert message == "epochs must be at least 1, got 0"
+    assert capsys.readouterr().err.strip() == "tapeline train: error: epochs must be at least 1, got 0"
 
-    flow_run_id = _deployment_run(env, "epochs=0", f"storage={storage}")
-    log = _work_once(env)
-    flow_run = api.read_flow_run(flow_run_id)
-    assert flow_run.state.type == StateType.FAILED, log
-    assert flow_run.state.message.endswith(f"ConfigError: {message}")
-    assert "Traceback" not in log  # an expected failure is one line in the worker's output too
-    assert api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))) == []
+    deployment = api.read_deployment_by_name("train-flow/on-demand")
+    assert deployment.enforce_parameter_schema
+    runs = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
+    before = len(api.read_flow_runs(flow_run_filter=runs))
+    for param, reason in [
+        ("epochs=0", "0 is less than the minimum of 1"),
+        ("epochs=many", "'many' is not of type 'integer'"),
+        ("gradient_dtype=float64", "'float64' is not one of ['float32', 'float16']"),
+    ]:
+        refused = _run([*PREFECT, "deployment", "run", "train-flow/on-demand", "--param", param, "--param", f"storage={storage}"], env)
+        output = " ".join((refused.stdout + refused.stderr).split())
+        field = param.split("=")[0]
+        assert refused.returncode != 0 and f"Validation failed for field '{field}'. Failure reason: {reason}" in output, output
+    assert len(api.read_flow_runs(flow_run_filter=runs)) == before
     assert not storage.exists()
-
-    # A value of the wrong type never becomes a run: the deployment's parameter schema refuses it.
-    wrong_type = _run([*PREFECT, "deployment", "run", "train-flow/on-demand", "--param", "epochs=many"], env)
-    assert wrong_type.returncode != 0 and "epochs" in wrong_type.stdout + wrong_type.stderr
 
 
 def test_up_again_changes_nothing_then_down_stops_only_what_up_started(env):

@@ -8,7 +8,16 @@ import keras
 import numpy as np
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
+from prefect.deployments import run_deployment
+from prefect.exceptions import ParameterTypeError, PrefectHTTPStatusError
 
 from tapeline.cli import main
 from tapeline.data.registry import FASHION_MNIST
@@ -152,9 +161,31 @@ def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fa
 
 
 def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
-    with pytest.raises(ConfigError, match="learning_rate"):
+    # Prefect checks the parameters against their annotated constraints before the flow body runs.
+    with pytest.raises(ParameterTypeError, match="learning_rate"):
         train_flow(storage=str(tmp_path / "store"), learning_rate=-1.0)
     assert not (tmp_path / "store").exists()
+    # What needs the environment is checked in the body, still before any stage.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        train_flow(storage=str(tmp_path / "file" / "store"))
+
+
+@pytest.mark.parametrize(
+    "parameters, named",
+    [({"epochs": 0}, "epochs"), ({"learning_rate": -1}, "learning_rate"), ({"gradient_dtype": "float64"}, "gradient_dtype"),
+     ({"run_name": "../escape"}, "run_name"), ({"epochs": "many"}, "epochs")],
+)
+def test_deployment_rejects_a_run_that_breaks_a_constraint_when_it_is_created(parameters, named):
+    """The deployment's parameter schema carries the constraints: the API refuses the run; none is created."""
+    deployment_id = train_flow.to_deployment(name="constraints").apply()
+    with pytest.raises(PrefectHTTPStatusError, match=f"Validation failed for field '{named}'"):
+        run_deployment("train-flow/constraints", parameters=parameters, timeout=0)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        assert runs == []
+        accepted = client.create_flow_run_from_deployment(deployment_id, parameters={"epochs": 1})  # a good value goes through
+        client.delete_flow_run(accepted.id)
 
 
 @pytest.mark.slow
