@@ -117,11 +117,15 @@ class GradientRecorder:
         """Write the logged steps (at a checkpoint, before it is taken: a resume rewrites those rows, never misses them)."""
         self.log.flush()
 
+    def close(self) -> None:
+        """Wait for the queued snapshots to be written (the log is written by `flush` only)."""
+        self.snapshots.close()
+
     def __enter__(self) -> GradientRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.snapshots.close()
+        self.close()
 
 
 class NullRecorder:
@@ -141,6 +145,9 @@ class NullRecorder:
         return non_finite_values(loss, stats, self.variables, self.loss_scaled)
 
     def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def __enter__(self) -> NullRecorder:

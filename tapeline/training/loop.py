@@ -90,7 +90,7 @@ def train_model(
         last_step = config.epochs * steps_per_epoch
         variables = [v.path for v in model.trainable_variables]
         trained = _trained_model(run_id, storage, run_dir, devices, cluster, variables, warm_start, step, history)
-        recorder = _open_recorder(config, storage, run_dir, run_id, variables, optimizer, last_step, writes)
+        recorder = open_recorder(config, storage, run_dir, run_id, variables, optimizer, last_step, writes)
         summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
         images_t, labels_t = tf.constant(images), tf.constant(labels)
 
@@ -195,7 +195,7 @@ def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> No
     print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
 
 
-def _open_recorder(
+def open_recorder(
     config: RunConfig, storage: Storage, run_dir: Path, run_id: str, variables: list[str], optimizer, last_step: int, writes: bool
 ) -> GradientRecorder | NullRecorder:
     """The run's gradient recorder; on a worker that does not write, one that keeps nothing."""
