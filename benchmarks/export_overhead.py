@@ -3,9 +3,11 @@
 In one process, on the same model, data and batch size, taking turns:
 
   export on   what `train_model` does each step: the compiled step and the per-step
-              statistics in one call (`with_stats`), the step log, the snapshot policy, and a
-              full snapshot every `--snapshot-every` steps handed to the background
-              writer (default settings: float32, no weights)
+              statistics in one call (`with_stats`), and the run's gradient recorder as
+              `train_model` opens it (`open_recorder`: the step log, flushed every
+              `checkpoint_every` steps, the snapshot policy, and a full snapshot every
+              `--snapshot-every` steps handed to the background writer; default settings:
+              float32, no weights)
   export off  the same compiled step; only the loss is read
 
 The two take turns every `--chunk` steps, so the machine's drift hits both alike.
@@ -27,10 +29,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from tapeline.gradients.writers import PARQUET_OPTIONS, SnapshotPolicy, SnapshotWriter, StepLog, snapshot_table
+from tapeline.config import RunConfig
+from tapeline.gradients.schema import L2_NORM
+from tapeline.gradients.stats import gradient_stats
+from tapeline.gradients.writers import PARQUET_OPTIONS, snapshot_table
 from tapeline.model import build_model
 from tapeline.storage.root import Storage
-from tapeline.training.loop import batches, epoch_order, gradient_stats, host_arrays, make_train_step, with_stats
+from tapeline.training.batches import batch_sample_ids, batches, epoch_order
+from tapeline.training.loop import open_recorder
+from tapeline.training.steps import host_arrays, make_train_step, with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
@@ -43,43 +50,40 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Trainer:
-    """One model trained by the project's loop, with export on or off, a chunk of steps at a time."""
+    """One model trained by the project's step functions, with export (the run's recorder) on or off, a chunk of steps at a time."""
 
     def __init__(self, images, labels, batch_size: int, export: bool, snapshot_every: int, directory: Path):
         keras.utils.set_random_seed(0)
-        self.model, optimizer = build_model(), keras.optimizers.Adam(1e-3)
+        config = RunConfig(batch_size=batch_size, snapshot_every=snapshot_every)
+        self.model, optimizer = build_model(), keras.optimizers.Adam(config.learning_rate)
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         step_fn = make_train_step(self.model, optimizer, loss_fn, keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy())
         self.step_fn = with_stats(step_fn) if export else step_fn
-        self.variables = [v.path for v in self.model.trainable_variables]
-        self.export, self.step, self.batch_size = export, 0, batch_size
-        order = epoch_order(len(images), 0, 1)
-        self.batch_ids = iter(np.array_split(order, len(order) // batch_size))
-        self.batches = iter(batches(tf.constant(images), tf.constant(labels), order, batch_size).repeat())
-        self.policy = SnapshotPolicy(snapshot_every, last_step=10**9, spike_factor=10.0)
-        self.log = StepLog(Storage(directory), directory, self.variables)
-        self.writer = SnapshotWriter(Storage(directory), directory / "gradients", "bench", self.variables)
+        variables = [v.path for v in self.model.trainable_variables]
+        self.export, self.step, self.batch_size, self.checkpoint_every = export, 0, batch_size, config.checkpoint_every
+        self.order, self.sample_ids = epoch_order(len(images), 0, 1), np.arange(len(images))
+        self.steps_per_epoch = -(-len(images) // batch_size)
+        self.batches = iter(batches(tf.constant(images), tf.constant(labels), self.order, batch_size).repeat())
+        self.recorder = open_recorder(config, Storage(directory), directory, "bench", variables, optimizer, last_step=10**9, writes=True)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             x, y = next(self.batches)
-            self.step += 1
             if not self.export:
                 float(self.step_fn(x, y)[0])
+                self.step += 1
                 continue
+            self.recorder.before_step(self.step + 1, self.model.trainable_variables)
             loss, gradients, stats = self.step_fn(x, y)
-            loss, stats = float(loss), stats.numpy()
-            global_norm = float(np.sqrt(np.sum(stats[:, 0] ** 2)))
-            self.log.append(self.step, 1, loss, global_norm, 1e-3, np.zeros(self.batch_size, np.int64), stats)
-            reason = self.policy.reason(self.step, global_norm, True)
-            if reason:
-                self.writer.write(self.step, 1, reason, host_arrays(gradients, "float32"), stats[:, 0])
-            if self.step % 500 == 0:
-                self.log.flush()
+            self.step += 1
+            batch = batch_sample_ids(self.sample_ids, self.order, (self.step - 1) % self.steps_per_epoch, self.batch_size)
+            self.recorder.record(self.step, 1, float(loss), batch, stats.numpy(), gradients)
+            if self.step % self.checkpoint_every == 0:  # where the loop flushes the log, before a checkpoint
+                self.recorder.flush()
 
     def close(self) -> None:
-        self.log.flush()
-        self.writer.close()
+        self.recorder.flush()
+        self.recorder.close()
 
 
 def main() -> None:
@@ -118,7 +122,7 @@ def main() -> None:
         with tf.GradientTape() as tape:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x, training=True))
         gradients = tape.gradient(loss, model.trainable_variables)
-        norms = gradient_stats(gradients).numpy()[:, 0]
+        norms = gradient_stats(gradients).numpy()[:, L2_NORM]
         raw = sum(g.numpy().nbytes for g in gradients)
         variables = [v.path for v in model.trainable_variables]
         print(f"\none snapshot: {raw / 1e6:.2f} MB of float32; median of {args.repeats} writes (device-to-host copy, table, file)")

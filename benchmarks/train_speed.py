@@ -5,7 +5,7 @@ SparseCategoricalCrossentropy(from_logits=True) at the same batch size on the sa
 uint8 images (Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random bytes of
 the same shape if it is missing), in ONE process:
 
-  project  `tapeline.training.loop.make_train_step` (the run's default, XLA-compiled) fed by the
+  project  `tapeline.training.steps.make_train_step` (the run's default, XLA-compiled) fed by the
            project's own `batches()` pipeline, reading the loss each step (the gradient
            statistics and export are measured apart, by export_overhead.py)
   project --no-jit  the same step as a plain tf.function
@@ -32,7 +32,8 @@ import tensorflow as tf
 
 from tapeline.data.idx import read_idx_gz
 from tapeline.model import build_model
-from tapeline.training.loop import batches, epoch_order, make_train_step
+from tapeline.training.batches import batches, epoch_order
+from tapeline.training.steps import make_train_step
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 WARMUP_STEPS = 20

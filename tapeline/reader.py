@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from tapeline.errors import TapelineError
-from tapeline.gradients.writers import (
+from tapeline.gradients.schema import (
     GRADIENT_SCHEMA,
     MANIFEST,
     PARTITIONING,

@@ -18,17 +18,9 @@ from tapeline.config import RunConfig
 from tapeline.data.fetch import fetch_dataset
 from tapeline.data.splits import prepare, read_split
 from tapeline.gradients.export import GradientExportError, plot_norms, publish_gradients
-from tapeline.gradients.writers import (
-    GRADIENT_SCHEMA,
-    PARTITIONING,
-    STATS_SCHEMA,
-    STEP_SCHEMA,
-    SnapshotPolicy,
-    atomic_partition_path,
-    file_schema,
-    partition_file,
-    snapshot_file,
-)  # fmt: skip
+from tapeline.gradients.recorder import SnapshotPolicy
+from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, file_schema
+from tapeline.gradients.writers import atomic_partition_path, partition_file, snapshot_file
 from tapeline.model import build_model
 from tapeline.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
 from tapeline.registry.champion import current_champion, warm_start_champion

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tapeline.errors import TapelineError
-from tapeline.gradients.writers import GRADIENT_DTYPES, file_schema, gradient_schema
+from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
 from tapeline.reader import read_stats
 from tapeline.results import GradientExport, TrainedModel
 from tapeline.storage.root import Storage, atomic_path, manifest_path

@@ -1,70 +1,20 @@
-"""The gradient schema, and the writers that persist it during training.
+"""The writers that persist gradients during training: full snapshots, and the per-step log.
 
 The gradients, steps and stats datasets, their schemas and hive layout: docs/data-format.md#gradients-steps-and-stats.
 """
 
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
-from tapeline.storage.root import MANIFEST_SUFFIX, Storage, atomic_path
-
-MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
-GRADIENT_DTYPES = {dtype: pa.type_for_alias(dtype) for dtype in STORED_DTYPES}  # --gradient-dtype's legal values
-# Pyarrow refuses a column that is also a hive key, so the directory alone holds the
-# epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
-# or a category sorted as text (pandas).
-PARTITIONING = ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive")
-
-
-def gradient_schema(dtype: str = "float32") -> pa.Schema:
-    """The snapshot schema; `values` and `weights` are stored in `dtype` (statistics are always float32)."""
-    stored = GRADIENT_DTYPES[dtype]
-    return pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("epoch", pa.int32()),
-            ("step", pa.int64()),
-            ("variable", pa.string()),
-            ("shape", pa.list_(pa.int32())),
-            ("values", pa.large_list(stored)),
-            ("l2_norm", pa.float32()),
-            ("reason", pa.string()),
-            ("weights", pa.large_list(stored)),  # null unless the run records weights
-        ]
-    )
-
-
-GRADIENT_SCHEMA = gradient_schema()
-STEP_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int32()),
-        ("loss", pa.float32()),
-        ("global_norm", pa.float32()),
-        ("learning_rate", pa.float32()),
-        ("sample_ids", pa.list_(pa.int64())),
-    ]
-)
-STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
-STATS_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("epoch", pa.int32()), ("variable", pa.string())]
-    + [(name, pa.int64() if name.endswith("_count") else pa.float32()) for name in STAT_NAMES]
-)
-
-
-def file_schema(schema: pa.Schema) -> pa.Schema:
-    """What a file of the dataset holds: its schema without the partition column."""
-    return schema.remove(schema.get_field_index("epoch"))
+from tapeline.gradients.schema import STAT_NAMES, STATS_SCHEMA, STEP_SCHEMA, file_schema, gradient_schema
+from tapeline.storage.root import Storage, atomic_path
 
 
 def partition_file(directory: Path, epoch: int, name: str) -> Path:
@@ -136,37 +86,6 @@ def snapshot_table(
         },
         schema=schema,
     )
-
-
-class SnapshotPolicy:
-    """Which steps are kept in full, and why: the first and last, every `every`-th,
-    and anomalies: a non-finite value, or a global norm above `spike_factor` times
-    the running median of the last `window` finite steps."""
-
-    def __init__(self, every: int, last_step: int, spike_factor: float, window: int = 100):
-        self.every, self.last_step, self.spike_factor = every, last_step, spike_factor
-        self._norms: collections.deque = collections.deque(maxlen=window)
-
-    def scheduled(self, step: int) -> bool:
-        """Known before the step runs (so its weights can be read before the update)."""
-        return step == 1 or step % self.every == 0 or step == self.last_step
-
-    def reason(self, step: int, global_norm: float, finite: bool) -> str:
-        """Comma-separated reasons to keep `step` in full; empty to keep only its statistics."""
-        reasons = [
-            name
-            for name, applies in (
-                ("first", step == 1),
-                ("scheduled", step % self.every == 0),
-                ("last", step == self.last_step),
-                ("non-finite", not finite),
-                ("norm-spike", finite and len(self._norms) >= 10 and global_norm > self.spike_factor * np.median(self._norms)),
-            )
-            if applies
-        ]
-        if finite:
-            self._norms.append(global_norm)
-        return ",".join(reasons)
 
 
 class SnapshotWriter:

@@ -1,9 +1,11 @@
 """Stage 3, train: the example's custom GradientTape loop, compiled, checkpointed, with gradient snapshots.
 
-The loop reads as the algorithm: for each batch, compute the loss under a tape,
-take `tape.gradient`, apply it with Adam; every `snapshot_every` steps (and at the
-first and last step) hand the very gradients that were applied to the snapshot
-writer. Epoch order comes from (seed, epoch) alone, so a step's batch is known on
+The loop reads as the algorithm: for each batch, run the compiled step (the loss
+under a tape, `tape.gradient`, Adam applies it; see steps.py) and tell the
+gradient recorder what the step produced; it keeps every step's statistics and,
+every `snapshot_every` steps (and at the first and last step, and on anomalies),
+the very gradients that were applied (see tapeline/gradients/recorder.py). Epoch
+order comes from (seed, epoch) alone (batches.py), so a step's batch is known on
 the host without asking TensorFlow, and a resumed run continues at the exact
 batch where the checkpoint was taken.
 """
@@ -11,182 +13,47 @@ batch where the checkpoint was taken.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tapeline.config import RunConfig
-from tapeline.data.splits import IMAGE_SHAPE, read_split
+from tapeline.data.splits import read_split
 from tapeline.errors import NonFiniteError
-from tapeline.gradients.writers import SnapshotPolicy, SnapshotWriter, StepLog
+from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
+from tapeline.gradients.writers import SnapshotWriter, StepLog
 from tapeline.model import build_model
 from tapeline.results import PreparedData, TrainedModel
 from tapeline.storage.root import Storage, atomic_path
+from tapeline.training.batches import batch_sample_ids, epoch_batches, epoch_order
 from tapeline.training.checkpoints import TrainingCheckpoint
-from tapeline.training.cluster import check_cluster, job_for, join_cluster
+from tapeline.training.cluster import Cluster, check_cluster, job_for, join_cluster
 from tapeline.training.devices import resolve_devices
+from tapeline.training.steps import host_arrays, make_distributed_train_step, make_eval_step, make_train_step, with_stats
 
 EVAL_BATCH_SIZE = 1024
-BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 # A checkpoint from another run must not be resumed under these changed.
 RESUME_PARAMETERS = (
     "dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic",
 )
 
 
-def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True) -> Callable:
-    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them).
+class Training(NamedTuple):
+    """What `build_training` makes: the model and what trains it."""
 
-    With XLA the step is one fused program; on CPU most of the gain is Adam, whose
-    ten element-wise passes over the 11 MB dense kernel become one. With a
-    LossScaleOptimizer (mixed_float16) the tape differentiates the scaled loss;
-    the returned gradients are divided back, so they are always the true ones.
-    """
-
-    @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
-    def train_step(x, y):
-        scale = _loss_scale(optimizer)
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = loss_fn(y, logits)
-            scaled_loss = loss if scale is None else loss * scale
-        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        gradients = _unscaled(scaled_gradients, scale)
-        loss_metric.update_state(loss)
-        accuracy_metric.update_state(y, logits)
-        return loss, gradients
-
-    return train_step
-
-
-def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric) -> Callable:
-    """The same step on `strategy`'s replicas, each on its slice of the batch.
-
-    Each replica's loss is its share of the whole batch's mean loss, so the sum of
-    the replicas' gradients, which the optimizer all-reduces and applies, is the
-    gradient of the whole batch. That sum is what this step returns and the run
-    exports. A last batch smaller than the replica count leaves some replicas an
-    empty slice; theirs is a zero share, so every sample of the epoch is trained on,
-    as on one device. (No XLA here: it does not compile the cross-replica all-reduce.)
-    """
-    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    logits_spec = model.compute_output_spec(keras.KerasTensor([None, *IMAGE_SHAPE], "uint8"))  # symbolic: runs nothing
-
-    def slice_step(x, y, batch_size, scale):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
-            scaled_loss = loss if scale is None else loss * scale
-        return loss, tape.gradient(scaled_loss, model.trainable_variables), logits
-
-    def empty_slice():
-        """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
-
-        The model must not run on an empty batch: TensorFlow's Conv2D returns its
-        input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
-        """
-        gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
-        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
-
-    def replica_step(x, y, scale=None):
-        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
-        loss, scaled_gradients, logits = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
-        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
-
-    @tf.function
-    def train_step(x, y):
-        scale = _loss_scale(optimizer)
-        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
-        loss = strategy.reduce("sum", losses, axis=None)
-        gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
-        loss_metric.update_state(loss)
-        accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
-        return loss, gradients
-
-    return train_step
-
-
-def _loss_scale(optimizer) -> tf.Tensor | None:
-    """The current loss scale under mixed_float16 (the optimizer unscales what it applies); None otherwise.
-
-    None, not 1.0: without loss scaling the step carries no multiply and no divide.
-    """
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return tf.convert_to_tensor(optimizer.dynamic_scale)
-    return None
-
-
-def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
-    return gradients if scale is None else [g / scale for g in gradients]
-
-
-@tf.function  # a TensorFlow graph, not XLA: XLA's CPU reductions ran single-threaded (docs/performance.md#export-cost)
-def gradient_stats(gradients) -> tf.Tensor:
-    """[variables, STAT_NAMES]: l2_norm, mean, std, max_abs, zero_fraction, nan and inf counts.
-
-    Runs on the device, right after the step, on the gradients it returned: no
-    gradient moves to the host. Memory-bound: five reads of each tensor (sum, sum
-    of squares, max, min, zeros), and only the zero count writes temporaries (a
-    boolean mask and its float32 cast: TensorFlow has no op that counts without
-    them). The NaN and Inf counts take two more reads of each tensor only when the
-    sums say some gradient is not finite; a NaN or Inf also shows in the float
-    statistics. The arithmetic on the sums runs once for all variables: on the
-    small ones, op dispatch costs more than the reading.
-    """
-    flat = [tf.reshape(tf.cast(g, tf.float32), [-1]) for g in gradients]
-    size = tf.constant([g.shape.num_elements() for g in flat], tf.float32)
-    total = tf.stack([tf.reduce_sum(g) for g in flat])
-    squares = tf.stack([2.0 * tf.nn.l2_loss(g) for g in flat])  # l2_loss: sum(g**2) / 2 in one pass, no g*g
-    max_abs = tf.stack([tf.maximum(tf.reduce_max(g), -tf.reduce_min(g)) for g in flat])  # without writing |g|
-    zeros = tf.stack([tf.reduce_sum(tf.cast(tf.equal(g, 0.0), tf.float32)) for g in flat])
-    counts = tf.cond(
-        tf.reduce_all(tf.math.is_finite(total + squares)),
-        lambda: tf.zeros([len(flat), 2]),
-        lambda: tf.stack([[tf.reduce_sum(tf.cast(tf.math.is_nan(g), tf.float32)), tf.reduce_sum(tf.cast(tf.math.is_inf(g), tf.float32))] for g in flat]),
-    )
-    mean = total / size
-    std = tf.sqrt(tf.maximum(squares / size - mean * mean, 0.0))
-    return tf.concat([tf.stack([tf.sqrt(squares), mean, std, max_abs, zeros / size], axis=1), counts], axis=1)
-
-
-def with_stats(train_step: Callable) -> Callable:
-    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats).
-
-    One call from Python per step instead of two (each call has a fixed cost: docs/performance.md);
-    the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
-    """
-
-    @tf.function
-    def step_with_stats(x, y):
-        loss, gradients = train_step(x, y)
-        return loss, gradients, gradient_stats(gradients)
-
-    return step_with_stats
-
-
-def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
-    """Host copies in the stored dtype, cast on the device (faster than numpy's float16 cast: docs/performance.md)."""
-    return [tf.cast(t, dtype).numpy() for t in tensors]
-
-
-def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
-    # Per-sample losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
-    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-    @tf.function(input_signature=BATCH_SPEC)
-    def eval_step(x, y):
-        logits = model(x, training=False)
-        loss_metric.update_state(per_sample_loss(y, logits))
-        accuracy_metric.update_state(y, logits)
-
-    return eval_step
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    train_step: Callable  # (images, labels) -> (loss, gradients, stats), see steps.with_stats
+    eval_step: Callable  # (images, labels) -> None, updates val_metrics
+    train_metrics: list[keras.metrics.Metric]  # running loss and accuracy of the epoch
+    val_metrics: list[keras.metrics.Metric]
 
 
 def train_model(
@@ -198,18 +65,13 @@ def train_model(
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
 
-    `warm_start`, a champion's pointer (see tasks/champion.py), starts from its model's weights instead of random ones.
+    `warm_start`, a champion's pointer (see tapeline/registry/champion.py), starts from its model's weights instead of random ones.
     """
     storage = Storage(config.storage)
     run_dir = storage.run_dir(run_id)
-    devices = resolve_devices(config.device, config.devices)
-    cluster = check_cluster(devices, run_id)  # TF_CONFIG naming two or more workers: MultiWorkerMirroredStrategy
-    if cluster:
-        strategy = join_cluster(cluster, storage, job_for(config, data, run_id, warm_start), devices)
-    else:
-        strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
-    writes = cluster is None or cluster.chief  # the others run every step and collective, and write nothing
-    print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
+    # Place: the devices, and, when TF_CONFIG names a cluster, this worker's place in it.
+    devices, cluster, strategy = _place(config, data, run_id, warm_start, storage)
+    writes = cluster is None or cluster.chief  # the other workers run every step and collective, and write nothing
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
@@ -217,106 +79,49 @@ def train_model(
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
-        model = build_model(config.precision)
-        optimizer = keras.optimizers.Adam(config.learning_rate)
-        if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
-        if warm_start:  # the optimizer starts fresh: its moments belong to the champion's data order
-            model.load_weights(storage.local(warm_start["model"]))
-            print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        train_loss, train_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-        val_loss, val_accuracy = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-        if strategy:
-            train_step = make_distributed_train_step(strategy, model, optimizer, train_loss, train_accuracy)
-        else:
-            train_step = make_train_step(model, optimizer, loss_fn, train_loss, train_accuracy, config.jit_compile)
-        train_step = with_stats(train_step)
-        eval_step = make_eval_step(model, val_loss, val_accuracy)
-        parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
-        checkpoint = TrainingCheckpoint(
-            storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters, writes=writes
-        )
+        # Build, then restore: the champion's weights for a warm start, this run's checkpoint for a resume.
+        model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, strategy)
+        if warm_start:
+            _load_champion(model, storage, warm_start)
+        resume_parameters = _resume_parameters(config, data)
+        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, train_metrics, resume_parameters, writes)
         step, history = checkpoint.restore()
-        resumed_from = step
-
-        variables = [v.path for v in model.trainable_variables]
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
-        images_t, labels_t = tf.constant(images), tf.constant(labels)
+        variables = [v.path for v in model.trainable_variables]
+        trained = _trained_model(run_id, storage, run_dir, devices, cluster, variables, warm_start, step, history)
+        recorder = open_recorder(config, storage, run_dir, run_id, variables, optimizer, last_step, writes)
         summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
-        trained = TrainedModel(
-            run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
-            model_uri=None, gradients_uri=storage.uri_of(run_dir / "gradients"), steps_uri=storage.uri_of(run_dir / "steps"),
-            tensorboard_uri=storage.uri_of(run_dir / "tensorboard"), variables=variables,
-            steps=step, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
-            role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
-        )  # fmt: skip
+        images_t, labels_t = tf.constant(images), tf.constant(labels)
 
-        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        learning_rate = float(optimizer.learning_rate.numpy())
-        policy = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)
-        log = StepLog(storage, run_dir, variables) if writes else _Discard()
-        snapshots = SnapshotWriter(storage, run_dir / "gradients", run_id, variables, config.gradient_dtype) if writes else _Discard()
-        with snapshots, summaries.as_default():
+        with recorder, summaries.as_default():
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
-                    train_loss.reset_state()
-                    train_accuracy.reset_state()
+                    _reset(train_metrics)
                 order = epoch_order(len(images), config.seed, epoch)
-                started, timed_from, timed_samples = time.perf_counter(), None, 0
-                epoch_batches = batches(images_t, labels_t, order, config.batch_size, first_batch)
-                if strategy:  # each replica, on any worker, takes its slice of every global batch
-                    epoch_batches = strategy.experimental_distribute_dataset(epoch_batches.with_options(SHARD_BY_DATA))
-                for i, (x, y) in enumerate(epoch_batches, first_batch):
-                    weights = None
-                    if config.snapshot_weights and policy.scheduled(step + 1):  # the values the gradient is taken at
-                        weights = host_arrays(model.trainable_variables, config.gradient_dtype)
+                clock = _EpochClock()
+                for i, (x, y) in enumerate(epoch_batches(images_t, labels_t, order, config.batch_size, first_batch, strategy), first_batch):
+                    recorder.before_step(step + 1, model.trainable_variables)
                     loss, gradients, stats = train_step(x, y)
-                    step += 1
-                    batch = sample_ids[order[i * config.batch_size : (i + 1) * config.batch_size]]
-                    loss, stats = float(loss), stats.numpy()
-                    # Under loss scaling an overflowing gradient is expected now and then: the
-                    # optimizer skips that step and lowers the scale. Only the loss decides there.
-                    finite = math.isfinite(loss) and (loss_scaled or not stats[:, 5:].any())
-                    global_norm = float(np.sqrt(np.sum(np.square(stats[:, 0], dtype=np.float64))))
-                    log.append(step, epoch, loss, global_norm, learning_rate, batch, stats)
-                    reason = policy.reason(step, global_norm, finite)
-                    if reason:
-                        snapshots.write(step, epoch, reason, host_arrays(gradients, config.gradient_dtype), stats[:, 0], weights)
-                    if not finite:
-                        log.flush()
-                        raise _non_finite(step, epoch, loss, variables, stats, checkpoint, trained)
+                    step, loss = step + 1, float(loss)
+                    batch = batch_sample_ids(sample_ids, order, i, config.batch_size)
+                    non_finite = recorder.record(step, epoch, loss, batch, stats.numpy(), gradients)
+                    if non_finite:
+                        raise _non_finite(step, epoch, non_finite, checkpoint, trained)
                     if step % 10 == 0:
                         tf.summary.scalar("step/loss", loss, step=step)
-                    if step % config.checkpoint_every == 0 and step % steps_per_epoch:
-                        log.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
+                    if step % config.checkpoint_every == 0 and step % steps_per_epoch:  # an epoch's end has its own
+                        recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
                         checkpoint.save(step, history)
                     if on_progress:
                         on_progress(step, last_step, loss)
-                    if timed_from is None:  # leave the first step (tracing, compiling) out of the speed
-                        timed_from = time.perf_counter()
-                    else:
-                        timed_samples += len(batch)
-                log.flush()
-                seconds, train_seconds = time.perf_counter() - started, time.perf_counter() - timed_from
-                for metric in (val_loss, val_accuracy):
-                    metric.reset_state()
-                for start in range(0, len(val_images), EVAL_BATCH_SIZE):
-                    eval_step(val_images[start : start + EVAL_BATCH_SIZE], val_labels[start : start + EVAL_BATCH_SIZE])
-                history.append(
-                    {
-                        "epoch": epoch,
-                        "train_loss": float(train_loss.result()),
-                        "train_accuracy": float(train_accuracy.result()),
-                        "val_loss": float(val_loss.result()) if len(val_images) else None,
-                        "val_accuracy": float(val_accuracy.result()) if len(val_images) else None,
-                        "seconds": round(seconds, 3),
-                        "train_samples_per_second": round(timed_samples / train_seconds, 1) if timed_samples else None,
-                    }
-                )
+                    clock.step_done(len(batch))
+
+                # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
+                recorder.flush()
+                timing = clock.stop()  # before validation: the epoch's training time
+                history.append(_epoch_row(epoch, timing, train_metrics, _validate(eval_step, val_metrics, val_images, val_labels)))
                 _epoch_summaries(history[-1], step, config.learning_rate)
                 if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
                     summaries.flush()
@@ -324,6 +129,7 @@ def train_model(
                 checkpoint.save(step, history)
                 print(_epoch_line(history[-1], config.epochs))
 
+    # Save: the trained model, by the process that writes.
     model_path = run_dir / "model.keras"
     if writes:
         with atomic_path(model_path, suffix=".keras") as temporary:  # Keras saves only to a .keras name
@@ -332,47 +138,133 @@ def train_model(
     return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)
 
 
-# Shard by element, not by file: each worker takes its replicas' slices of every global batch
-# (tf.distribute rebatches it into one slice per replica), so a step's global batch is a single worker's.
-SHARD_BY_DATA = tf.data.Options()
-SHARD_BY_DATA.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+def _place(
+    config: RunConfig, data: PreparedData, run_id: str, warm_start: dict | None, storage: Storage
+) -> tuple[list[str], Cluster | None, tf.distribute.Strategy | None]:
+    """(devices, cluster, strategy): MirroredStrategy over several local devices; when TF_CONFIG names
+    two or more workers, the cluster joined and its MultiWorkerMirroredStrategy; no strategy on one device."""
+    devices = resolve_devices(config.device, config.devices)
+    cluster = check_cluster(devices, run_id)
+    if cluster:
+        strategy = join_cluster(cluster, storage, job_for(config, data, run_id, warm_start), devices)
+    else:
+        strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
+    print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
+    return devices, cluster, strategy
 
 
-class _Discard:
-    """Stands in for the snapshot writer and the step log on a worker that writes nothing."""
+def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
+    """The model, its optimizer, the compiled steps and their metrics; call in the device's or the strategy's scope."""
+    model = build_model(config.precision)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
+    train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
+    val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
+    if strategy:
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics)
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile)
+    return Training(model, optimizer, with_stats(train_step), make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
+    """What a checkpoint must have been trained with to be resumed: RESUME_PARAMETERS and the prepared data."""
+    return {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order in which an epoch visits the training split: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _trained_model(
+    run_id: str, storage: Storage, run_dir: Path, devices: list[str], cluster: Cluster | None,
+    variables: list[str], warm_start: dict | None, resumed_from: int, history: list[dict],
+) -> TrainedModel:  # fmt: skip
+    """What the run reports before its first step: where it writes, on what it trains, where it starts from."""
+    return TrainedModel(
+        run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
+        model_uri=None, gradients_uri=storage.uri_of(run_dir / "gradients"), steps_uri=storage.uri_of(run_dir / "steps"),
+        tensorboard_uri=storage.uri_of(run_dir / "tensorboard"), variables=variables,
+        steps=resumed_from, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
+        role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
+    )  # fmt: skip
 
 
-def batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size: int, skip: int = 0) -> tf.data.Dataset:
-    """Batches of (uint8 images, labels) in `order` from batch `skip` on: index batches gathered in one op, prefetched."""
-    return (
-        tf.data.Dataset.from_tensor_slices(order[skip * batch_size :])
-        .batch(batch_size)
-        .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
+def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> None:
+    """The champion's weights; the optimizer starts fresh: its moments belong to the champion's data order."""
+    model.load_weights(storage.local(warm_start["model"]))
+    print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
+
+
+def open_recorder(
+    config: RunConfig, storage: Storage, run_dir: Path, run_id: str, variables: list[str], optimizer, last_step: int, writes: bool
+) -> GradientRecorder | NullRecorder:
+    """The run's gradient recorder; on a worker that does not write, one that keeps nothing."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if not writes:
+        return NullRecorder(variables, loss_scaled)
+    return GradientRecorder(
+        variables,
+        StepLog(storage, run_dir, variables),
+        SnapshotWriter(storage, run_dir / "gradients", run_id, variables, config.gradient_dtype),
+        SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor),
+        learning_rate=float(optimizer.learning_rate.numpy()),
+        loss_scaled=loss_scaled,
+        snapshot_weights=config.snapshot_weights,
+        to_host=functools.partial(host_arrays, dtype=config.gradient_dtype),  # cast on the device, copy once
     )
 
 
-def _non_finite(step, epoch, loss, variables, stats, checkpoint, trained) -> NonFiniteError:
-    bad = ["loss"] if not math.isfinite(loss) else []
-    bad += [name for name, row in zip(variables, stats) if row[5:].any()]
+def _reset(metrics: list[keras.metrics.Metric]) -> None:
+    for metric in metrics:
+        metric.reset_state()
+
+
+def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: np.ndarray, labels: np.ndarray) -> list[float | None]:
+    """[loss, accuracy] on the validation split; [None, None] when it is empty."""
+    _reset(metrics)
+    for start in range(0, len(images), EVAL_BATCH_SIZE):
+        eval_step(images[start : start + EVAL_BATCH_SIZE], labels[start : start + EVAL_BATCH_SIZE])
+    return [float(metric.result()) if len(images) else None for metric in metrics]
+
+
+class _EpochClock:
+    """An epoch's wall time, and its training speed without its first step (tracing, compiling)."""
+
+    def __init__(self):
+        self.started, self._timed_from, self._samples = time.perf_counter(), None, 0
+
+    def step_done(self, samples: int) -> None:
+        if self._timed_from is None:
+            self._timed_from = time.perf_counter()
+        else:
+            self._samples += samples
+
+    def stop(self) -> tuple[float, float | None]:
+        """(seconds since the epoch started, samples per second after its first step; None with one step)."""
+        now = time.perf_counter()
+        return now - self.started, self._samples / (now - self._timed_from) if self._samples else None
+
+
+def _epoch_row(epoch: int, timing: tuple[float, float | None], train_metrics: list, validation: list[float | None]) -> dict:
+    """The epoch's line of the run's history (run.json, the checkpoint)."""
+    (train_loss, train_accuracy), (val_loss, val_accuracy), (seconds, speed) = train_metrics, validation, timing
+    return {
+        "epoch": epoch,
+        "train_loss": float(train_loss.result()),
+        "train_accuracy": float(train_accuracy.result()),
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "seconds": round(seconds, 3),
+        "train_samples_per_second": round(speed, 1) if speed else None,
+    }
+
+
+def _non_finite(step: int, epoch: int, values: list[str], checkpoint: TrainingCheckpoint, trained: TrainedModel) -> NonFiniteError:
+    """The NaN guard's message: the step, what was not finite in it, where a rerun would resume."""
     latest = checkpoint.latest_step
     kept = "no checkpoint was written yet" if latest is None else f"the last good checkpoint is step {latest}"
     return NonFiniteError(
-        f"non-finite values at step {step} (epoch {epoch}) in {', '.join(bad)}; {kept}, the gradients of step {step} were exported",
+        f"non-finite values at step {step} (epoch {epoch}) in {', '.join(values)}; {kept}, the gradients of step {step} were exported",
         dataclasses.replace(trained, steps=step),
     )
 

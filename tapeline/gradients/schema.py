@@ -1,0 +1,102 @@
+"""The gradient datasets: their schemas, partitioning, and the columns of a step's statistics.
+
+Three Parquet datasets under a run, each hive-partitioned by epoch: a file lives
+in `<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name
+supplies it (declared int32 by PARTITIONING). The schemas below are the datasets'
+as read; `file_schema` is what a file holds.
+
+`gradients/` — full snapshots, one row per (step, variable), one file per step
+(`epoch=<N>/step-<step>.parquet`):
+    run_id string, epoch int32, step int64, variable string,
+    shape list<int32>, values large_list<float32> (flattened in C order),
+    l2_norm float32 (of the float32 gradient, the same as in `stats/`, so reports
+        never need to read `values`),
+    reason string (why this step was kept in full: first, scheduled, last,
+    non-finite, norm-spike; comma-separated when several).
+The values are the gradients exactly as `tape.gradient` returned them, before
+the optimizer applied them.
+
+`steps/` — one row per training step, and `stats/` — one row per (step,
+variable), computed on the device right after each step; one file each per stretch
+between checkpoints (`epoch=<N>/steps-<first step>.parquet`, `stats-…`):
+    steps: step int64, epoch int32, loss float32, global_norm float32,
+           learning_rate float32, sample_ids list<int64>
+    stats: step int64, epoch int32, variable string, l2_norm, mean, std,
+           max_abs, zero_fraction float32, nan_count, inf_count int64
+`sample_ids` are values of the training split's `sample_id` column. A NaN or
+Inf in a gradient shows in its float statistics too; `nan_count` and
+`inf_count` say how many there were.
+
+Files appear under their final name only when complete (see tapeline/storage/root.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
+from tapeline.storage.root import MANIFEST_SUFFIX
+
+MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
+GRADIENT_DTYPES = {dtype: pa.type_for_alias(dtype) for dtype in STORED_DTYPES}  # --gradient-dtype's legal values
+# Pyarrow refuses a column that is also a hive key, so the directory alone holds the
+# epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
+# or a category sorted as text (pandas).
+PARTITIONING = ds.partitioning(pa.schema([("epoch", pa.int32())]), flavor="hive")
+
+
+def gradient_schema(dtype: str = "float32") -> pa.Schema:
+    """The snapshot schema; `values` and `weights` are stored in `dtype` (statistics are always float32)."""
+    stored = GRADIENT_DTYPES[dtype]
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("epoch", pa.int32()),
+            ("step", pa.int64()),
+            ("variable", pa.string()),
+            ("shape", pa.list_(pa.int32())),
+            ("values", pa.large_list(stored)),
+            ("l2_norm", pa.float32()),
+            ("reason", pa.string()),
+            ("weights", pa.large_list(stored)),  # null unless the run records weights
+        ]
+    )
+
+
+GRADIENT_SCHEMA = gradient_schema()
+STEP_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int32()),
+        ("loss", pa.float32()),
+        ("global_norm", pa.float32()),
+        ("learning_rate", pa.float32()),
+        ("sample_ids", pa.list_(pa.int64())),
+    ]
+)
+STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
+STATS_SCHEMA = pa.schema(
+    [("step", pa.int64()), ("epoch", pa.int32()), ("variable", pa.string())]
+    + [(name, pa.int64() if name.endswith("_count") else pa.float32()) for name in STAT_NAMES]
+)
+
+# One step's statistics as `gradient_stats` returns them, before they are written: an array [variables, STAT_NAMES].
+L2_NORM = STAT_NAMES.index("l2_norm")
+NON_FINITE_COUNTS = slice(STAT_NAMES.index("nan_count"), STAT_NAMES.index("inf_count") + 1)
+
+
+def global_norm(stats: np.ndarray) -> float:
+    """The L2 norm of the step's whole gradient, from the variables' norms (summed in float64)."""
+    return float(np.sqrt(np.sum(np.square(stats[:, L2_NORM], dtype=np.float64))))
+
+
+def non_finite_variables(stats: np.ndarray, variables: list[str]) -> list[str]:
+    """The variables whose gradient holds a NaN or an Inf."""
+    return [name for name, counts in zip(variables, stats[:, NON_FINITE_COUNTS]) if counts.any()]
+
+
+def file_schema(schema: pa.Schema) -> pa.Schema:
+    """What a file of the dataset holds: its schema without the partition column."""
+    return schema.remove(schema.get_field_index("epoch"))

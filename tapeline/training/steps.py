@@ -1,0 +1,138 @@
+"""The compiled steps: a training step (one device, or a distribution strategy's replicas), its statistics, evaluation.
+
+Each is a small `tf.function` the loop calls once per batch (see tapeline/training/loop.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tapeline.data.splits import IMAGE_SHAPE
+from tapeline.gradients.stats import gradient_stats
+
+BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
+
+
+def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True) -> Callable:
+    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them).
+
+    With XLA the step is one fused program; on CPU most of the gain is Adam, whose
+    ten element-wise passes over the 11 MB dense kernel become one. With a
+    LossScaleOptimizer (mixed_float16) the tape differentiates the scaled loss;
+    the returned gradients are divided back, so they are always the true ones.
+    """
+
+    @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
+    def train_step(x, y):
+        scale = _loss_scale(optimizer)
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = loss_fn(y, logits)
+            scaled_loss = loss if scale is None else loss * scale
+        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
+        gradients = _unscaled(scaled_gradients, scale)
+        loss_metric.update_state(loss)
+        accuracy_metric.update_state(y, logits)
+        return loss, gradients
+
+    return train_step
+
+
+def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric) -> Callable:
+    """The same step on `strategy`'s replicas, each on its slice of the batch.
+
+    Each replica's loss is its share of the whole batch's mean loss, so the sum of
+    the replicas' gradients, which the optimizer all-reduces and applies, is the
+    gradient of the whole batch. That sum is what this step returns and the run
+    exports. A last batch smaller than the replica count leaves some replicas an
+    empty slice; theirs is a zero share, so every sample of the epoch is trained on,
+    as on one device. (No XLA here: it does not compile the cross-replica all-reduce.)
+    """
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    logits_spec = model.compute_output_spec(keras.KerasTensor([None, *IMAGE_SHAPE], "uint8"))  # symbolic: runs nothing
+
+    def slice_step(x, y, batch_size, scale):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
+            scaled_loss = loss if scale is None else loss * scale
+        return loss, tape.gradient(scaled_loss, model.trainable_variables), logits
+
+    def empty_slice():
+        """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
+
+        The model must not run on an empty batch: TensorFlow's Conv2D returns its
+        input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
+        """
+        gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
+        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
+
+    def replica_step(x, y, scale=None):
+        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
+        loss, scaled_gradients, logits = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
+        optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
+        return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
+
+    @tf.function
+    def train_step(x, y):
+        scale = _loss_scale(optimizer)
+        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
+        loss = strategy.reduce("sum", losses, axis=None)
+        gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
+        loss_metric.update_state(loss)
+        accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
+        return loss, gradients
+
+    return train_step
+
+
+def _loss_scale(optimizer) -> tf.Tensor | None:
+    """The current loss scale under mixed_float16 (the optimizer unscales what it applies); None otherwise.
+
+    None, not 1.0: without loss scaling the step carries no multiply and no divide.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return tf.convert_to_tensor(optimizer.dynamic_scale)
+    return None
+
+
+def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
+    return gradients if scale is None else [g / scale for g in gradients]
+
+
+def with_stats(train_step: Callable) -> Callable:
+    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats).
+
+    One call from Python per step instead of two (each call has a fixed cost: docs/performance.md);
+    the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
+    """
+
+    @tf.function
+    def step_with_stats(x, y):
+        loss, gradients = train_step(x, y)
+        return loss, gradients, gradient_stats(gradients)
+
+    return step_with_stats
+
+
+def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
+    """Host copies in the stored dtype, cast on the device (far faster than numpy's float16 cast: docs/performance.md)."""
+    return [tf.cast(t, dtype).numpy() for t in tensors]
+
+
+def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
+    # Per-sample losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
+    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    @tf.function(input_signature=BATCH_SPEC)
+    def eval_step(x, y):
+        logits = model(x, training=False)
+        loss_metric.update_state(per_sample_loss(y, logits))
+        accuracy_metric.update_state(y, logits)
+
+    return eval_step
