@@ -110,7 +110,7 @@ def worker(argv: list[str], prog: str) -> int:
         trained = work(args.storage, args.run_name, args.wait)
     except TapelineError as error:
         return _failed(prog, 1, error)
-    print(f"{trained.role}: trained {trained.steps} steps of run {trained.run_id}")
+    print(f"trained {trained.steps} steps of run {trained.run_id} ({trained.role})")
     return 0
 
 
