@@ -12,8 +12,8 @@ its own on loopback. Prints each turn's wall time and the ratio of the medians.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,34 +22,24 @@ import time
 from pathlib import Path
 
 import boto3
+from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "/usr/share/datasets/fashion-mnist"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def s3_server(environment: dict) -> subprocess.Popen:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def s3_server(environment: dict) -> ThreadedMotoServer:
+    """moto's S3 server on a loopback port of its choosing (as the tests' `s3` fixture), and a bucket on it."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request would bury the timings
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
     environment.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{server._server.server_address[1]}", AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
     )  # fmt: skip
     os.environ.update(environment)
-    for _ in range(100):
-        try:
-            boto3.client("s3").create_bucket(Bucket="bench")
-            return server
-        except Exception:  # not listening yet
-            time.sleep(0.2)
-    raise SystemExit("the S3 server did not start")
+    boto3.client("s3").create_bucket(Bucket="bench")
+    return server
 
 
 def one_epoch(storage: str, workdir: Path, train_limit: int, environment: dict) -> float:
@@ -81,7 +71,7 @@ def main() -> None:
                     seconds[name].append(one_epoch(root, Path(scratch) / f"work-{name}-{turn}", args.train_limit, environment))
                     print(f"turn {turn + 1}: {name:<6}{seconds[name][-1]:7.1f} s", flush=True)
     finally:
-        server.terminate()
+        server.stop()
     local, s3 = (statistics.median(seconds[name]) for name in ("local", "s3"))
     print(f"one epoch on {args.train_limit} samples, median of {args.repeats}: local {local:.1f} s, s3 {s3:.1f} s, s3 / local = {s3 / local:.3f}")
 

@@ -8,6 +8,9 @@ profile) when it answers; otherwise it starts `prefect server start` on loopback
 background. Then it creates the process work pool `tapeline` with its work queue `gpu`
 and the `gpu` tag concurrency limit when they are missing, deploys
 deployments/prefect.yaml, and starts a worker for the pool unless `--no-worker`.
+The deployments run the tapeline installed in this Python environment (module-path
+entrypoints); the worker `up` starts works in this clone, so a run's default storage
+root is the clone's ./artifacts.
 
 `down` stops only the server and worker that `up` started (their pid files), and
 nothing else. Pid files and logs live in $PREFECT_HOME/tapeline/ (~/.prefect/tapeline).
@@ -67,7 +70,8 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-def free_port() -> int:
+def server_port() -> int:
+    """Prefect's default port when it is free, else any free one (stack.py runs from a clone, without tests/)."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like the server: a stopped one's TIME_WAIT is no conflict
         try:
@@ -101,11 +105,8 @@ def start(name: str, command: list[str], env: dict) -> int:
     return process.pid
 
 
-def child_env(url: str, **extra: str) -> dict:
-    env = {**os.environ, "PREFECT_API_URL": url, **extra}
-    # Import this clone's code, whatever the environment has installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return env
+def child_env(url: str) -> dict:
+    return {**os.environ, "PREFECT_API_URL": url}
 
 
 def ensure_server() -> str:
@@ -119,7 +120,7 @@ def ensure_server() -> str:
     if url and not is_loopback(url):
         sys.exit(f"stack.py: error: no Prefect API answers at {url}; start it, or unset PREFECT_API_URL to run one here")
     if not running("server"):
-        port = urlparse(url).port if url else free_port()
+        port = urlparse(url).port if url else server_port()
         url = f"http://127.0.0.1:{port}/api"
         command = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         pid = start("server", command, child_env(url))
@@ -161,11 +162,8 @@ def ensure_pool_queue_and_limit(url: str) -> None:
 
 
 def deploy(url: str) -> None:
-    env = child_env(url)
-    # Unset, so `prefect deploy` keeps the pull step's {{ $TAPELINE_REPO }} for the worker to fill in.
-    env.pop("TAPELINE_REPO", None)
     command = [*PREFECT, "--no-prompt", "deploy", "--prefect-file", PREFECT_FILE, "--all"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=REPO, env=child_env(url), capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{result.stdout}{result.stderr}stack.py: error: `prefect deploy` failed (above)")
     print("deployed   train-flow/on-demand, train-flow/scheduled-retraining, prepare-data/cpu")
@@ -176,7 +174,7 @@ def ensure_worker(url: str) -> None:
         print(f"worker     running (pid {pid})")
         return
     command = [*PREFECT, "worker", "start", "--pool", POOL, *(f"--work-queue={queue}" for queue in QUEUES)]
-    pid = start("worker", command, child_env(url, TAPELINE_REPO=str(REPO)))
+    pid = start("worker", command, child_env(url))  # in REPO: runs write to the clone's ./artifacts
     print(f"worker     started for pool {POOL!r}, queues {', '.join(QUEUES)} (pid {pid}, log {state_dir() / 'worker.log'})")
 
 
@@ -191,7 +189,7 @@ def up(with_worker: bool) -> None:
         "\nNext:\n"
         + (f"  export PREFECT_API_URL={url}\n" if configured_api_url() != url else "")
         + "  prefect deployment run 'train-flow/on-demand' --param epochs=1\n"
-        + ("" if with_worker else f"  TAPELINE_REPO={REPO} prefect worker start --pool {POOL} --work-queue gpu --work-queue cpu\n")
+        + ("" if with_worker else f"  prefect worker start --pool {POOL} --work-queue gpu --work-queue cpu   # where runs should write\n")
         + f"  UI: {url.removesuffix('/api')}\n"
         + "  take it down: python deployments/stack.py down"
     )

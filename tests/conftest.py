@@ -1,10 +1,12 @@
-"""Shared fixtures: small real IDX datasets, the real Fashion-MNIST files, one Prefect harness."""
+"""Shared fixtures: small real IDX datasets, the real Fashion-MNIST files, one Prefect harness, free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +16,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tapeline.config import RunConfig  # noqa: E402
+from tapeline.data.fetch import fetch_dataset  # noqa: E402
 from tapeline.data.idx import encode_idx  # noqa: E402
 from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
+from tapeline.data.splits import prepare  # noqa: E402
+from tapeline.results import PreparedData  # noqa: E402
+from tapeline.storage.root import Storage  # noqa: E402
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FILE_NAMES = {
@@ -52,6 +59,32 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
             FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
         )
     return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"))
+
+
+def tiny_prepared(
+    directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run
+) -> tuple[RunConfig, PreparedData]:
+    """A tiny dataset written to `directory`/source, fetched and preprocessed into `storage` (default
+    `directory`/store): the validated config of a run on it (`run` are its fields besides dataset and storage)
+    and the prepared splits, as the flow's first two stages would hand them to train."""
+    source = directory / "source"
+    dataset = write_idx_dir(source, tiny_arrays(n_train=n_train, n_test=n_test))
+    config = RunConfig(dataset="mnist", storage=storage or str(directory / "store"), **run).validated()
+    root = Storage(config.storage)
+    return config, prepare(fetch_dataset(dataset, root, str(source)), root, config.seed, config.validation_size)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports that nothing listens on (each probe holds its port until all are chosen)."""
+    with contextlib.ExitStack() as probes:
+        sockets = [probes.enter_context(socket.socket()) for _ in range(count)]
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 @pytest.fixture

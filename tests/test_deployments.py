@@ -1,6 +1,9 @@
 """The deployments, for real: deployments/stack.py brings up a Prefect server on a free
-loopback port with a PREFECT_HOME of its own, a worker runs `train-flow/on-demand`,
-and `stack.py down` stops what `up` started."""
+loopback port with a PREFECT_HOME of its own, plain workers outside the checkout run
+`train-flow/on-demand`, and `stack.py down` stops what `up` started.
+
+Every command runs the tapeline installed in the tests' environment (this checkout,
+installed editable), with no PYTHONPATH and no TAPELINE_* variable."""
 
 from __future__ import annotations
 
@@ -25,20 +28,15 @@ from tapeline.cli import parse_train_args as parse_args
 from tapeline.reader import read_gradients, read_run_json
 from tapeline.registry.listing import model_registry
 from tapeline.storage.root import Storage
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(REPO / "deployments" / "stack.py")]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _run(command: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(command: list[str], env: dict, timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _alive(pid: int) -> bool:
@@ -50,13 +48,12 @@ def _alive(pid: int) -> bool:
 def env(tmp_path_factory) -> dict:
     """The environment of every command here: a new PREFECT_HOME and an API URL where nothing answers yet."""
     home = tmp_path_factory.mktemp("prefect-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TAPELINE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TAPELINE_")) and k != "PYTHONPATH"}
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_API_URL=f"http://127.0.0.1:{_free_port()}/api",
+        PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),  # this clone's code
     )
     yield env
     _run([*STACK, "down"], env)  # whatever the tests did
@@ -64,9 +61,7 @@ def env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def up(env) -> str:
-    # Set while deploying, as it would be on a machine that also runs a worker: the
-    # deployment must not record it.
-    result = _run([*STACK, "up", "--no-worker"], {**env, "TAPELINE_REPO": "/the/deploying/machine"})
+    result = _run([*STACK, "up", "--no-worker"], env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -87,10 +82,10 @@ def _deployment_run(env: dict, *params: str) -> UUID:
     return UUID(re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1))
 
 
-def _work_once(env: dict) -> str:
-    """A worker on the GPU queue that takes the runs due now, waits for them, and exits."""
+def _work_once(env: dict, cwd: Path) -> str:
+    """A plain worker on the GPU queue, started in `cwd`, that takes the runs due now, waits for them, and exits."""
     command = [*PREFECT, "worker", "start", "--pool", "tapeline", "--work-queue", "gpu", "--run-once"]
-    result = _run(command, {**env, "TAPELINE_REPO": str(REPO)})
+    result = _run(command, env, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 
@@ -102,15 +97,15 @@ def test_up_starts_a_server_and_creates_what_the_deployments_need(up, env, api):
     assert api.read_work_queue_by_name("gpu", work_pool_name="tapeline")
     assert api.read_work_queue_by_name("cpu", work_pool_name="tapeline")
     prepare = api.read_deployment_by_name("prepare-data/cpu")
-    assert (prepare.work_pool_name, prepare.work_queue_name, prepare.entrypoint) == ("tapeline", "cpu", "flows/prepare.py:prepare_data")
+    assert (prepare.work_pool_name, prepare.work_queue_name, prepare.entrypoint) == ("tapeline", "cpu", "tapeline.flows.prepare.prepare_data")
     assert api.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
     on_demand = api.read_deployment_by_name("train-flow/on-demand")
     assert (on_demand.work_pool_name, on_demand.work_queue_name) == ("tapeline", "gpu")
     assert on_demand.parameters == {} and on_demand.schedules == []
-    # The worker's clone, filled in at run time: not the deploying machine's path.
-    assert on_demand.pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TAPELINE_REPO }}"}}
-    ]
+    # Nothing of the deploying machine: an installed module, no pull step, and the worker's own directory.
+    for deployment in (prepare, on_demand, api.read_deployment_by_name("train-flow/scheduled-retraining")):
+        assert deployment.entrypoint.startswith("tapeline.flows.") and ":" not in deployment.entrypoint
+        assert (deployment.pull_steps, deployment.path, deployment.job_variables) == ([], None, {"working_dir": "."})
 
 
 def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
@@ -124,14 +119,18 @@ def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
 
 
 @pytest.mark.slow
-def test_on_demand_run_completes_and_registers_a_model(env, api, tmp_path, fashion_mnist_dir):
-    storage = tmp_path / "storage"
+def test_a_plain_worker_outside_the_checkout_runs_on_demand_and_registers_a_model(env, api, tmp_path, fashion_mnist_dir):
+    """`prefect worker start --pool tapeline`, as a user types it, in a directory of its own: no clone, no TAPELINE_REPO,
+    no PYTHONPATH. The run imports tapeline as installed ("installed" here is the tests' environment, which has this
+    checkout installed editable), and its default storage is ./artifacts of the worker's directory, as for the CLI."""
+    assert not {"TAPELINE_REPO", "TAPELINE_STORAGE", "PYTHONPATH"} & set(env)
     flow_run_id = _deployment_run(
-        env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", f"storage={storage}", "run_name=deployed",
+        env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", "run_name=deployed",
         "epochs=1", "train_limit=500", "validation_size=100",
-    )
-    log = _work_once(env)
+    )  # no storage: the default
+    log = _work_once(env, cwd=tmp_path)
     assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log
+    storage = tmp_path / "artifacts"
     manifest = json.loads((storage / "runs" / "deployed" / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["parameters"]["train_limit"] == 500
     assert json.loads((storage / "models" / "current").read_text())["run_id"] == "deployed"
@@ -146,10 +145,11 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
 
     def machine(name: str) -> dict:
         home = tmp_path / name
-        return {**env, **aws, "HOME": str(home), "TAPELINE_WORKDIR": str(home / "work"), "TAPELINE_REPO": str(REPO)}
+        home.mkdir(exist_ok=True)
+        return {**env, **aws, "HOME": str(home), "TAPELINE_WORKDIR": str(home / "work")}
 
     cpu_worker = subprocess.Popen(
-        [*PREFECT, "worker", "start", "--pool", "tapeline", "--work-queue", "cpu"], cwd=REPO, env=machine("cpu"),
+        [*PREFECT, "worker", "start", "--pool", "tapeline", "--work-queue", "cpu"], cwd=tmp_path / "cpu", env=machine("cpu"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -157,7 +157,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
             env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", f"storage={root}", "run_name=split",
             "epochs=1", "train_limit=500", "validation_size=100", "prepare_on=prepare-data/cpu",
         )  # fmt: skip
-        log = _work_once(machine("gpu"))
+        log = _work_once(machine("gpu"), cwd=tmp_path / "gpu")
     finally:
         os.killpg(cpu_worker.pid, signal.SIGTERM)
         cpu_worker.wait(timeout=60)

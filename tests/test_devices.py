@@ -12,15 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare
 from tapeline.errors import ConfigError
 from tapeline.reader import read_steps
-from tapeline.storage.root import Storage
 from tapeline.training.devices import resolve_devices
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.conftest import tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,13 +34,9 @@ def test_gpu_without_a_gpu_is_an_error():
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores for 2 logical devices")
 def test_two_devices_match_one(tmp_path):
     # 385 training samples, batches of 32: the last batch has one sample, so replica 1's slice is empty.
-    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=401, n_test=20))
-    config = RunConfig(
-        dataset="mnist", storage=str(tmp_path / "store"), epochs=1, batch_size=32, seed=9,
-        validation_size=16, snapshot_every=4, jit_compile=False,
-    ).validated()
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    config, data = tiny_prepared(
+        tmp_path, n_train=401, n_test=20, epochs=1, batch_size=32, seed=9, validation_size=16, snapshot_every=4, jit_compile=False
+    )
     one = train_model(config, data, "one")
 
     # Logical devices must be set before TensorFlow starts: a process of its own.

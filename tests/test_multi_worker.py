@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -15,9 +14,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare
 from tapeline.errors import ConfigError
 from tapeline.gradients.export import publish_gradients
 from tapeline.reader import read_gradients
@@ -25,20 +21,10 @@ from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
 from tapeline.training.cluster import JOB_FILE, check_cluster, cluster_from_env
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.conftest import free_ports, tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for the whole two-process run: a hang fails the test instead of stalling the suite
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run_files(run_dir: Path) -> set[str]:
@@ -157,13 +143,10 @@ def test_workers_with_different_jobs_fail_instead_of_hanging(tmp_path):
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two TensorFlow worker processes need 2 CPU cores")
 def test_two_workers_match_one(tmp_path):
     # 161 training samples, batches of 32: the last global batch has one sample, so worker 1's slice is empty.
-    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=177, n_test=20))
-    config = RunConfig(
-        dataset="mnist", storage=str(tmp_path / "store"), epochs=1, batch_size=32, seed=9, validation_size=16,
-        snapshot_every=2, checkpoint_every=4, jit_compile=False,
-    ).validated()  # fmt: skip
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    config, data = tiny_prepared(
+        tmp_path, n_train=177, n_test=20, epochs=1, batch_size=32, seed=9, validation_size=16, snapshot_every=2, checkpoint_every=4,
+        jit_compile=False,
+    )  # fmt: skip
     assert "TF_CONFIG" not in os.environ
     one = train_model(config, data, "one")
     assert one.role == "single" and one.steps == 6

@@ -13,16 +13,13 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 
-from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare
 from tapeline.flows.train import train_flow
 from tapeline.gradients import verify
 from tapeline.gradients.export import publish_gradients
 from tapeline.reader import open_dataset, read_gradients, read_run_json, read_stats
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.conftest import tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,12 +40,10 @@ def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
     """SIGKILL while snapshots stream to the bucket; another machine then exports and reads every complete one."""
     root = s3.uri(f"killed-{tmp_path.name}")
     monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "trainer"))
-    dataset = write_idx_dir(tmp_path / "source", tiny_arrays(n_train=2000, n_test=50))
-    config = RunConfig(
-        dataset="mnist", storage=root, epochs=1, batch_size=16, seed=5, validation_size=100, snapshot_every=1, checkpoint_every=10**6,
-    ).validated()  # fmt: skip
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(tmp_path / "source")), storage, config.seed, config.validation_size)
+    config, data = tiny_prepared(
+        tmp_path, n_train=2000, n_test=50, storage=root, epochs=1, batch_size=16, seed=5, validation_size=100, snapshot_every=1,
+        checkpoint_every=10**6,
+    )  # fmt: skip
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)

@@ -9,24 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare
 from tapeline.errors import ConfigError
 from tapeline.gradients.writers import snapshot_file
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.conftest import tiny_prepared
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    dataset = write_idx_dir(root / "source", tiny_arrays(n_train=320, n_test=20))
-    config = RunConfig(
-        dataset="mnist", storage=str(root / "store"), epochs=2, batch_size=32, seed=4, validation_size=32, snapshot_every=100,
-    ).validated()
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
+    config, data = tiny_prepared(root, n_train=320, n_test=20, epochs=2, batch_size=32, seed=4, validation_size=32, snapshot_every=100)
     return config, data, train_model(config, data, "float32")
 
 

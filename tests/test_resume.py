@@ -15,9 +15,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare
 from tapeline.errors import ConfigError, NonFiniteError
 from tapeline.gradients.export import publish_gradients
 from tapeline.gradients.writers import snapshot_file
@@ -25,7 +22,7 @@ from tapeline.reader import read_gradients, read_steps
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.conftest import tiny_prepared
 from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    dataset = write_idx_dir(root / "source", tiny_arrays(n_train=2000, n_test=50))
-    config = RunConfig(
-        dataset="mnist", storage=str(root / "store"), epochs=2, batch_size=16, seed=5, validation_size=100,
-        snapshot_every=40, checkpoint_every=20, deterministic=True,
-    ).validated()
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
-    return config, data
+    return tiny_prepared(
+        root, n_train=2000, n_test=50, epochs=2, batch_size=16, seed=5, validation_size=100, snapshot_every=40, checkpoint_every=20,
+        deterministic=True,
+    )  # fmt: skip
 
 
 def weights(trained) -> list[np.ndarray]:

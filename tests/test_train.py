@@ -14,9 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from tapeline.config import RunConfig
-from tapeline.data.fetch import fetch_dataset
-from tapeline.data.splits import prepare, read_split
+from tapeline.data.splits import read_split
 from tapeline.gradients.export import GradientExportError, plot_norms, publish_gradients
 from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, file_schema
@@ -34,16 +32,10 @@ EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import tiny_arrays, write_idx_dir
+    from tests.conftest import tiny_prepared
 
     root = tmp_path_factory.mktemp("train")
-    dataset = write_idx_dir(root / "source", tiny_arrays())
-    config = RunConfig(
-        dataset="mnist", storage=str(root / "store"), epochs=EPOCHS, batch_size=BATCH, seed=3,
-        validation_size=40, snapshot_every=SNAPSHOT_EVERY,
-    ).validated()
-    storage = Storage(config.storage)
-    data = prepare(fetch_dataset(dataset, storage, str(root / "source")), storage, config.seed, config.validation_size)
+    config, data = tiny_prepared(root, epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY)
     return config, data, train_model(config, data, "run-1")
 
 
