@@ -27,7 +27,7 @@ between checkpoints (`epoch=<N>/steps-<first step>.parquet`, `stats-…`):
 Inf in a gradient shows in its float statistics too; `nan_count` and
 `inf_count` say how many there were.
 
-Files appear under their final name only when complete (see tasks/storage.py).
+Files appear under their final name only when complete (see tapeline/storage/root.py).
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from tapeline.storage.root import MANIFEST_SUFFIX, Storage, atomic_path
+from tapeline.storage.layout import RunPaths
+from tapeline.storage.root import Storage, atomic_path
 
-MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
 GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 # Pyarrow refuses a column that is also a hive key, so the directory alone holds the
 # epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
@@ -105,9 +104,7 @@ def atomic_partition_path(path: Path):
 
 def write_partition_file(storage: Storage, path: Path, table: pa.Table, **options) -> None:
     """Write `table` to `path`, a `partition_file` of a dataset, whole or not at all, and publish it."""
-    with atomic_partition_path(path) as temporary:
-        pq.write_table(table, temporary, **options)
-    storage.publish(path)  # an upload, for an object store
+    storage.write_table(path, table, dataset=path.parents[1], **options)
 
 
 # Dictionary encoding of floats is slow and grows the file; BYTE_STREAM_SPLIT
@@ -259,8 +256,8 @@ class StepLog:
     or doubled.
     """
 
-    def __init__(self, storage: Storage, run_dir: Path, variables: list[str]):
-        self.storage, self.run_dir, self.variables = storage, run_dir, variables
+    def __init__(self, storage: Storage, run: RunPaths, variables: list[str]):
+        self.storage, self.run, self.variables = storage, run, variables
         self._rows: list[tuple] = []
 
     def append(
@@ -300,6 +297,6 @@ class StepLog:
             schema=file_schema(STATS_SCHEMA),
         )
         for name, table in (("steps", step_table), ("stats", stat_table)):
-            path = partition_file(self.run_dir / name, epochs[0], f"{name}-{steps[0]:09d}.parquet")
+            path = partition_file(self.run.dataset(name), epochs[0], f"{name}-{steps[0]:09d}.parquet")
             write_partition_file(self.storage, path, table, compression="zstd")
         self._rows = []

@@ -14,7 +14,7 @@ from tapeline.storage.versioned import VersionedObject
 
 class ChampionPointer(VersionedObject):
     def __init__(self, storage: Storage):
-        super().__init__(storage, storage.root / "models" / "current")
+        super().__init__(storage, storage.layout.champion)
 
 
 def current_champion(storage: Storage) -> dict | None:

@@ -44,7 +44,7 @@ class RunLease:
     """`with RunLease(storage, run_id):` around everything that writes the run."""
 
     def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
-        self.run_id, self.path = run_id, storage.run_dir(run_id) / ".lease"
+        self.run_id, self.path = run_id, storage.layout.run(run_id).lease
         self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
         self._object = VersionedObject(storage, self.path) if storage.remote else None

@@ -17,7 +17,7 @@ import fcntl
 import json
 from pathlib import Path
 
-from tapeline.storage.root import Storage, write_json
+from tapeline.storage.root import Storage
 
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
 
@@ -50,7 +50,7 @@ class VersionedObject:
             current = self.path.read_text() if self.path.exists() else None
             if current != version:
                 return None
-            write_json(self.path, value)
+            self.storage.write_json(self.path, value)
             return self.path.read_text()
 
     def delete(self) -> None:

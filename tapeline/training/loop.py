@@ -26,7 +26,7 @@ from tapeline.errors import NonFiniteError
 from tapeline.gradients.writers import SnapshotPolicy, SnapshotWriter, StepLog
 from tapeline.model import build_model
 from tapeline.results import PreparedData, TrainedModel
-from tapeline.storage.root import Storage, atomic_path
+from tapeline.storage.root import Storage
 from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.cluster import check_cluster, job_for, join_cluster
 from tapeline.training.devices import resolve_devices
@@ -201,7 +201,7 @@ def train_model(
     `warm_start`, a champion's pointer (see tasks/champion.py), starts from its model's weights instead of random ones.
     """
     storage = Storage(config.storage)
-    run_dir = storage.run_dir(run_id)
+    run = storage.layout.run(run_id)
     devices = resolve_devices(config.device, config.devices)
     cluster = check_cluster(devices, run_id)  # TF_CONFIG naming two or more workers: MultiWorkerMirroredStrategy
     if cluster:
@@ -236,7 +236,7 @@ def train_model(
         eval_step = make_eval_step(model, val_loss, val_accuracy)
         parameters = {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
         checkpoint = TrainingCheckpoint(
-            storage, run_dir / "checkpoints", model, optimizer, [train_loss, train_accuracy], parameters, writes=writes
+            storage, run.checkpoints, model, optimizer, [train_loss, train_accuracy], parameters, writes=writes
         )
         step, history = checkpoint.restore()
         resumed_from = step
@@ -245,11 +245,11 @@ def train_model(
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
         images_t, labels_t = tf.constant(images), tf.constant(labels)
-        summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
+        summaries = tf.summary.create_file_writer(str(run.tensorboard)) if writes else tf.summary.create_noop_writer()
         trained = TrainedModel(
             run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
-            model_uri=None, gradients_uri=storage.uri_of(run_dir / "gradients"), steps_uri=storage.uri_of(run_dir / "steps"),
-            tensorboard_uri=storage.uri_of(run_dir / "tensorboard"), variables=variables,
+            model_uri=None, gradients_uri=storage.uri_of(run.gradients), steps_uri=storage.uri_of(run.steps),
+            tensorboard_uri=storage.uri_of(run.tensorboard), variables=variables,
             steps=step, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
             role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
         )  # fmt: skip
@@ -257,8 +257,8 @@ def train_model(
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         learning_rate = float(optimizer.learning_rate.numpy())
         policy = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)
-        log = StepLog(storage, run_dir, variables) if writes else _Discard()
-        snapshots = SnapshotWriter(storage, run_dir / "gradients", run_id, variables, config.gradient_dtype) if writes else _Discard()
+        log = StepLog(storage, run, variables) if writes else _Discard()
+        snapshots = SnapshotWriter(storage, run.gradients, run_id, variables, config.gradient_dtype) if writes else _Discard()
         with snapshots, summaries.as_default():
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
@@ -319,17 +319,15 @@ def train_model(
                 )
                 _epoch_summaries(history[-1], step, config.learning_rate)
                 if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
-                    summaries.flush()
-                    storage.publish(*sorted((run_dir / "tensorboard").iterdir()))
+                    with storage.publishing(run.tensorboard):
+                        summaries.flush()
                 checkpoint.save(step, history)
                 print(_epoch_line(history[-1], config.epochs))
 
-    model_path = run_dir / "model.keras"
     if writes:
-        with atomic_path(model_path, suffix=".keras") as temporary:  # Keras saves only to a .keras name
+        with storage.atomic(run.model, suffix=".keras") as temporary:  # Keras saves only to a .keras name
             model.save(temporary)
-        storage.publish(model_path)
-    return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)
+    return dataclasses.replace(trained, model_uri=storage.uri_of(run.model), steps=step, epochs=history)
 
 
 # Shard by element, not by file: each worker takes its replicas' slices of every global batch
