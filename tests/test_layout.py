@@ -68,20 +68,24 @@ def test_every_write_on_an_object_store_root_is_published_without_a_publish_call
     storage.write_json(run.run_json, {"run_id": "r1"})
     table = pa.table({"step": pa.array([1], pa.int64())})
     storage.write_table(run.stats / "epoch=1" / "stats-000000001.parquet", table, dataset=run.stats)
-    tensorboard = run.tensorboard
-    tensorboard.mkdir(parents=True)
-    (tensorboard / "events.old").write_bytes(b"unchanged")  # there before the block: not uploaded again
-    with storage.publishing(tensorboard):  # files a library writes itself: what the block wrote is uploaded
-        (tensorboard / "events.new").write_bytes(b"event")
+    events = run.tensorboard / "events.out.tfevents"
+    events.parent.mkdir(parents=True)
+    with storage.publishing(run.tensorboard):  # files a library writes itself: uploaded when the block ends
+        events.write_bytes(b"epoch 1")
+    with events.open("ab") as handle:  # a background flush, before the next block
+        handle.write(b", epoch 2")
+    with storage.publishing(run.tensorboard):
+        pass  # this block's flush found nothing left to write
     assert stored(root) == [
         "runs/r1/gradient_norms.png", "runs/r1/run.json", "runs/r1/stats/epoch=1/stats-000000001.parquet",
-        "runs/r1/tensorboard/events.new",
+        "runs/r1/tensorboard/events.out.tfevents",
     ]  # fmt: skip
 
     monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "another-machine"))
     other = Storage(root)
     assert other.read_json(other.layout.run("r1").run_json) == {"run_id": "r1"}
     assert other.local(storage.uri_of(run.norm_plot)).read_bytes() == b"png"
+    assert other.local(storage.uri_of(events)).read_bytes() == b"epoch 1, epoch 2"
 
 
 def test_a_failed_write_leaves_nothing_anywhere(s3, tmp_path, monkeypatch):
@@ -93,4 +97,3 @@ def test_a_failed_write_leaves_nothing_anywhere(s3, tmp_path, monkeypatch):
         temporary.write_bytes(b"half a model")
         raise RuntimeError("killed")
     assert stored(root) == [] and [p for p in storage.root.rglob("*") if p.is_file()] == []
-

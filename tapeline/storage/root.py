@@ -118,6 +118,7 @@ class Storage:
         else:
             self.root = Path(self.uri.removeprefix("file://")).expanduser()
         self.layout = Layout(self.root)
+        self._synced: dict[Path, tuple[int, int]] = {}  # working-copy files as last published or fetched: their stamps
 
     def uri_of(self, path: Path) -> str:
         """Where a file under `root` lives in the storage root: what run.json records."""
@@ -145,6 +146,7 @@ class Storage:
         if self.remote:
             with atomic_path(path) as temporary:
                 pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=_LOCAL)
+            self._synced[path] = _stamp(path)
         return path
 
     @contextlib.contextmanager
@@ -167,12 +169,14 @@ class Storage:
 
     @contextlib.contextmanager
     def publishing(self, directory: Path, last: str | None = None) -> Iterator[Path]:
-        """For files a library writes itself into `directory` (TensorFlow's checkpoints and event files): publish
-        every file the block created or changed there, the one named `last` (an index of the others) after them."""
-        before = _stamps(directory) if self.remote else {}
+        """For files a library writes itself into `directory` (TensorFlow's checkpoints and event files): when the
+        block ends, publish every file there that is new or changed since this process last published or fetched
+        it (so also what a library wrote before the block, like a background flush), the one named `last` (an
+        index of the others) after them."""
         yield directory
-        if self.remote:
-            changed = [path for path, stamp in _stamps(directory).items() if before.get(path) != stamp]
+        if self.remote and directory.is_dir():
+            files = [path for path in directory.iterdir() if path.is_file()]
+            changed = [path for path in files if self._synced.get(path) != _stamp(path)]
             self._publish(*sorted(changed, key=lambda path: (path.name == last, path.name)))
 
     def _publish(self, *paths: Path) -> None:
@@ -188,10 +192,11 @@ class Storage:
         if not self.remote:
             return
         for path in paths:
-            key = self._key(path)
+            key, stamp = self._key(path), _stamp(path)
             staging = f"{self._prefix}/{temporary_name(path)}"
             pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
             self.fs.move(staging, key)
+            self._synced[path] = stamp
 
     def delete(self, *paths: Path) -> None:
         """Remove files from an object store (locally, whoever made them removes them)."""
@@ -215,7 +220,7 @@ class Storage:
         return f"{self._prefix}/{self._relative(path)}"
 
 
-def _stamps(directory: Path) -> dict[Path, tuple[int, int]]:
-    """The files directly in `directory`, with what tells a changed one: (size, modification time in ns)."""
-    files = (path for path in directory.iterdir() if path.is_file()) if directory.is_dir() else ()
-    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in files}
+def _stamp(path: Path) -> tuple[int, int]:
+    """What tells a changed file: (size, modification time in ns)."""
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
