@@ -5,7 +5,7 @@ What lives where under the root is tapeline/storage/layout.py's (`storage.layout
 Nothing that looks complete is ever half-written: files are written under a
 temporary name and renamed into place, which is atomic on a POSIX filesystem; on
 an object store they are uploaded under a temporary key and copied to the final
-key, which is atomic there (see `Storage.publish`). The rule for temporary names:
+key, which is atomic there (see `Storage._publish`). The rule for temporary names:
 
 - A temporary name is hidden and ends in `.tmp`: `.<final name>.<8 hex>.tmp`. It
   never ends in a suffix that readers glob for complete files (`*.parquet`,
@@ -23,7 +23,8 @@ There is one way to write a file of the root, and it publishes as it commits:
 file into place and uploads it to an object store in the same step, so no writer
 can leave a file on one machine by forgetting the upload. Files that TensorFlow
 writes itself (checkpoints, event files) are written inside `Storage.publishing`,
-which uploads what the block wrote.
+which uploads, when the block ends, what changed since this process last
+published it.
 """
 
 from __future__ import annotations
