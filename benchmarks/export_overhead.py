@@ -64,7 +64,8 @@ class Trainer:
         self.order, self.sample_ids = epoch_order(len(images), 0, 1), np.arange(len(images))
         self.steps_per_epoch = -(-len(images) // batch_size)
         self.batches = iter(batches(tf.constant(images), tf.constant(labels), self.order, batch_size).repeat())
-        self.recorder = open_recorder(config, Storage(directory), directory, "bench", variables, optimizer, last_step=10**9, writes=True)
+        storage = Storage(directory)
+        self.recorder = open_recorder(config, storage, storage.layout.run("bench"), variables, optimizer, last_step=10**9, writes=True)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

@@ -32,6 +32,7 @@ def write_run_manifest(
     stages: dict,
 ) -> dict:
     storage = Storage(config.storage)
+    run = storage.layout.run(run_id)
     model_card = write_model_card(storage, run_id, files, trained, scores)
     manifest = {
         "run_id": run_id,
@@ -50,15 +51,15 @@ def write_run_manifest(
             "model_card": model_card,
             "gradients": exported.uri,
             "steps": trained.steps_uri,
-            "stats": storage.uri_of(storage.run_dir(run_id) / "stats"),
+            "stats": storage.uri_of(run.stats),
             "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },
     }
-    storage.write_json(storage.run_dir(run_id) / "run.json", manifest)
+    storage.write_json(run.run_json, manifest)
     return manifest
 
 
 def run_manifest_uri(storage: str, run_id: str) -> str:
     storage = Storage(storage)
-    return storage.uri_of(storage.run_dir(run_id) / "run.json")
+    return storage.uri_of(storage.layout.run(run_id).run_json)

@@ -43,6 +43,6 @@ def model_card(run_id: str, files: DatasetFiles, trained: TrainedModel, scores: 
 
 def write_model_card(storage: Storage, run_id: str, files: DatasetFiles, trained: TrainedModel, scores: dict) -> str:
     """Write the card beside the model; its URI."""
-    path = storage.path_of(trained.model_uri).with_name("model.json")
+    path = storage.layout.run(run_id).model_card
     storage.write_json(path, model_card(run_id, files, trained, scores))
     return storage.uri_of(path)

@@ -6,13 +6,14 @@ snapshot that was not checked.
 Every dataset is hive-partitioned by epoch (docs/data-format.md); tables come
 back with the columns in schema order, `epoch` included. A run is named by its
 directory or run.json, on local disk or in an object store (`s3://bucket/…/runs/<id>`,
-credentials from the environment): the files are read where they are.
+credentials from the environment): the files are read where they are, at the places
+tapeline/storage/layout.py names.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pyarrow as pa
@@ -23,58 +24,43 @@ import pyarrow.fs as pafs
 from tapeline.errors import TapelineError
 from tapeline.gradients.schema import (
     GRADIENT_SCHEMA,
-    MANIFEST,
     PARTITIONING,
     STATS_SCHEMA,
     STEP_SCHEMA,
 )
-from tapeline.storage.root import is_remote, remote_filesystem
-
-_LOCAL = pafs.LocalFileSystem()
+from tapeline.storage.layout import locate_run
 
 
 class NoGradientsError(TapelineError):
     """The run has no published gradient snapshots."""
 
 
-def run_location(run: str | Path) -> tuple[pafs.FileSystem, str]:
-    """A run given as its directory or its run.json, local or in an object store (`s3://…/runs/<id>`):
-    (its filesystem, the path of its directory there)."""
-    text = str(run).rstrip("/").removesuffix("/run.json")
-    if is_remote(text):
-        return remote_filesystem(text)
-    return _LOCAL, str(Path(text).expanduser().resolve())
-
-
-def read_run_json(run: str | Path, name: str = "run.json") -> dict:
-    filesystem, directory = run_location(run)
-    try:
-        with filesystem.open_input_stream(f"{directory}/{name}") as stream:
-            return json.loads(stream.read())
-    except FileNotFoundError:
-        raise NoGradientsError(f"{run} has no {name}") from None
+def read_run_json(run: str | Path, name: str | None = None) -> dict:
+    """The run's run.json, or the JSON file `name` (a path relative to the run's directory)."""
+    filesystem, paths = locate_run(run)
+    return _read_json(filesystem, paths.run_json if name is None else paths.directory / name, run)
 
 
 def published_files(run: str | Path) -> list[str]:
     """The complete snapshot files, as the manifest lists them: epoch=<N>/step-<step>.parquet under gradients/."""
-    _, directory = run_location(run)
+    filesystem, paths = locate_run(run)
     try:
-        manifest = read_run_json(run, MANIFEST)
+        manifest = _read_json(filesystem, paths.gradients_manifest, run)
     except NoGradientsError:
-        raise NoGradientsError(f"{run} has no published gradients (no {MANIFEST})") from None
-    return [f"{directory}/gradients/{entry['path']}" for entry in manifest["files"]]
+        raise NoGradientsError(f"{run} has no published gradients (no {paths.gradients_manifest.name})") from None
+    return [f"{paths.gradients}/{entry['path']}" for entry in manifest["files"]]
 
 
 def open_dataset(run: str | Path, name: str) -> ds.Dataset:
     """One of the run's Parquet datasets, `gradients` (only its published files), `stats` or `steps`, as an
     Arrow dataset: what DuckDB and Polars can query in place, in a bucket too."""
-    filesystem, directory = run_location(run)
-    base = f"{directory}/{name}"
+    filesystem, paths = locate_run(run)
+    base = str(paths.dataset(name))
     source = published_files(run) if name == "gradients" else base
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
         raise NoGradientsError(f"{run} has no {name}/")
     schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA}[name]
-    # Temporary files are never inside a dataset directory (tasks/storage.py); pyarrow would skip them anyway.
+    # Temporary files are never inside a dataset directory (tapeline/storage/root.py); pyarrow would skip them anyway.
     return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 
 
@@ -105,13 +91,21 @@ def gradient_arrays(run: str | Path, step: int, variables: list[str] | None = No
 def read_stats(
     run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None
 ) -> pa.Table:
-    """Per-(step, variable) statistics of every step (see tasks/gradients.py)."""
+    """Per-(step, variable) statistics of every step (docs/data-format.md)."""
     return _read(open_dataset(run, "stats"), columns, _selection(variables, steps))
 
 
 def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """One row per training step: loss, global norm, learning rate, the batch's sample ids."""
     return _read(open_dataset(run, "steps"), columns, _selection(None, steps))
+
+
+def _read_json(filesystem: pafs.FileSystem, path: PurePath, run: str | Path) -> dict:
+    try:
+        with filesystem.open_input_stream(str(path)) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        raise NoGradientsError(f"{run} has no {path.name}") from None
 
 
 def _read(dataset: ds.Dataset, columns: list[str] | None, condition) -> pa.Table:

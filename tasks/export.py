@@ -24,7 +24,7 @@ def export_gradients(storage: str, trained: TrainedModel) -> GradientExport:
         description=f"Gradient L2 norms of run `{trained.run_id}` over {len(exported.steps)} snapshots "
         f"(last: step {exported.steps[-1]}); anomalies: {anomalies}. Data: `{exported.uri}`",
     )
-    plot = plot_norms(root, root.path_of(trained.gradients_uri).parent)
+    plot = plot_norms(root, trained.run_id)
     image = base64.b64encode(plot.read_bytes()).decode()
     create_markdown_artifact(
         key="gradient-norm-plot",

@@ -81,7 +81,7 @@ def test_an_s3_lease_is_renewed_then_expires_after_its_holder_dies(s3, tmp_path,
     time.sleep(2.5)
     with RunLease(storage, "same", seconds=2):
         assert f"took over the expired lease of {socket.gethostname()} pid {holder.pid}" in capsys.readouterr().out
-    assert VersionedObject(storage, storage.run_dir("same") / ".lease").read() == (None, None)  # released: deleted
+    assert VersionedObject(storage, storage.layout.run("same").lease).read() == (None, None)  # released: deleted
 
 
 def test_a_holder_that_lost_its_s3_lease_stops_at_the_next_stage(s3, tmp_path):
@@ -140,14 +140,14 @@ def test_two_processes_racing_on_one_run_name(where, tmp_path, request, fashion_
     assert "Traceback" not in err + out and "training on" not in out  # an expected failure, before any stage
 
     storage = Storage(root)
-    run = storage.read_json(storage.run_dir("same") / "run.json")
+    run = storage.read_json(storage.layout.run("same").run_json)
     champion = current_champion(storage)
     assert run["parameters"]["seed"] == winner and champion["run_id"] == "same"
     assert champion["test_accuracy"] == run["metrics"]["test_accuracy"] == pytest.approx(model_accuracy(storage, run), abs=1e-6)
 
 
 def checkpoint_written(storage: Storage) -> bool:
-    return storage.exists(storage.run_dir("same") / "checkpoints" / "checkpoint")
+    return storage.exists(storage.layout.run("same").checkpoints / "checkpoint")
 
 
 @pytest.mark.slow
@@ -168,5 +168,5 @@ def test_a_rerun_takes_over_from_a_killed_holder_and_resumes(where, tmp_path, re
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from checkpoint" in rerun.stdout + rerun.stderr  # Prefect logs the task's prints
-    run = storage.read_json(storage.run_dir("same") / "run.json")
+    run = storage.read_json(storage.layout.run("same").run_json)
     assert current_champion(storage)["test_accuracy"] == run["metrics"]["test_accuracy"]

@@ -18,8 +18,9 @@ from tapeline.errors import ConfigError
 from tapeline.gradients.export import publish_gradients
 from tapeline.reader import read_gradients
 from tapeline.results import TrainedModel
+from tapeline.storage.layout import Layout, RunPaths
 from tapeline.storage.root import Storage
-from tapeline.training.cluster import JOB_FILE, check_cluster, cluster_from_env
+from tapeline.training.cluster import check_cluster, cluster_from_env
 from tapeline.training.loop import train_model
 from tests.conftest import free_ports, tiny_prepared
 
@@ -137,7 +138,7 @@ def test_workers_with_different_jobs_fail_instead_of_hanging(tmp_path):
     for name, process in processes.items():
         assert process.returncode == 1, outcomes(processes, outputs)
         assert "error: the workers of run mixed hold different jobs" in outputs[name], outcomes(processes, outputs)
-    assert json.loads((tmp_path / "runs" / "mixed" / JOB_FILE).read_text())["config"] == "epochs=1"  # the chief's
+    assert json.loads(Layout(tmp_path).run("mixed").cluster_job.read_text())["config"] == "epochs=1"  # the chief's
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two TensorFlow worker processes need 2 CPU cores")
@@ -184,7 +185,7 @@ def test_two_workers_match_one(tmp_path):
     assert written and all(stat.S_IMODE(p.stat().st_mode) & 0o044 for p in written), [
         p for p in written if not stat.S_IMODE(p.stat().st_mode) & 0o044
     ]
-    assert run_files(run_dir) - {JOB_FILE} == run_files(Path(config.storage) / "runs" / "one")
+    assert run_files(run_dir) - {RunPaths(run_dir).cluster_job.name} == run_files(Path(config.storage) / "runs" / "one")
     assert list(scratch.iterdir()) == []
 
     # The global batch is the single worker's: same samples, losses, gradients, and final weights.

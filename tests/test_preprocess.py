@@ -12,7 +12,8 @@ from tapeline.data.fetch import fetch_dataset
 from tapeline.data.idx import IdxError, encode_idx, parse_idx, read_idx_gz
 from tapeline.data.splits import IMAGE_TYPE, prepare, read_split
 from tapeline.errors import ConfigError
-from tapeline.storage.root import Storage, manifest_path
+from tapeline.storage.layout import manifest_path
+from tapeline.storage.root import Storage
 from tests.conftest import tiny_arrays
 
 

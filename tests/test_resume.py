@@ -73,7 +73,7 @@ def test_same_seed_same_weights_and_gradients(setup, uninterrupted):
 
 def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
     config, data = setup
-    run_dir = Storage(config.storage).run_dir("killed")
+    run_dir = Storage(config.storage).layout.run("killed").directory
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
@@ -120,7 +120,7 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup, checkpoin
     assert exported.steps[-1] == trained.steps
     assert exported.anomalies[-1]["step"] == trained.steps and "non-finite" in exported.anomalies[-1]["reason"]
     # The message names the checkpoint on disk, or says there is none (with checkpoint_every 10**6 there is none yet).
-    kept = latest_checkpoint_step(Storage(config.storage).run_dir(trained.run_id))
+    kept = latest_checkpoint_step(Storage(config.storage).layout.run(trained.run_id).directory)
     assert kept == (trained.steps - 1 if checkpoint_every == 1 else 0)
     expected = f"the last good checkpoint is step {kept}," if kept else "no checkpoint was written yet,"
     assert expected in str(raised.value)
@@ -132,7 +132,7 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     """SIGKILL during a stream of snapshot writes: every file under a final name is whole, and pyarrow,
     DuckDB and Polars read each dataset directory as it is, while training writes and after the kill."""
     config, data = dataclasses.replace(setup[0], snapshot_every=1, checkpoint_every=10), setup[1]
-    run_dir = Storage(config.storage).run_dir("killed-export")
+    run_dir = Storage(config.storage).layout.run("killed-export").directory
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-export"}))
     worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)

@@ -252,7 +252,7 @@ def test_reader_trusts_only_the_manifest(trained, tmp_path):
 
 def test_norm_plot_is_a_png_under_the_run(trained):
     config, data, result = trained
-    path = plot_norms(Storage(config.storage), Path(result.model_uri).parent)
+    path = plot_norms(Storage(config.storage), result.run_id)
     assert path.name == "gradient_norms.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -25,7 +25,7 @@ from tapeline.data.idx import encode_idx
 from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile
 from tapeline.errors import TapelineError
 from tapeline.results import DatasetFiles
-from tapeline.storage.root import Storage, atomic_path, sha256_file, sha256_stream
+from tapeline.storage.root import Storage, sha256_file, sha256_stream
 
 ATTEMPTS = 3  # per URL, for errors that may pass once connected (timeouts, resets, 5xx)
 BACKOFF_SECONDS = 1.0  # doubled after each failed attempt
@@ -50,10 +50,9 @@ def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None,
     paths, fetched = {}, False
     for split in SPLIT_FILES:
         spec = dataset.files[split]
-        target = storage.cache_file(dataset.name, spec.idx_sha256)
+        target = storage.layout.cache_file(dataset.name, spec.idx_sha256)
         if refresh or not storage.exists(target):
-            _fetch_file(dataset, split, spec, target, source)
-            storage.publish(target)
+            _fetch_file(storage, dataset, split, spec, target, source)
             fetched = True
         paths[split] = storage.uri_of(target)
     return DatasetFiles(
@@ -64,11 +63,11 @@ def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None,
     )
 
 
-def _fetch_file(dataset: Dataset, split: str, spec: DatasetFile, target: Path, source: str | None) -> None:
+def _fetch_file(storage: Storage, dataset: Dataset, split: str, spec: DatasetFile, target: Path, source: str | None) -> None:
     failures = {}
     for place, fetch in _sources(dataset, split, spec, source):
         try:
-            with atomic_path(target) as temporary:
+            with storage.atomic(target) as temporary:
                 fetch(temporary)
                 verify(temporary, spec)
             return

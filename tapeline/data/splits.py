@@ -5,8 +5,6 @@ The splits' schema, their content-keyed directory and its manifest: docs/data-fo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,11 +12,10 @@ import pyarrow.parquet as pq
 from tapeline.data.idx import IdxError, read_idx_gz
 from tapeline.errors import ConfigError
 from tapeline.results import DatasetFiles, PreparedData
+from tapeline.storage.layout import DatasetPaths
 from tapeline.storage.root import (
     Storage,
-    atomic_path,
     content_key,
-    manifest_path,
     utc_now,
 )
 
@@ -33,21 +30,21 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
     key = content_key(
         {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
     )
-    directory = storage.dataset_dir(files.dataset, key)
-    cached = not refresh and storage.exists(manifest_path(directory))
+    prepared = storage.layout.dataset(files.dataset, key)
+    cached = not refresh and storage.exists(prepared.manifest)
     if not cached:
-        _write_splits(storage, files, directory, seed, validation_size)
-    manifest = storage.read_json(manifest_path(directory))
+        _write_splits(storage, files, prepared, seed, validation_size)
+    manifest = storage.read_json(prepared.manifest)
     return PreparedData(
         dataset=files.dataset,
-        directory=storage.uri_of(directory),
-        uris={split: storage.uri_of(directory / f"{split}.parquet") for split in SPLITS},
+        directory=storage.uri_of(prepared.directory),
+        uris={split: storage.uri_of(prepared.split(split)) for split in SPLITS},
         counts={split: manifest["splits"][split]["count"] for split in SPLITS},
         cached=cached,
     )
 
 
-def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: int, validation_size: int) -> None:
+def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths, seed: int, validation_size: int) -> None:
     train_images, train_labels = _read_pair(storage, files, "train")
     test_images, test_labels = _read_pair(storage, files, "test")
     if validation_size >= len(train_images):
@@ -69,14 +66,11 @@ def _write_splits(storage: Storage, files: DatasetFiles, directory: Path, seed: 
         ("validation", train_images, train_labels, validation_ids),
         ("test", test_images, test_labels, np.arange(len(test_images))),
     ):
-        path = directory / f"{split}.parquet"
-        with atomic_path(path, staging=directory.parent) as temporary:
-            pq.write_table(split_table(ids, images[ids], labels[ids]), temporary, compression="zstd")
-        storage.publish(path)
+        storage.write_table(prepared.split(split), split_table(ids, images[ids], labels[ids]), prepared.directory, compression="zstd")
         splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=10).tolist()}
     train_pixels = train_images[train_ids].astype(np.float64) / 255.0
     storage.write_json(
-        manifest_path(directory),
+        prepared.manifest,
         {
             "dataset": files.dataset,
             "source_sha256": files.sha256,

@@ -21,7 +21,7 @@ from tapeline.errors import TapelineError
 from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
 from tapeline.reader import read_stats
 from tapeline.results import GradientExport, TrainedModel
-from tapeline.storage.root import Storage, atomic_path, manifest_path
+from tapeline.storage.root import Storage
 
 
 class GradientExportError(TapelineError):
@@ -30,11 +30,11 @@ class GradientExportError(TapelineError):
 
 def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport:
     """Check every complete snapshot file where training published it, then publish the manifest that lists them."""
-    directory = storage.path_of(trained.gradients_uri)
-    filesystem, base = storage.arrow(directory)
+    run = storage.layout.run(trained.run_id)
+    filesystem, base = storage.arrow(run.gradients)
     listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     # Sorted by file name, i.e. by step: as text, epoch=10 would come before epoch=2.
-    # (Temporary files are never in here: see tasks/storage.py.)
+    # (Temporary files are never in here: see tapeline/storage/root.py.)
     files = sorted((info for info in listing if info.base_name.startswith("step-")), key=lambda info: info.base_name)
     if not files:
         raise GradientExportError(f"{trained.gradients_uri}: training wrote no gradient snapshots")
@@ -60,9 +60,8 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
         for step, reason in sorted(reasons.items())
         if "non-finite" in reason or "norm-spike" in reason
     ]
-    manifest = manifest_path(directory)
     storage.write_json(
-        manifest,
+        run.gradients_manifest,
         {
             "run_id": trained.run_id,
             "files": entries,
@@ -72,30 +71,29 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
         },
     )
     return GradientExport(
-        uri=trained.gradients_uri, manifest_uri=storage.uri_of(manifest), steps=steps, variables=summary, anomalies=anomalies
+        uri=trained.gradients_uri, manifest_uri=storage.uri_of(run.gradients_manifest), steps=steps, variables=summary, anomalies=anomalies
     )
 
 
-def plot_norms(storage: Storage, run_dir: Path) -> Path:
+def plot_norms(storage: Storage, run_id: str) -> Path:
     """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a worker
     from matplotlib import pyplot as plt
 
-    stats = read_stats(storage.uri_of(run_dir), columns=["step", "variable", "l2_norm"]).to_pandas()
+    run = storage.layout.run(run_id)
+    stats = read_stats(storage.uri_of(run.directory), columns=["step", "variable", "l2_norm"]).to_pandas()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
     for variable, rows in stats.groupby("variable", sort=False):
         axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)
-    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_dir.name}")
+    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_id}")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    path = run_dir / "gradient_norms.png"
-    with atomic_path(path) as temporary:
+    with storage.atomic(run.norm_plot) as temporary:
         figure.savefig(temporary, format="png")  # not from the name: a temporary one ends in .tmp
     plt.close(figure)
-    storage.publish(path)
-    return path
+    return run.norm_plot
 
 
 def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:

@@ -37,9 +37,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
-from tapeline.storage.root import MANIFEST_SUFFIX
 
-MANIFEST = "gradients" + MANIFEST_SUFFIX  # beside gradients/: the complete files, written last by export_gradients
 GRADIENT_DTYPES = {dtype: pa.type_for_alias(dtype) for dtype in STORED_DTYPES}  # --gradient-dtype's legal values
 # Pyarrow refuses a column that is also a hive key, so the directory alone holds the
 # epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)

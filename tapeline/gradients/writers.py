@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tapeline.gradients.schema import STAT_NAMES, STATS_SCHEMA, STEP_SCHEMA, file_schema, gradient_schema
+from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage, atomic_path
 
 
@@ -29,9 +29,7 @@ def atomic_partition_path(path: Path):
 
 def write_partition_file(storage: Storage, path: Path, table: pa.Table, **options) -> None:
     """Write `table` to `path`, a `partition_file` of a dataset, whole or not at all, and publish it."""
-    with atomic_partition_path(path) as temporary:
-        pq.write_table(table, temporary, **options)
-    storage.publish(path)  # an upload, for an object store
+    storage.write_table(path, table, dataset=path.parents[1], **options)
 
 
 # Dictionary encoding of floats is slow and grows the file; BYTE_STREAM_SPLIT
@@ -152,8 +150,8 @@ class StepLog:
     or doubled.
     """
 
-    def __init__(self, storage: Storage, run_dir: Path, variables: list[str]):
-        self.storage, self.run_dir, self.variables = storage, run_dir, variables
+    def __init__(self, storage: Storage, run: RunPaths, variables: list[str]):
+        self.storage, self.run, self.variables = storage, run, variables
         self._rows: list[tuple] = []
 
     def append(
@@ -193,6 +191,6 @@ class StepLog:
             schema=file_schema(STATS_SCHEMA),
         )
         for name, table in (("steps", step_table), ("stats", stat_table)):
-            path = partition_file(self.run_dir / name, epochs[0], f"{name}-{steps[0]:09d}.parquet")
+            path = partition_file(self.run.dataset(name), epochs[0], f"{name}-{steps[0]:09d}.parquet")
             write_partition_file(self.storage, path, table, compression="zstd")
         self._rows = []

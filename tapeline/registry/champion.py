@@ -1,7 +1,7 @@
 """The champion pointer, `<storage>/models/current`: which run's model is the current one.
 
 A small JSON object (docs/data-format.md), replaced
-only by compare-and-swap (see tasks/versioned.py): two runs that finish at once
+only by compare-and-swap (see tapeline/storage/versioned.py): two runs that finish at once
 cannot both win against the same champion, and nobody ever reads a torn pointer.
 """
 
@@ -14,7 +14,7 @@ from tapeline.storage.versioned import VersionedObject
 
 class ChampionPointer(VersionedObject):
     def __init__(self, storage: Storage):
-        super().__init__(storage, storage.root / "models" / "current")
+        super().__init__(storage, storage.layout.champion)
 
 
 def current_champion(storage: Storage) -> dict | None:

@@ -10,8 +10,8 @@ def model_registry(storage: Storage) -> list[dict]:
     """Every run with a manifest, newest first: dataset digests, parameters, metrics, whether it is the champion."""
     champion = current_champion(storage) or {}
     rows = []
-    for run_id in reversed(storage.listdir(storage.root / "runs")):
-        if not storage.exists(manifest_path := storage.run_dir(run_id) / "run.json"):
+    for run_id in reversed(storage.listdir(storage.layout.runs)):
+        if not storage.exists(manifest_path := storage.layout.run(run_id).run_json):
             continue  # running, or failed
         run = storage.read_json(manifest_path)
         rows.append(

@@ -1,7 +1,7 @@
 """Champion and challenger: a run's model becomes the current one only if it is better.
 
 A challenger replaces the champion (`<storage>/models/current`, see
-tasks/champion.py) when its test accuracy is at least the champion's plus
+tapeline/registry/champion.py) when its test accuracy is at least the champion's plus
 `promotion_margin`; the decision is made against the pointer as it is when the
 new one is written (compare-and-swap), so two runs finishing at once cannot both
 win against the same champion. A champion trained on another dataset is no

@@ -10,7 +10,7 @@ nothing and take no lease: the chief, which runs the flow, holds it.
   The file keeps the last holder's host, pid and start, for the message.
 - An object store: the object `runs/<run_id>/.lease`, created only if absent and
   renewed by a heartbeat every third of its lifetime, each time by a
-  compare-and-swap on the version last written (tasks/versioned.py). A lease not
+  compare-and-swap on the version last written (tapeline/storage/versioned.py). A lease not
   renewed for its lifetime ($TAPELINE_LEASE_SECONDS, default 120) has expired:
   its holder is taken for dead, and the next process takes it over by a
   compare-and-swap against the expired version, so a retried flow run resumes
@@ -44,7 +44,7 @@ class RunLease:
     """`with RunLease(storage, run_id):` around everything that writes the run."""
 
     def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
-        self.run_id, self.path = run_id, storage.run_dir(run_id) / ".lease"
+        self.run_id, self.path = run_id, storage.layout.run(run_id).lease
         self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
         self._object = VersionedObject(storage, self.path) if storage.remote else None

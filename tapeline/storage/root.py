@@ -1,6 +1,31 @@
 """The storage root: where every stage reads and writes, and how it writes safely.
 
-The layout: docs/data-format.md#the-storage-root; temporary names and atomic writes: docs/design.md#temporary-names.
+What lives where under the root is tapeline/storage/layout.py's (`storage.layout`; for users:
+docs/data-format.md#the-storage-root).
+
+Nothing that looks complete is ever half-written: files are written under a
+temporary name and renamed into place, which is atomic on a POSIX filesystem; on
+an object store they are uploaded under a temporary key and copied to the final
+key, which is atomic there (see `Storage._publish`). The rule for temporary names:
+
+- A temporary name is hidden and ends in `.tmp`: `.<final name>.<8 hex>.tmp`. It
+  never ends in a suffix that readers glob for complete files (`*.parquet`,
+  `*.json`, `*.gz`), so a query such as `read_parquet('<run>/gradients/**/*.parquet')`
+  sees complete files only, during a write and after a writer was killed. The one
+  exception is the model: Keras saves only to a name ending in `.keras`, so its
+  temporary name is `.model.keras.<8 hex>.tmp.keras`, which no dataset glob matches.
+- It sits beside its final name, except for the files of a Parquet dataset
+  directory: those are written beside the dataset directory (`Storage.write_table`),
+  because Polars reads every file under a directory it is given, hidden ones
+  included. An object store stages every upload at its root.
+
+There is one way to write a file of the root, and it publishes as it commits:
+`Storage.atomic` (and `write_json`, `write_table` on it) renames the finished
+file into place and uploads it to an object store in the same step, so no writer
+can leave a file on one machine by forgetting the upload. Files that TensorFlow
+writes itself (checkpoints, event files) are written inside `Storage.publishing`,
+which uploads, when the block ends, what changed since this process last
+published it.
 """
 
 from __future__ import annotations
@@ -17,9 +42,11 @@ from pathlib import Path, PurePath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tapeline.storage.layout import Layout, is_remote, remote_filesystem
 
 TEMP_SUFFIX = ".tmp"  # every temporary name ends in this (the model's in TEMP_SUFFIX + ".keras")
-MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
 WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy lives on this machine
 _LOCAL = pafs.LocalFileSystem()
 
@@ -30,15 +57,12 @@ def temporary_name(path: PurePath, suffix: str = "") -> str:
     return f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}{suffix}"
 
 
-def manifest_path(directory: PurePath) -> PurePath:
-    """The manifest of a dataset directory: beside it, so the directory holds nothing but the dataset's files."""
-    return directory.with_name(directory.name + MANIFEST_SUFFIX)
-
-
 @contextlib.contextmanager
 def atomic_path(path: Path, staging: Path | None = None, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in `staging` (default: beside `path`; the same filesystem); rename it to `path`
-    if the block succeeds. Files of a dataset directory pass the directory's parent as `staging`."""
+    if the block succeeds. Files of a dataset directory pass the directory's parent as `staging`.
+
+    Local only: files of the storage root are written with `Storage.atomic`, which also publishes them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = (staging or path.parent) / temporary_name(path, suffix)
     try:
@@ -49,11 +73,6 @@ def atomic_path(path: Path, staging: Path | None = None, suffix: str = "") -> It
             shutil.rmtree(temporary)
         elif temporary.exists():
             temporary.unlink()
-
-
-def write_json(path: Path, value) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path):
@@ -81,31 +100,15 @@ def content_key(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_remote(root: str) -> bool:
-    """An object store or other non-local filesystem: anything with a scheme but file://."""
-    return "://" in root and not root.startswith("file://")
-
-
-def remote_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of a URI: pyarrow's own (s3, gs, hdfs), else fsspec's (credentials from the environment)."""
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid:  # a scheme pyarrow does not know natively
-        import fsspec
-
-        filesystem, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
-
-
 class Storage:
     """The storage root of one deployment of tapeline: a local directory or an object store.
 
-    Stages read and write local files under `root`. For a local root that is the
-    root itself, and `fetch` and `publish` do nothing. For an object store
-    (`s3://bucket/prefix`, `gs://…`) `root` is this machine's working copy
-    ($TAPELINE_WORKDIR, default ~/.cache/tapeline/<hash of the URI>): `fetch`
-    downloads a file into it, `publish` uploads a finished one. The object store
-    is the only thing stages on different machines share.
+    Stages read and write local files under `root`, at the places `layout` names.
+    For a local root that is the root itself, and `fetch` and publishing do nothing.
+    For an object store (`s3://bucket/prefix`, `gs://…`) `root` is this machine's
+    working copy ($TAPELINE_WORKDIR, default ~/.cache/tapeline/<hash of the URI>):
+    `fetch` downloads a file into it, and every write uploads the file it finished.
+    The object store is the only thing stages on different machines share.
     """
 
     def __init__(self, root: str | Path):
@@ -116,15 +119,8 @@ class Storage:
             self.root = workdir / content_key(self.uri)
         else:
             self.root = Path(self.uri.removeprefix("file://")).expanduser()
-
-    def cache_file(self, dataset: str, idx_sha256: str) -> Path:
-        return self.root / "cache" / dataset / f"{idx_sha256}.gz"
-
-    def dataset_dir(self, dataset: str, key: str) -> Path:
-        return self.root / "datasets" / dataset / key
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.root / "runs" / run_id
+        self.layout = Layout(self.root)
+        self._synced: dict[Path, tuple[int, int]] = {}  # working-copy files as last published or fetched: their stamps
 
     def uri_of(self, path: Path) -> str:
         """Where a file under `root` lives in the storage root: what run.json records."""
@@ -152,9 +148,40 @@ class Storage:
         if self.remote:
             with atomic_path(path) as temporary:
                 pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=_LOCAL)
+            self._synced[path] = _stamp(path)
         return path
 
-    def publish(self, *paths: Path) -> None:
+    @contextlib.contextmanager
+    def atomic(self, path: Path, staging: Path | None = None, suffix: str = "") -> Iterator[Path]:
+        """Write `path` whole or not at all: yield a temporary path (see `atomic_path` for `staging` and
+        `suffix`); if the block succeeds, rename it into place and publish it to the storage root."""
+        with atomic_path(path, staging, suffix) as temporary:
+            yield temporary
+        self._publish(path)
+
+    def write_json(self, path: Path, value) -> None:
+        with self.atomic(path) as temporary:
+            temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+    def write_table(self, path: Path, table: pa.Table, dataset: Path, **options) -> None:
+        """Write `table` as `path`, a Parquet file of the dataset directory `dataset` (directly in it, or in a
+        partition of it), staged beside that directory, where no reader of the dataset looks."""
+        with self.atomic(path, staging=dataset.parent) as temporary:
+            pq.write_table(table, temporary, **options)
+
+    @contextlib.contextmanager
+    def publishing(self, directory: Path, last: str | None = None) -> Iterator[Path]:
+        """For files a library writes itself into `directory` (TensorFlow's checkpoints and event files): when the
+        block ends, publish every file there that is new or changed since this process last published or fetched
+        it (so also what a library wrote before the block, like a background flush), the one named `last` (an
+        index of the others) after them."""
+        yield directory
+        if self.remote and directory.is_dir():
+            files = [path for path in directory.iterdir() if path.is_file()]
+            changed = [path for path in files if self._synced.get(path) != _stamp(path)]
+            self._publish(*sorted(changed, key=lambda path: (path.name == last, path.name)))
+
+    def _publish(self, *paths: Path) -> None:
         """Make finished local files visible in the storage root, in the order given (object stores: upload).
 
         Object stores have no rename, and Arrow's S3 writer completes an upload even
@@ -167,10 +194,11 @@ class Storage:
         if not self.remote:
             return
         for path in paths:
-            key = self._key(path)
+            key, stamp = self._key(path), _stamp(path)
             staging = f"{self._prefix}/{temporary_name(path)}"
             pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
             self.fs.move(staging, key)
+            self._synced[path] = stamp
 
     def delete(self, *paths: Path) -> None:
         """Remove files from an object store (locally, whoever made them removes them)."""
@@ -184,10 +212,6 @@ class Storage:
         selector = pafs.FileSelector(self._key(directory), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 
-    def write_json(self, path: Path, value) -> None:
-        write_json(path, value)
-        self.publish(path)
-
     def read_json(self, path: Path):
         return read_json(self.fetch(path))
 
@@ -196,3 +220,9 @@ class Storage:
 
     def _key(self, path: Path) -> str:
         return f"{self._prefix}/{self._relative(path)}"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """What tells a changed file: (size, modification time in ns)."""
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns

@@ -6,8 +6,8 @@ object. On a local root a swap holds a lock file and renames a temporary file
 into place; on S3 it is a conditional write (If-Match on the version read,
 If-None-Match for a first write), which S3 and S3-compatible servers check
 atomically. Other object stores have no conditional write here: there the object
-is replaced whole but not serialised. The champion pointer (tasks/champion.py)
-and the run lease (tasks/lease.py) are such objects.
+is replaced whole but not serialised. The champion pointer (tapeline/registry/champion.py)
+and the run lease (tapeline/storage/lease.py) are such objects.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import fcntl
 import json
 from pathlib import Path
 
-from tapeline.storage.root import Storage, write_json
+from tapeline.storage.root import Storage
 
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
 
@@ -50,7 +50,7 @@ class VersionedObject:
             current = self.path.read_text() if self.path.exists() else None
             if current != version:
                 return None
-            write_json(self.path, value)
+            self.storage.write_json(self.path, value)
             return self.path.read_text()
 
     def delete(self) -> None:

@@ -89,8 +89,8 @@ class TrainingCheckpoint:
             self.latest_step = step  # the chief's, saved in the same collective
             return saved
         kept = set(self._manager.checkpoints)
-        saved = self._manager.save(checkpoint_number=step)
-        self.storage.publish(*self._files(saved), self.directory / "checkpoint")
+        with self.storage.publishing(self.directory, last="checkpoint"):  # the index after the files it names
+            saved = self._manager.save(checkpoint_number=step)
         for dropped in kept - set(self._manager.checkpoints):  # the manager deletes local files only
             stale = [name for name in self.storage.listdir(self.directory) if name.startswith(Path(dropped).name + ".")]
             self.storage.delete(*(self.directory / name for name in stale))
@@ -107,7 +107,3 @@ class TrainingCheckpoint:
             if name.startswith(latest + "."):
                 self.storage.fetch(self.directory / name)
         self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.directory), max_to_keep=KEEP)
-
-    def _files(self, prefix: str) -> list[Path]:
-        """A checkpoint's files (its index and data shards), by its prefix."""
-        return sorted(Path(prefix).parent.glob(Path(prefix).name + ".*"))

@@ -28,13 +28,13 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tapeline.errors import ConfigError, TapelineError
+from tapeline.storage.layout import Layout
 from tapeline.storage.root import Storage
 
 TF_CONFIG = "TF_CONFIG"
-JOB_FILE = "cluster.json"  # under runs/<run_id>/: what the chief hands the other workers
 _strategy = None  # one per process: the collective runtime is set up once, before TensorFlow starts
 
 
@@ -90,7 +90,8 @@ def check_cluster(devices: list[str], run_name: str | None) -> Cluster | None:
 
 
 def job_file(storage: Storage, run_id: str) -> Path:
-    return storage.run_dir(run_id) / JOB_FILE
+    """What the chief hands the other workers."""
+    return storage.layout.run(run_id).cluster_job
 
 
 def join_cluster(cluster: Cluster, storage: Storage, job: dict, devices: list[str]):
@@ -166,5 +167,5 @@ def _check_same_job(strategy, job: dict) -> None:
     if (digests != digest).any():
         raise TapelineError(
             f"the workers of run {job['run_id']} hold different jobs (config, data or warm start): "
-            f"restart them so that they all read the chief's {JOB_FILE}"
+            f"restart them so that they all read the chief's {Layout(PurePosixPath()).run(job['run_id']).cluster_job}"
         )

@@ -31,7 +31,8 @@ from tapeline.gradients.recorder import GradientRecorder, NullRecorder, Snapshot
 from tapeline.gradients.writers import SnapshotWriter, StepLog
 from tapeline.model import build_model
 from tapeline.results import PreparedData, TrainedModel
-from tapeline.storage.root import Storage, atomic_path
+from tapeline.storage.layout import RunPaths
+from tapeline.storage.root import Storage
 from tapeline.training.batches import batch_sample_ids, epoch_batches, epoch_order
 from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.cluster import Cluster, check_cluster, job_for, join_cluster
@@ -68,7 +69,7 @@ def train_model(
     `warm_start`, a champion's pointer (see tapeline/registry/champion.py), starts from its model's weights instead of random ones.
     """
     storage = Storage(config.storage)
-    run_dir = storage.run_dir(run_id)
+    run = storage.layout.run(run_id)
     # Place: the devices, and, when TF_CONFIG names a cluster, this worker's place in it.
     devices, cluster, strategy = _place(config, data, run_id, warm_start, storage)
     writes = cluster is None or cluster.chief  # the other workers run every step and collective, and write nothing
@@ -84,14 +85,14 @@ def train_model(
         if warm_start:
             _load_champion(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data)
-        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, train_metrics, resume_parameters, writes)
+        checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes)
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
         variables = [v.path for v in model.trainable_variables]
-        trained = _trained_model(run_id, storage, run_dir, devices, cluster, variables, warm_start, step, history)
-        recorder = open_recorder(config, storage, run_dir, run_id, variables, optimizer, last_step, writes)
-        summaries = tf.summary.create_file_writer(str(run_dir / "tensorboard")) if writes else tf.summary.create_noop_writer()
+        trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
+        recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes)
+        summaries = tf.summary.create_file_writer(str(run.tensorboard)) if writes else tf.summary.create_noop_writer()
         images_t, labels_t = tf.constant(images), tf.constant(labels)
 
         with recorder, summaries.as_default():
@@ -124,18 +125,16 @@ def train_model(
                 history.append(_epoch_row(epoch, timing, train_metrics, _validate(eval_step, val_metrics, val_images, val_labels)))
                 _epoch_summaries(history[-1], step, config.learning_rate)
                 if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
-                    summaries.flush()
-                    storage.publish(*sorted((run_dir / "tensorboard").iterdir()))
+                    with storage.publishing(run.tensorboard):
+                        summaries.flush()
                 checkpoint.save(step, history)
                 print(_epoch_line(history[-1], config.epochs))
 
     # Save: the trained model, by the process that writes.
-    model_path = run_dir / "model.keras"
     if writes:
-        with atomic_path(model_path, suffix=".keras") as temporary:  # Keras saves only to a .keras name
+        with storage.atomic(run.model, suffix=".keras") as temporary:  # Keras saves only to a .keras name
             model.save(temporary)
-        storage.publish(model_path)
-    return dataclasses.replace(trained, model_uri=storage.uri_of(model_path), steps=step, epochs=history)
+    return dataclasses.replace(trained, model_uri=storage.uri_of(run.model), steps=step, epochs=history)
 
 
 def _place(
@@ -176,14 +175,14 @@ def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
 
 
 def _trained_model(
-    run_id: str, storage: Storage, run_dir: Path, devices: list[str], cluster: Cluster | None,
+    storage: Storage, run: RunPaths, devices: list[str], cluster: Cluster | None,
     variables: list[str], warm_start: dict | None, resumed_from: int, history: list[dict],
 ) -> TrainedModel:  # fmt: skip
     """What the run reports before its first step: where it writes, on what it trains, where it starts from."""
     return TrainedModel(
-        run_id=run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
-        model_uri=None, gradients_uri=storage.uri_of(run_dir / "gradients"), steps_uri=storage.uri_of(run_dir / "steps"),
-        tensorboard_uri=storage.uri_of(run_dir / "tensorboard"), variables=variables,
+        run_id=run.run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
+        model_uri=None, gradients_uri=storage.uri_of(run.gradients), steps_uri=storage.uri_of(run.steps),
+        tensorboard_uri=storage.uri_of(run.tensorboard), variables=variables,
         steps=resumed_from, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
         role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
     )  # fmt: skip
@@ -196,7 +195,7 @@ def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> No
 
 
 def open_recorder(
-    config: RunConfig, storage: Storage, run_dir: Path, run_id: str, variables: list[str], optimizer, last_step: int, writes: bool
+    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, last_step: int, writes: bool
 ) -> GradientRecorder | NullRecorder:
     """The run's gradient recorder; on a worker that does not write, one that keeps nothing."""
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -204,8 +203,8 @@ def open_recorder(
         return NullRecorder(variables, loss_scaled)
     return GradientRecorder(
         variables,
-        StepLog(storage, run_dir, variables),
-        SnapshotWriter(storage, run_dir / "gradients", run_id, variables, config.gradient_dtype),
+        StepLog(storage, run, variables),
+        SnapshotWriter(storage, run.gradients, run.run_id, variables, config.gradient_dtype),
         SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor),
         learning_rate=float(optimizer.learning_rate.numpy()),
         loss_scaled=loss_scaled,

@@ -1,0 +1,171 @@
+"""The storage layout: what lives where under a storage root. The one place that names its files.
+
+    cache/<dataset>/<idx sha256>.gz           verified dataset files, content-addressed
+    datasets/<dataset>/<key>/                 preprocessed splits: train/validation/test.parquet
+    datasets/<dataset>/<key>.manifest.json    their manifest, written last: the splits are complete
+    models/current                            the champion pointer (tapeline/registry/champion.py)
+    runs/<run_id>/run.json                    the run manifest (tapeline/manifest.py)
+    runs/<run_id>/model.keras                 the trained model
+    runs/<run_id>/model.json                  its model card (tapeline/model_card.py)
+    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
+    runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
+    runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
+                                              (all three hive-partitioned: epoch=<N>/ directories)
+    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
+    runs/<run_id>/gradient_norms.png          the gradient norms per layer and step, plotted by export_gradients
+    runs/<run_id>/cluster.json                multi-worker training: the job the chief hands the other workers
+    runs/<run_id>/.lease                      who is writing the run (tapeline/storage/lease.py)
+
+Every directory above holds only what its name says: a dataset directory's
+manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
+Polars read the directory as it is. How files get there whole is the business of
+tapeline/storage/root.py.
+
+`Layout` gives the places of a root, `RunPaths` those of one run. Their paths are
+of whatever kind the root's are: working-copy `Path`s under a `Storage`'s root,
+or keys of an object store for a run `locate_run` found there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
+RUN_JSON = "run.json"
+_LOCAL = pafs.LocalFileSystem()
+
+
+def manifest_path(directory: PurePath) -> PurePath:
+    """The manifest of a dataset directory: beside it, so the directory holds nothing but the dataset's files."""
+    return directory.with_name(directory.name + MANIFEST_SUFFIX)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run, under its directory `runs/<run_id>/`."""
+
+    directory: PurePath
+
+    @property
+    def run_id(self) -> str:
+        return self.directory.name
+
+    @property
+    def run_json(self) -> PurePath:
+        return self.directory / RUN_JSON
+
+    @property
+    def model(self) -> PurePath:
+        return self.directory / "model.keras"
+
+    @property
+    def model_card(self) -> PurePath:
+        return self.directory / "model.json"
+
+    @property
+    def gradients(self) -> PurePath:
+        return self.directory / "gradients"
+
+    @property
+    def gradients_manifest(self) -> PurePath:
+        return manifest_path(self.gradients)
+
+    @property
+    def steps(self) -> PurePath:
+        return self.directory / "steps"
+
+    @property
+    def stats(self) -> PurePath:
+        return self.directory / "stats"
+
+    @property
+    def checkpoints(self) -> PurePath:
+        return self.directory / "checkpoints"
+
+    @property
+    def tensorboard(self) -> PurePath:
+        return self.directory / "tensorboard"
+
+    @property
+    def norm_plot(self) -> PurePath:
+        return self.directory / "gradient_norms.png"
+
+    @property
+    def cluster_job(self) -> PurePath:
+        return self.directory / "cluster.json"
+
+    @property
+    def lease(self) -> PurePath:
+        return self.directory / ".lease"
+
+    def dataset(self, name: str) -> PurePath:
+        """One of the run's Parquet datasets by name: `gradients`, `steps` or `stats`."""
+        return {"gradients": self.gradients, "steps": self.steps, "stats": self.stats}[name]
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """A preprocessed dataset: its directory of split files, and its manifest beside it."""
+
+    directory: PurePath
+
+    @property
+    def manifest(self) -> PurePath:
+        return manifest_path(self.directory)
+
+    def split(self, name: str) -> PurePath:
+        return self.directory / f"{name}.parquet"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The places under a storage root."""
+
+    root: PurePath
+
+    @property
+    def runs(self) -> PurePath:
+        return self.root / "runs"
+
+    @property
+    def champion(self) -> PurePath:
+        return self.root / "models" / "current"
+
+    def run(self, run_id: str) -> RunPaths:
+        return RunPaths(self.runs / run_id)
+
+    def cache_file(self, dataset: str, idx_sha256: str) -> PurePath:
+        return self.root / "cache" / dataset / f"{idx_sha256}.gz"
+
+    def dataset(self, dataset: str, key: str) -> DatasetPaths:
+        return DatasetPaths(self.root / "datasets" / dataset / key)
+
+
+def is_remote(root: str) -> bool:
+    """An object store or other non-local filesystem: anything with a scheme but file://."""
+    return "://" in root and not root.startswith("file://")
+
+
+def remote_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a URI: pyarrow's own (s3, gs, hdfs), else fsspec's (credentials from the environment)."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid:  # a scheme pyarrow does not know natively
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def locate_run(run: str | Path) -> tuple[pafs.FileSystem, RunPaths]:
+    """A run given as its directory or its run.json, local or in an object store (`s3://…/runs/<id>`):
+    the filesystem that holds it, and its paths there (read in place, nothing downloaded)."""
+    text = str(run).rstrip("/").removesuffix("/" + RUN_JSON)
+    if is_remote(text):
+        filesystem, directory = remote_filesystem(text)
+        return filesystem, RunPaths(PurePosixPath(directory))
+    return _LOCAL, RunPaths(Path(text).expanduser().resolve())
