@@ -16,7 +16,7 @@ from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
 from tapeline.flows.prepare import prepare_data
 from tapeline.flows.train import train_flow
-from tapeline.gradients.writers import GRADIENT_DTYPES
+from tapeline.gradients.schema import GRADIENT_DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 
