@@ -134,14 +134,14 @@ def _failed(prog: str, code: int, error: TapelineError) -> int:
 
 
 def _stop_temporary_api() -> None:
-    """Without PREFECT_API_URL, Prefect ran the flow on a temporary API that it stops at exit, with a line after
-    our last one. Send the run's logs to it and stop it now."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return  # a real API (or a test harness's): not ours to stop
+    """Prefect's background services (events, API logs) drain at exit and, without PREFECT_API_URL, it stops the
+    temporary API it ran the flow on then: each can print a line after our last one. Drain and stop them now."""
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
 
     APILogHandler().flush()
-    SubprocessASGIServer().stop()  # the one Prefect started, if it started one
+    EventsWorker.drain_all()
+    if not PREFECT_API_URL.value():  # a real API (or a test harness's) is not ours to stop
+        SubprocessASGIServer().stop()  # the one Prefect started, if it started one

@@ -83,10 +83,13 @@ def plot_norms(storage: Storage, run_id: str) -> Path:
     from matplotlib import pyplot as plt
 
     run = storage.layout.run(run_id)
-    stats = read_stats(storage.uri_of(run.directory), columns=["step", "variable", "l2_norm"]).to_pandas()
+    stats = read_stats(storage.uri_of(run.directory), columns=["step", "variable", "l2_norm"])
+    variables = np.array(stats.column("variable").to_pylist())
+    steps, norms = stats.column("step").to_numpy(), stats.column("l2_norm").to_numpy()
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for variable, rows in stats.groupby("variable", sort=False):
-        axes.plot(rows["step"], rows["l2_norm"], label=variable, linewidth=0.8)
+    for variable in dict.fromkeys(variables):  # the model's order: each variable's first row
+        mine = variables == variable
+        axes.plot(steps[mine], norms[mine], label=variable, linewidth=0.8)
     axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_id}")
     axes.legend(fontsize=7)
     figure.tight_layout()

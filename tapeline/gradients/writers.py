@@ -65,7 +65,7 @@ def snapshot_table(
     """
     n = len(variables)
     schema = file_schema(gradient_schema(dtype))
-    stored = schema.field("values").type.value_type.to_pandas_dtype()
+    stored = np.dtype(dtype)  # not pyarrow's to_pandas_dtype(): older pyarrow imports pandas for it
 
     def tensors(arrays: list[np.ndarray]) -> pa.ChunkedArray:
         flat = [np.asarray(a, stored).reshape(-1) for a in arrays]
