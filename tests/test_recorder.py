@@ -40,12 +40,17 @@ class CountingHost:
         return [np.asarray(t) for t in tensors]
 
 
-def recorder(run_dir, snapshot_weights=False, loss_scaled=False, to_host=None) -> GradientRecorder:
-    storage = Storage(str(run_dir))
+def run_paths(root):
+    """The paths of run "run" under the storage root `root`."""
+    return Storage(str(root)).layout.run("run")
+
+
+def recorder(root, snapshot_weights=False, loss_scaled=False, to_host=None) -> GradientRecorder:
+    storage, run = Storage(str(root)), run_paths(root)
     return GradientRecorder(
         VARIABLES,
-        StepLog(storage, run_dir, VARIABLES),
-        SnapshotWriter(storage, run_dir / "gradients", "run", VARIABLES),
+        StepLog(storage, run, VARIABLES),
+        SnapshotWriter(storage, run.gradients, "run", VARIABLES),
         SnapshotPolicy(every=5, last_step=LAST_STEP, spike_factor=10),
         learning_rate=0.001,
         loss_scaled=loss_scaled,
@@ -54,8 +59,8 @@ def recorder(run_dir, snapshot_weights=False, loss_scaled=False, to_host=None) -
     )
 
 
-def table(run_dir, name: str):
-    return ds.dataset(run_dir / name, format="parquet", partitioning=PARTITIONING).to_table().sort_by("step")
+def table(root, name: str):
+    return ds.dataset(run_paths(root).directory / name, format="parquet", partitioning=PARTITIONING).to_table().sort_by("step")
 
 
 def test_keeps_first_scheduled_spike_and_last_steps_with_their_weights(tmp_path):
@@ -83,7 +88,7 @@ def test_keeps_first_scheduled_spike_and_last_steps_with_their_weights(tmp_path)
     assert steps.column("step").to_pylist() == list(range(1, LAST_STEP + 1))
     assert steps.column("global_norm").to_pylist()[12] == pytest.approx(50.0)
     assert steps.column("sample_ids").to_pylist()[2] == [3, 4, 5, 6]
-    assert sorted(p.name for p in (tmp_path / "steps" / "epoch=1").iterdir()) == ["steps-000000001.parquet", "steps-000000008.parquet"]
+    assert sorted(p.name for p in (run_paths(tmp_path).steps / "epoch=1").iterdir()) == ["steps-000000001.parquet", "steps-000000008.parquet"]
     assert table(tmp_path, "stats").num_rows == LAST_STEP * len(VARIABLES)
 
 
