@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import keras
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -126,6 +127,27 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup, checkpoin
     assert expected in str(raised.value)
     last = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, trained.steps))
     assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
+
+
+def test_a_non_finite_step_inside_a_call_ends_it_there(setup):
+    """Divergence at step 4, inside the call of steps 2..51: that step's gradients are written, no later step's,
+    and the run records exactly what it records one step per call."""
+    config, data = setup
+    config = dataclasses.replace(config, learning_rate=1e10, snapshot_every=10**6, checkpoint_every=10**6, epochs=1)
+    runs = {}
+    for k in (50, 1):
+        with pytest.raises(NonFiniteError, match=r"non-finite values at step 4 \(epoch 1\)") as raised:
+            train_model(dataclasses.replace(config, steps_per_call=k), data, f"explodes-in-call-{k}")
+        trained = raised.value.trained
+        run_dir = Storage(config.storage).run_dir(trained.run_id)
+        kept = pq.read_table(run_dir / "gradients", columns=["step", "reason", "values"])
+        runs[k] = read_steps(run_dir).select(["step", "loss", "global_norm", "sample_ids"]), kept
+        assert trained.steps == 4 and read_steps(run_dir).column("step").to_pylist() == [1, 2, 3, 4]
+        assert sorted(set(kept.column("step").to_pylist())) == [1, 4]
+        failing = kept.filter(pc.equal(kept.column("step"), 4))
+        assert set(failing.column("reason").to_pylist()) == {"non-finite"}
+        assert not all(np.isfinite(np.concatenate(failing.column("values").to_pylist())))
+    assert repr(runs[50][0].to_pylist()) == repr(runs[1][0].to_pylist())  # by repr: the last loss is NaN
 
 
 def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_path):
