@@ -104,6 +104,55 @@ def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
     assert [e["epoch"] for e in resumed.epochs] == [1, 2]
 
 
+class Stop(Exception):
+    pass
+
+
+def test_resumed_at_a_call_boundary_with_other_call_lengths_matches(setup, uninterrupted):
+    """Stopped after the checkpoint of step 60 (calls of 7 steps end there), resumed in calls of 13: bit-identical."""
+    config, data = setup
+
+    def stop_after(step, last_step, loss):
+        if step == 61:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_model(dataclasses.replace(config, steps_per_call=7), data, "boundary", on_progress=stop_after)
+    resumed = train_model(dataclasses.replace(config, steps_per_call=13), data, "boundary")
+    assert resumed.resumed_from == 60 and resumed.steps == uninterrupted.steps
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        assert np.array_equal(a, b)
+    run_dir, expected = Storage(config.storage).run_dir("boundary"), Path(uninterrupted.steps_uri).parent
+    assert read_steps(run_dir).sort_by("step").select(["step", "loss", "global_norm"]).equals(
+        read_steps(expected).sort_by("step").select(["step", "loss", "global_norm"])
+    )
+
+
+def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_path):
+    """SIGKILL while the background thread writes a checkpoint (its temporary files on disk): the index names a
+    complete one, and the run resumes from it to the same weights."""
+    config, data = dataclasses.replace(setup[0], checkpoint_every=1), setup[1]  # a write nearly always in flight
+    run_dir = Storage(config.storage).run_dir("killed-writing")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-writing"}))
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    writing = []
+    try:
+        deadline = time.monotonic() + 120
+        while not writing and worker.poll() is None and time.monotonic() < deadline:
+            if latest_checkpoint_step(run_dir) >= 30:
+                writing = [p.name for p in (run_dir / "checkpoints").iterdir() if "_temp" in p.name]
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait()
+    assert writing and worker.returncode == -signal.SIGKILL
+    killed_at = latest_checkpoint_step(run_dir)
+    resumed = train_model(config, data, "killed-writing")
+    assert resumed.resumed_from >= killed_at >= 30 and resumed.steps == uninterrupted.steps
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        assert np.array_equal(a, b)
+
+
 def test_resuming_with_other_parameters_is_refused(setup, uninterrupted):
     config, data = setup
     with pytest.raises(ConfigError, match="learning_rate"):

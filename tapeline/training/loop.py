@@ -85,7 +85,8 @@ def train_model(
         if warm_start:
             _load_champion(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data)
-        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, train_metrics, resume_parameters, writes)
+        shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
+        checkpoint = TrainingCheckpoint(storage, run_dir / "checkpoints", model, optimizer, train_metrics, resume_parameters, writes, shadow)
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
@@ -97,7 +98,7 @@ def train_model(
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
         steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress)
 
-        with recorder, summaries.as_default():
+        with recorder, checkpoint, summaries.as_default():  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
@@ -143,11 +144,7 @@ def _place(
 
 def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
     """The model, its optimizer, the compiled steps and their metrics; call in the device's or the strategy's scope."""
-    model = build_model(config.precision)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
+    model, optimizer = model_and_optimizer(config)
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
@@ -156,6 +153,16 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile)
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
+
+
+def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The model and its optimizer, its slots created (so a checkpoint can fill them)."""
+    model = build_model(config.precision)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
 
 
 def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
@@ -295,6 +302,7 @@ def _epoch_row(epoch: int, timing: tuple[float, float | None], train_metrics: li
 
 def _non_finite(step: int, epoch: int, values: list[str], checkpoint: TrainingCheckpoint, trained: TrainedModel) -> NonFiniteError:
     """The NaN guard's message: the step, what was not finite in it, where a rerun would resume."""
+    checkpoint.wait()
     latest = checkpoint.latest_step
     kept = "no checkpoint was written yet" if latest is None else f"the last good checkpoint is step {latest}"
     return NonFiniteError(
