@@ -162,6 +162,8 @@ def report(args, methods, rates, compile_seconds, load_before, load_after) -> No
     print(f"{'method':<14}{'median samples/s':>18}  {'min-max':>15}  stalled  first turn (s)")
     for name, values in rates.items():
         print(f"{name:<14}{statistics.median(values):>18,.0f}  {min(values):>7,.0f}-{max(values):<7,.0f}  {sum(stalled[name]):>7}  {compile_seconds[name]:.1f}")
+    for name, values in rates.items():
+        print(f"{name} turns: {' '.join(f'{r:,.0f}' for r in values)}")
     for name in methods:
         if name == "fit":
             continue
