@@ -1,13 +1,14 @@
 """Stage 3, train: the example's custom GradientTape loop, compiled, checkpointed, with gradient snapshots.
 
-The loop reads as the algorithm: for each batch, run the compiled step (the loss
-under a tape, `tape.gradient`, Adam applies it; see steps.py) and tell the
-gradient recorder what the step produced; it keeps every step's statistics and,
+The loop reads as the algorithm: run the compiled step (the loss under a tape,
+`tape.gradient`, Adam applies it; see steps.py) on each batch, and tell the
+gradient recorder what each step produced; it keeps every step's statistics and,
 every `snapshot_every` steps (and at the first and last step, and on anomalies),
-the very gradients that were applied (see tapeline/gradients/recorder.py). Epoch
-order comes from (seed, epoch) alone (batches.py), so a step's batch is known on
-the host without asking TensorFlow, and a resumed run continues at the exact
-batch where the checkpoint was taken.
+the very gradients that were applied (see tapeline/gradients/recorder.py). Python
+runs it a call of up to `steps_per_call` steps at a time (calls.py), each call
+ending where the host must act. Epoch order comes from (seed, epoch) alone
+(batches.py), so a step's batch is known on the host without asking TensorFlow,
+and a resumed run continues at the exact batch where the checkpoint was taken.
 """
 
 from __future__ import annotations
