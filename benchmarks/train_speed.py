@@ -1,28 +1,35 @@
-"""Training speed of the project's compiled GradientTape step vs Keras `model.fit` vs an eager loop.
+"""Training speed of the product's step loop against Keras `model.fit`, in one process, in many short interleaved turns.
 
-All three train the same model (`tapeline.model.build_model`) with Keras Adam(1e-3) and
-SparseCategoricalCrossentropy(from_logits=True) at the same batch size on the same
-uint8 images (Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random bytes of
-the same shape if it is missing), in ONE process:
+Every method trains the same model (`tapeline.model.build_model`, Adam 1e-3, sparse
+cross-entropy from logits) at the same batch size on the same uint8 images
+(Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random bytes of that shape):
 
-  project  `tapeline.training.steps.make_train_step` (the run's default, XLA-compiled) fed by the
-           project's own `batches()` pipeline, reading the loss each step (the gradient
-           statistics and export are measured apart, by export_overhead.py)
-  project --no-jit  the same step as a plain tf.function
-  fit      `model.compile(...)` + `model.fit(x, y, batch_size, epochs=1, verbose=0)`
-  eager    the classic loop: GradientTape in Python, no tf.function
+  product k=K  the run's own loop: `tapeline.training.loop._StepLoop.epoch` (calls of up to K
+               steps, batches gathered in the graph, per-step statistics, the run's
+               gradient recorder writing the step log and the scheduled snapshots to a
+               temporary directory), one epoch of `--steps` steps per turn
+  before       the loop of issue 11 as it ran per step: the compiled step with its
+               statistics, fed by the autotuned `tf.data` pipeline (`batches`), the
+               recorder told of each step (a reference, to say what the new loop moved)
+  fit          `model.compile(...)` + `model.fit(x, y, batch_size, epochs=1, verbose=0)`
 
-Each method is warmed up first (tracing/compiling excluded), then timed `--repeats`
-times over `--samples` samples, round-robin so machine drift hits all methods alike.
-Reported: median training samples/s, and the ratios project/fit and project/eager.
+Each method runs a first turn (tracing, compiling: reported, not counted), then the methods take
+turns, `--rounds` rounds of `--steps` steps each. Reported per method: the median
+samples/s of all turns with its spread (min-max), the turns that stalled (below
+`STALL` × the method's median: on this machine an autotuned input pipeline sometimes
+runs a whole turn at a fixed low rate), and per method the ratio to `fit` paired by
+round on rounds where neither stalled, and over all rounds.
 
-    python benchmarks/train_speed.py [--samples 20000] [--batch-size 32] [--repeats 3]
+    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--device cpu|gpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +37,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tapeline.config import RunConfig
 from tapeline.data.idx import read_idx_gz
+from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.model import build_model
-from tapeline.training.batches import batches, epoch_order
-from tapeline.training.steps import make_train_step
+from tapeline.storage.root import Storage
+from tapeline.training.batches import batch_sample_ids, batches, epoch_order
+from tapeline.training.checkpoints import TrainingCheckpoint
+from tapeline.training.loop import _EpochClock, _step_calls, _StepLoop, build_training, open_recorder
+from tapeline.training.steps import with_stats
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
-WARMUP_STEPS = 20
+STALL = 0.75
 
 
 def load(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,86 +61,116 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
 
 
-def setup():
-    keras.utils.set_random_seed(0)
-    return build_model(), keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+class Product:
+    """The run's loop (`_StepLoop`), one epoch of the turn's samples per turn, recording into a temporary run directory."""
+
+    def __init__(self, images, labels, batch_size: int, k: int, directory: str):
+        keras.utils.set_random_seed(0)
+        config = RunConfig(batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory)
+        self.images, steps_per_epoch = images, int(np.ceil(len(images) / batch_size))
+        training = build_training(config)
+        storage = Storage(directory)
+        run = storage.layout.run("bench")
+        variables = [v.path for v in training.model.trainable_variables]
+        self.recorder = open_recorder(config, storage, run, variables, training.optimizer, 10**9, writes=True)
+        calls = _step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), None)
+        checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
+        schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
+        self.loop = _StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
+        self.epoch, self.steps_per_epoch = 0, steps_per_epoch
+
+    def __call__(self) -> None:
+        self.epoch += 1
+        order = epoch_order(len(self.images), 0, self.epoch)
+        self.loop.epoch(self.epoch, (self.epoch - 1) * self.steps_per_epoch, order, _EpochClock(), [])
+        self.recorder.flush()  # as at an epoch's end
 
 
-def project_trainer(images, labels, batch_size, jit_compile):
-    """The project's own step (`make_train_step`) and input pipeline (`batches`), as `train_model` runs them."""
-    model, optimizer, loss_fn = setup()
-    metrics = keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()
-    train_step = make_train_step(model, optimizer, loss_fn, *metrics, jit_compile=jit_compile)
-    images_t, labels_t = tf.constant(images), tf.constant(labels)
+class Before:
+    """Issue 11's loop: one call per step, `tf.data` batches, the recorder told of each step."""
 
-    def run(n, epoch):
-        for x, y in batches(images_t, labels_t, epoch_order(len(images), 0, epoch)[:n], batch_size):
-            loss, gradients = train_step(x, y)
-            float(loss)  # train_model reads it every step
+    def __init__(self, images, labels, batch_size: int, directory: str):
+        keras.utils.set_random_seed(0)
+        config = RunConfig(batch_size=batch_size, storage=directory)
+        training = build_training(config)
+        self.model, self.step_fn, self.batch_size = training.model, with_stats(training.train_step), batch_size
+        variables = [v.path for v in training.model.trainable_variables]
+        self.recorder = open_recorder(config, Storage(directory), Path(directory), "bench", variables, training.optimizer, 10**9, writes=True)
+        self.images, self.labels, self.n, self.epoch, self.step = tf.constant(images), tf.constant(labels), len(images), 0, 0
 
-    return run
-
-
-def fit_trainer(images, labels, batch_size):
-    model, optimizer, loss_fn = setup()
-    model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"])
-
-    def run(n, epoch):
-        model.fit(images[:n], labels[:n], batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
-
-    return run
+    def __call__(self) -> None:
+        self.epoch += 1
+        order = epoch_order(self.n, 0, self.epoch)
+        for i, (x, y) in enumerate(batches(self.images, self.labels, order, self.batch_size)):
+            self.recorder.before_step(self.step + 1, self.model.trainable_variables)
+            loss, gradients, stats = self.step_fn(x, y)
+            self.step += 1
+            self.recorder.record(self.step, self.epoch, float(loss), batch_sample_ids(np.arange(self.n), order, i, self.batch_size), stats.numpy(), gradients)
+        self.recorder.flush()
 
 
-def eager_trainer(images, labels, batch_size):
-    model, optimizer, loss_fn = setup()
-    train_accuracy = keras.metrics.SparseCategoricalAccuracy()
+class Fit:
+    def __init__(self, images, labels, batch_size: int):
+        keras.utils.set_random_seed(0)
+        self.model, self.images, self.labels, self.batch_size = build_model(), images, labels, batch_size
+        self.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
-    def run(n, epoch):
-        dataset = tf.data.Dataset.from_tensor_slices((images[:n], labels[:n])).shuffle(n, seed=epoch).batch(batch_size)
-        for x, y in dataset:
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                loss = loss_fn(y, logits)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            train_accuracy.update_state(y, logits)
-        float(loss)
+    def __call__(self) -> None:
+        self.model.fit(self.images, self.labels, batch_size=self.batch_size, epochs=1, shuffle=True, verbose=0)
 
-    return run
+
+def median_spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})" if values else "-"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=20000, help="samples per timed repeat")
+    parser.add_argument("--steps", type=int, default=150, help="steps per turn")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, action="append", help="steps per call of the product's loop (repeatable; default 50)")
+    parser.add_argument("--no-before", action="store_true", help="leave out issue 11's loop")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
 
-    images, labels = load(args.samples)
-    trainers = {
-        "project": project_trainer(images, labels, args.batch_size, jit_compile=True),
-        "project --no-jit": project_trainer(images, labels, args.batch_size, jit_compile=False),
-        "fit": fit_trainer(images, labels, args.batch_size),
-        "eager": eager_trainer(images, labels, args.batch_size),
-    }
-    for run in trainers.values():  # tracing, compiling, first-call allocation: not timed
-        run(WARMUP_STEPS * args.batch_size, 0)
-    rates = {name: [] for name in trainers}
-    for repeat in range(1, args.repeats + 1):
-        for name, run in trainers.items():
+    samples = args.steps * args.batch_size
+    images, labels = load(samples)
+    with tempfile.TemporaryDirectory() as directory, tf.device(f"/{args.device.upper()}:0"):
+        methods = {f"product k={k}": Product(images, labels, args.batch_size, k, f"{directory}/k{k}") for k in args.k or [50]}
+        if not args.no_before:
+            methods["before"] = Before(images, labels, args.batch_size, f"{directory}/before")
+        methods["fit"] = Fit(images, labels, args.batch_size)
+        compile_seconds = {}
+        for name, run in methods.items():  # a first turn: tracing, compiling, first-call allocation; not counted
             started = time.perf_counter()
-            run(args.samples, repeat)
-            rates[name].append(args.samples / (time.perf_counter() - started))
+            run()
+            compile_seconds[name] = time.perf_counter() - started
+        rates: dict[str, list[float]] = {name: [] for name in methods}
+        load_before = os.getloadavg()
+        for _ in range(args.rounds):
+            for name, run in methods.items():
+                started = time.perf_counter()
+                run()
+                rates[name].append(samples / (time.perf_counter() - started))
+        report(args, methods, rates, compile_seconds, load_before, os.getloadavg())
 
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, batch {args.batch_size}, "
-          f"{args.samples} samples x {args.repeats} repeats, {len(tf.config.list_physical_devices('GPU'))} GPU")
-    print(f"{'method':<20}{'median samples/s':>18}   repeats")
-    for name, r in rates.items():
-        print(f"{name:<20}{median[name]:>18,.0f}   {', '.join(f'{x:,.0f}' for x in r)}")
-    for name in (n for n in trainers if n.startswith("project")):
-        print(f"{name}/fit = {median[name] / median['fit']:.2f}x   "
-              f"{name}/eager = {median[name] / median['eager']:.2f}x")
+
+def report(args, methods, rates, compile_seconds, load_before, load_after) -> None:
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"device {args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps; "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    stalled = {name: [r < STALL * statistics.median(values) for r in values] for name, values in rates.items()}
+    print(f"{'method':<14}{'median samples/s':>18}  {'min-max':>15}  stalled  first turn (s)")
+    for name, values in rates.items():
+        print(f"{name:<14}{statistics.median(values):>18,.0f}  {min(values):>7,.0f}-{max(values):<7,.0f}  {sum(stalled[name]):>7}  {compile_seconds[name]:.1f}")
+    for name, values in rates.items():
+        print(f"{name} turns: {' '.join(f'{r:,.0f}' for r in values)}")
+    for name in methods:
+        if name == "fit":
+            continue
+        paired = [a / b for a, b, sa, sb in zip(rates[name], rates["fit"], stalled[name], stalled["fit"]) if not (sa or sb)]
+        every = [a / b for a, b in zip(rates[name], rates["fit"])]
+        print(f"{name} / fit: {median_spread(paired)} on {len(paired)} unstalled rounds; {median_spread(every)} over all rounds")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def train_flow(
     warm_start: param.WarmStart = RunConfig.warm_start,
     precision: param.Precision = RunConfig.precision,
     jit_compile: param.JitCompile = RunConfig.jit_compile,
+    steps_per_call: param.StepsPerCall = RunConfig.steps_per_call,
     deterministic: param.Deterministic = RunConfig.deterministic,
     device: param.Device = RunConfig.device,
     devices: param.Devices = RunConfig.devices,

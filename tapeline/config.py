@@ -81,6 +81,14 @@ PromotionMargin = Annotated[
 WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones")]
 Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32")]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
+StepsPerCall = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1000,
+        description="training steps per call from Python (fewer at snapshots, checkpoints, epoch ends, anomalies; 1 with several devices)",
+    ),
+]
 Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
@@ -109,6 +117,7 @@ class RunConfig:
     warm_start: WarmStart = False
     precision: Precision = "float32"
     jit_compile: JitCompile = True
+    steps_per_call: StepsPerCall = 50
     deterministic: Deterministic = False
     device: Device = "auto"
     devices: Devices = 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import keras
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -103,6 +104,55 @@ def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
     assert [e["epoch"] for e in resumed.epochs] == [1, 2]
 
 
+class Stop(Exception):
+    pass
+
+
+def test_resumed_at_a_call_boundary_with_other_call_lengths_matches(setup, uninterrupted):
+    """Stopped after the checkpoint of step 60 (calls of 7 steps end there), resumed in calls of 13: bit-identical."""
+    config, data = setup
+
+    def stop_after(step, last_step, loss):
+        if step == 61:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_model(dataclasses.replace(config, steps_per_call=7), data, "boundary", on_progress=stop_after)
+    resumed = train_model(dataclasses.replace(config, steps_per_call=13), data, "boundary")
+    assert resumed.resumed_from == 60 and resumed.steps == uninterrupted.steps
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        assert np.array_equal(a, b)
+    run_dir, expected = Storage(config.storage).layout.run("boundary").directory, Path(uninterrupted.steps_uri).parent
+    assert read_steps(run_dir).sort_by("step").select(["step", "loss", "global_norm"]).equals(
+        read_steps(expected).sort_by("step").select(["step", "loss", "global_norm"])
+    )
+
+
+def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_path):
+    """SIGKILL while the background thread writes a checkpoint (its temporary files on disk): the index names a
+    complete one, and the run resumes from it to the same weights."""
+    config, data = dataclasses.replace(setup[0], checkpoint_every=1), setup[1]  # a write nearly always in flight
+    run_dir = Storage(config.storage).layout.run("killed-writing").directory
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-writing"}))
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    writing = []
+    try:
+        deadline = time.monotonic() + 120
+        while not writing and worker.poll() is None and time.monotonic() < deadline:
+            if latest_checkpoint_step(run_dir) >= 30:
+                writing = [p.name for p in (run_dir / "checkpoints").iterdir() if "_temp" in p.name]
+        os.kill(worker.pid, signal.SIGKILL)
+    finally:
+        worker.wait()
+    assert writing and worker.returncode == -signal.SIGKILL
+    killed_at = latest_checkpoint_step(run_dir)
+    resumed = train_model(config, data, "killed-writing")
+    assert resumed.resumed_from >= killed_at >= 30 and resumed.steps == uninterrupted.steps
+    for a, b in zip(weights(uninterrupted), weights(resumed)):
+        assert np.array_equal(a, b)
+
+
 def test_resuming_with_other_parameters_is_refused(setup, uninterrupted):
     config, data = setup
     with pytest.raises(ConfigError, match="learning_rate"):
@@ -126,6 +176,27 @@ def test_non_finite_stops_with_the_step_and_keeps_its_gradients(setup, checkpoin
     assert expected in str(raised.value)
     last = pq.read_table(snapshot_file(Path(trained.gradients_uri), 1, trained.steps))
     assert not all(np.isfinite(np.concatenate(last.column("values").to_pylist())))
+
+
+def test_a_non_finite_step_inside_a_call_ends_it_there(setup):
+    """Divergence at step 4, inside the call of steps 2..51: that step's gradients are written, no later step's,
+    and the run records exactly what it records one step per call."""
+    config, data = setup
+    config = dataclasses.replace(config, learning_rate=1e10, snapshot_every=10**6, checkpoint_every=10**6, epochs=1)
+    runs = {}
+    for k in (50, 1):
+        with pytest.raises(NonFiniteError, match=r"non-finite values at step 4 \(epoch 1\)") as raised:
+            train_model(dataclasses.replace(config, steps_per_call=k), data, f"explodes-in-call-{k}")
+        trained = raised.value.trained
+        run_dir = Storage(config.storage).run_dir(trained.run_id)
+        kept = pq.read_table(run_dir / "gradients", columns=["step", "reason", "values"])
+        runs[k] = read_steps(run_dir).select(["step", "loss", "global_norm", "sample_ids"]), kept
+        assert trained.steps == 4 and read_steps(run_dir).column("step").to_pylist() == [1, 2, 3, 4]
+        assert sorted(set(kept.column("step").to_pylist())) == [1, 4]
+        failing = kept.filter(pc.equal(kept.column("step"), 4))
+        assert set(failing.column("reason").to_pylist()) == {"non-finite"}
+        assert not all(np.isfinite(np.concatenate(failing.column("values").to_pylist())))
+    assert repr(runs[50][0].to_pylist()) == repr(runs[1][0].to_pylist())  # by repr: the last loss is NaN
 
 
 def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_path):

@@ -17,13 +17,14 @@ import tensorflow as tf
 from tapeline.data.splits import read_split
 from tapeline.gradients.export import GradientExportError, plot_norms, publish_gradients
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STATS_SCHEMA, STEP_SCHEMA, file_schema
+from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STAT_NAMES, STATS_SCHEMA, STEP_SCHEMA, file_schema
 from tapeline.gradients.writers import atomic_partition_path, partition_file, snapshot_file
 from tapeline.model import build_model
 from tapeline.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
 from tapeline.registry.champion import current_champion, warm_start_champion
 from tapeline.registry.promotion import promote_if_better
 from tapeline.storage.root import Storage
+from tapeline.training.calls import AnomalyWatch, call_length
 from tapeline.training.loop import train_model
 from tests.readers import PARTITIONED, assert_every_reader_agrees
 
@@ -233,6 +234,32 @@ def test_snapshot_policy_keeps_spikes_and_non_finite_steps():
     assert policy.reason(52, 11.0, True) == "norm-spike"
     assert policy.reason(100, float("nan"), False) == "scheduled,non-finite"
     assert policy.reason(1000, 1.0, True) == "scheduled,last"
+
+
+def test_the_device_ends_a_call_exactly_where_the_policy_keeps_an_anomaly():
+    """AnomalyWatch (on the device) and SnapshotPolicy (on the host) see the same norms and agree on every step."""
+    policy, watch = SnapshotPolicy(every=10**6, last_step=10**6, spike_factor=3), AnomalyWatch(spike_factor=3, loss_scaled=False)
+    rng = np.random.default_rng(0)
+    norms = list(rng.uniform(1, 2, 150)) + [7.0, 5.9, float("inf"), 1.5, 6.1] + list(rng.uniform(1, 2, 20))
+    spikes = 0
+    for step, norm in enumerate(norms, 2):
+        stats = np.zeros([2, len(STAT_NAMES)], np.float32)
+        stats[0, 0], stats[0, -2] = norm, float(not np.isfinite(norm))  # the l2 norm and a NaN count
+        device_norm, stop = watch(tf.constant(1.0), tf.constant(stats))
+        finite = bool(np.isfinite(norm))
+        reason = policy.reason(step, float(device_norm), finite)
+        assert bool(stop) == (not finite or "norm-spike" in reason), step
+        spikes += "norm-spike" in reason
+    assert spikes == 3  # 7.0, 5.9 and 6.1 against a median near 1.5
+
+
+def test_calls_end_where_the_host_acts():
+    policy = SnapshotPolicy(every=10, last_step=95, spike_factor=10)
+    plan = {weights: [call_length(s, 8, 40, 25, policy, weights) for s in (0, 1, 5, 9, 18, 24, 30)] for weights in (False, True)}
+    # after step: 0 -> the first step alone; 1 -> up to 8 more; 5 -> to the scheduled 10; 18 -> to 20; 24 -> the checkpoint at 25;
+    # 30 -> 8 more, up to the epoch's end at 40 at most. With weights, a scheduled step starts its own call.
+    assert plan[False] == [1, 8, 5, 1, 2, 1, 8]
+    assert plan[True] == [1, 8, 4, 1, 1, 1, 8]
 
 
 def test_reader_trusts_only_the_manifest(trained, tmp_path):

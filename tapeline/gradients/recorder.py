@@ -70,7 +70,27 @@ def _on_host(tensors: Sequence) -> list[np.ndarray]:
     return [np.asarray(t) for t in tensors]
 
 
-class GradientRecorder:
+class _Recording:
+    """What both recorders do with a call of many steps (tapeline/training/calls.py): record each in turn."""
+
+    def record_call(
+        self, first_step: int, epoch: int, losses: np.ndarray, sample_ids: list[np.ndarray], stats: np.ndarray, norms: np.ndarray, gradients: Sequence
+    ) -> tuple[int, list[str]]:
+        """Record the steps of one call, whose `gradients` are those of its last step; (the last step, what was not finite in it).
+
+        The call ended early at a non-finite step (the device applies the same rule),
+        so that step is always its last; nothing after it is recorded.
+        """
+        last = len(losses) - 1
+        for i in range(len(losses)):
+            step = first_step + i
+            non_finite = self.record(step, epoch, float(losses[i]), sample_ids[i], stats[i], gradients if i == last else None, float(norms[i]))
+            if non_finite:
+                return step, non_finite
+        return first_step + last, []
+
+
+class GradientRecorder(_Recording):
     """Owns the snapshot policy, the step log and the snapshot writer of one run; a context manager (closes the writer).
 
     `to_host` copies device tensors (gradients, weights) to numpy arrays in the stored
@@ -97,15 +117,21 @@ class GradientRecorder:
         """Before `step` runs: read `weights` (the values its gradient is taken at) if the step is kept with them."""
         self._weights = self.to_host(weights) if self.snapshot_weights and self.policy.scheduled(step) else None
 
-    def record(self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence) -> list[str]:
+    def record(
+        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None, norm: float | None = None
+    ) -> list[str]:
         """Log the step, keep it in full if the policy says so; returns what was not finite (see `non_finite_values`).
 
-        `stats`: [variables, STAT_NAMES] as `gradient_stats` computed them; `gradients`: on the device.
+        `stats`: [variables, STAT_NAMES] as `gradient_stats` computed them; `gradients`: on the device, None for a
+        step inside a call (never kept: a call ends at every step that is); `norm`: the global norm as the device
+        computed it (calls.AnomalyWatch), else computed here from `stats`.
         """
         non_finite = non_finite_values(loss, stats, self.variables, self.loss_scaled)
-        norm = global_norm(stats)
+        norm = global_norm(stats) if norm is None else norm
         self.log.append(step, epoch, loss, norm, self.learning_rate, sample_ids, stats)
         reason = self.policy.reason(step, norm, finite=not non_finite)
+        if reason and gradients is None:
+            raise RuntimeError(f"step {step} is kept in full ({reason}) but its call did not end there")
         if reason:
             self.snapshots.write(step, epoch, reason, self.to_host(gradients), stats[:, L2_NORM], self._weights)
         self._weights = None
@@ -128,7 +154,7 @@ class GradientRecorder:
         self.close()
 
 
-class NullRecorder:
+class NullRecorder(_Recording):
     """The recorder of a worker that writes nothing (not the chief of multi-worker training).
 
     The same methods as `GradientRecorder`; it applies the same non-finite rule, so
@@ -141,7 +167,9 @@ class NullRecorder:
     def before_step(self, step: int, weights: Sequence) -> None:
         pass
 
-    def record(self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence) -> list[str]:
+    def record(
+        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None, norm: float | None = None
+    ) -> list[str]:
         return non_finite_values(loss, stats, self.variables, self.loss_scaled)
 
     def flush(self) -> None:

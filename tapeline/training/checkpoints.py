@@ -5,13 +5,23 @@ count), the global step, and a JSON string with the rest of the loop's state: th
 finished epochs' metrics, the running metrics of the current epoch, and the run's
 parameters. The data order needs nothing more: it is a function of (seed, epoch),
 so the step number alone says which batch comes next.
+
+Given a `shadow` (a second model and optimizer of the same structure), a save
+costs the training thread only a copy of the variables into it; a background
+thread writes the shadow's checkpoint (TensorFlow writes the data files first,
+the `checkpoint` index last, so a crash leaves the previous checkpoint as the
+latest complete one) and publishes it. At most one save is in flight: the next
+waits for it. (TensorFlow's own async checkpointing fails on Keras 3 variables
+from the second save on: Keras creates a new variable per copy.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -41,6 +51,7 @@ class TrainingCheckpoint:
         metrics: list[keras.metrics.Metric],
         parameters: dict,
         writes: bool = True,
+        shadow: tuple[keras.Model, object] | None = None,
     ):
         self.storage, self.directory, self.metrics, self.parameters, self.writes = storage, directory, metrics, parameters, writes
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -48,8 +59,28 @@ class TrainingCheckpoint:
         # worker, and MultiWorkerMirroredStrategy cannot broadcast a string's initial value (its collectives take numbers).
         self._state = resource_variable_ops.ResourceVariable("{}", dtype=tf.string, trainable=False)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=self.step, state=self._state)
-        self._manager = tf.train.CheckpointManager(self._checkpoint, str(directory), max_to_keep=KEEP)
         self.latest_step: int | None = None  # the step of the latest checkpoint restored or saved; None before any
+        self._saved, self._copy, self._publisher, self._in_flight = self._checkpoint, None, None, None
+        if shadow and writes:
+            self._saved, self._copy = self._shadow_of(model, optimizer, *shadow)
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._manager = tf.train.CheckpointManager(self._saved, str(directory), max_to_keep=KEEP)
+
+    def _shadow_of(self, model, optimizer, shadow_model, shadow_optimizer) -> tuple[tf.train.Checkpoint, object]:
+        """The shadow's checkpoint (the same object graph as this one's) and the function that copies into it."""
+        step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        state = resource_variable_ops.ResourceVariable("{}", dtype=tf.string, trainable=False)
+        live = [*model.weights, *optimizer.variables, self.step, self._state]
+        copies = [*shadow_model.weights, *shadow_optimizer.variables, step, state]
+        if [tuple(v.shape) for v in live] != [tuple(v.shape) for v in copies]:
+            raise ValueError("the checkpoint's shadow does not have the model's and optimizer's structure")
+
+        @tf.function
+        def copy():
+            for source, target in zip(live, copies):
+                target.assign(source)
+
+        return tf.train.Checkpoint(model=shadow_model, optimizer=shadow_optimizer, step=step, state=state), copy
 
     def restore(self) -> tuple[int, list[dict]]:
         """Load the latest checkpoint, if any: (the step it was taken after, finished epochs' metrics)."""
@@ -88,6 +119,32 @@ class TrainingCheckpoint:
                 shutil.rmtree(scratch, ignore_errors=True)
             self.latest_step = step  # the chief's, saved in the same collective
             return saved
+        self.wait()  # at most one save in flight
+        if self._publisher is None:
+            return self._write(step)
+        self._copy()  # the values of this step; training goes on while they are written
+        self._in_flight = self._publisher.submit(self._write, step)
+        return str(self.directory / f"ckpt-{step}")
+
+    def wait(self) -> None:
+        """Until the save in flight, if any, is written and published (raises what it raised)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def __enter__(self) -> TrainingCheckpoint:
+        return self
+
+    def __exit__(self, error_type, *exc) -> None:
+        """The save in flight finished, also when training stops on an error (a retry in this process may resume from it)."""
+        if error_type is None:
+            self.wait()
+        else:
+            with contextlib.suppress(Exception):  # the error that stopped training is the one to report
+                self.wait()
+
+    def _write(self, step: int) -> str:
+        """Write a checkpoint, upload it and the index (to an object store), delete the ones the manager dropped."""
         kept = set(self._manager.checkpoints)
         with self.storage.publishing(self.directory, last="checkpoint"):  # the index after the files it names
             saved = self._manager.save(checkpoint_number=step)
@@ -106,4 +163,4 @@ class TrainingCheckpoint:
         for name in self.storage.listdir(self.directory):
             if name.startswith(latest + "."):
                 self.storage.fetch(self.directory / name)
-        self._manager = tf.train.CheckpointManager(self._checkpoint, str(self.directory), max_to_keep=KEEP)
+        self._manager = tf.train.CheckpointManager(self._saved, str(self.directory), max_to_keep=KEEP)

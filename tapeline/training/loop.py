@@ -1,13 +1,14 @@
 """Stage 3, train: the example's custom GradientTape loop, compiled, checkpointed, with gradient snapshots.
 
-The loop reads as the algorithm: for each batch, run the compiled step (the loss
-under a tape, `tape.gradient`, Adam applies it; see steps.py) and tell the
-gradient recorder what the step produced; it keeps every step's statistics and,
+The loop reads as the algorithm: run the compiled step (the loss under a tape,
+`tape.gradient`, Adam applies it; see steps.py) on each batch, and tell the
+gradient recorder what each step produced; it keeps every step's statistics and,
 every `snapshot_every` steps (and at the first and last step, and on anomalies),
-the very gradients that were applied (see tapeline/gradients/recorder.py). Epoch
-order comes from (seed, epoch) alone (batches.py), so a step's batch is known on
-the host without asking TensorFlow, and a resumed run continues at the exact
-batch where the checkpoint was taken.
+the very gradients that were applied (see tapeline/gradients/recorder.py). Python
+runs it a call of up to `steps_per_call` steps at a time (calls.py), each call
+ending where the host must act. Epoch order comes from (seed, epoch) alone
+(batches.py), so a step's batch is known on the host without asking TensorFlow,
+and a resumed run continues at the exact batch where the checkpoint was taken.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tapeline.model import build_model
 from tapeline.results import PreparedData, TrainedModel
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage
-from tapeline.training.batches import batch_sample_ids, epoch_batches, epoch_order
+from tapeline.training.batches import batch_sample_ids, epoch_order
+from tapeline.training.calls import AnomalyWatch, DatasetCalls, StepCalls, call_length
 from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.cluster import Cluster, check_cluster, job_for, join_cluster
 from tapeline.training.devices import resolve_devices
@@ -51,7 +53,7 @@ class Training(NamedTuple):
 
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    train_step: Callable  # (images, labels) -> (loss, gradients, stats), see steps.with_stats
+    train_step: Callable  # (images, labels) -> (loss, gradients), see steps.py
     eval_step: Callable  # (images, labels) -> None, updates val_metrics
     train_metrics: list[keras.metrics.Metric]  # running loss and accuracy of the epoch
     val_metrics: list[keras.metrics.Metric]
@@ -85,7 +87,8 @@ def train_model(
         if warm_start:
             _load_champion(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data)
-        checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes)
+        shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
+        checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
@@ -93,31 +96,18 @@ def train_model(
         trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes)
         summaries = tf.summary.create_file_writer(str(run.tensorboard)) if writes else tf.summary.create_noop_writer()
-        images_t, labels_t = tf.constant(images), tf.constant(labels)
+        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), strategy)
+        schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
+        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress)
 
-        with recorder, summaries.as_default():
+        with recorder, checkpoint, summaries.as_default():  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
                     _reset(train_metrics)
                 order = epoch_order(len(images), config.seed, epoch)
                 clock = _EpochClock()
-                for i, (x, y) in enumerate(epoch_batches(images_t, labels_t, order, config.batch_size, first_batch, strategy), first_batch):
-                    recorder.before_step(step + 1, model.trainable_variables)
-                    loss, gradients, stats = train_step(x, y)
-                    step, loss = step + 1, float(loss)
-                    batch = batch_sample_ids(sample_ids, order, i, config.batch_size)
-                    non_finite = recorder.record(step, epoch, loss, batch, stats.numpy(), gradients)
-                    if non_finite:
-                        raise _non_finite(step, epoch, non_finite, checkpoint, trained)
-                    if step % 10 == 0:
-                        tf.summary.scalar("step/loss", loss, step=step)
-                    if step % config.checkpoint_every == 0 and step % steps_per_epoch:  # an epoch's end has its own
-                        recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
-                        checkpoint.save(step, history)
-                    if on_progress:
-                        on_progress(step, last_step, loss)
-                    clock.step_done(len(batch))
+                step = steps.epoch(epoch, step, order, clock, history)
 
                 # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
                 recorder.flush()
@@ -154,11 +144,7 @@ def _place(
 
 def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
     """The model, its optimizer, the compiled steps and their metrics; call in the device's or the strategy's scope."""
-    model = build_model(config.precision)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)  # create the slots now, so a checkpoint can fill them
+    model, optimizer = model_and_optimizer(config)
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
@@ -166,7 +152,17 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     else:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile)
-    return Training(model, optimizer, with_stats(train_step), make_eval_step(model, *val_metrics), train_metrics, val_metrics)
+    return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
+
+
+def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The model and its optimizer, its slots created (so a checkpoint can fill them)."""
+    model = build_model(config.precision)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
 
 
 def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
@@ -226,6 +222,52 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
+def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, strategy) -> StepCalls | DatasetCalls:
+    """Calls of up to `steps_per_call` steps on one device; of one step under a distribution strategy."""
+    if strategy:
+        return DatasetCalls(with_stats(train_step), images, labels, config.batch_size, strategy)
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    watch = AnomalyWatch(config.spike_factor, loss_scaled)
+    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, config.steps_per_call)
+
+
+class _StepLoop:
+    """An epoch's training steps, a call at a time, the recorder told of each step, checkpoints where they fall."""
+
+    def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress):
+        self.config, self.calls, self.recorder, self.schedule, self.checkpoint = config, calls, recorder, schedule, checkpoint
+        self.model, self.trained, self.sample_ids, self.steps_per_epoch, self.on_progress = model, trained, sample_ids, steps_per_epoch, on_progress
+        self.last_step = config.epochs * steps_per_epoch
+
+    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: _EpochClock, history: list[dict]) -> int:
+        """Run `epoch` from after `step` to its end; returns its last step. Raises NonFiniteError at a non-finite step."""
+        config, end = self.config, epoch * self.steps_per_epoch
+        self.calls.start_epoch(order, step - (epoch - 1) * self.steps_per_epoch)
+        while step < end:
+            count = call_length(step, self.calls.k, end, config.checkpoint_every, self.schedule, config.snapshot_weights)
+            self.recorder.before_step(step + 1, self.model.trainable_variables)
+            batch = step - (epoch - 1) * self.steps_per_epoch
+            result = self.calls(batch, count)
+            ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(len(result.losses))]
+            last, non_finite = self.recorder.record_call(step + 1, epoch, result.losses, ids, result.stats, result.norms, result.gradients)
+            if non_finite:
+                raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
+            for done, loss, batch_ids in zip(range(step + 1, last + 1), result.losses.tolist(), ids):
+                self._step_done(done, loss)
+                clock.step_done(len(batch_ids))
+            step = last
+            if step % config.checkpoint_every == 0 and step % self.steps_per_epoch:  # an epoch's end has its own
+                self.recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
+                self.checkpoint.save(step, history)
+        return step
+
+    def _step_done(self, step: int, loss: float) -> None:
+        if step % 10 == 0:
+            tf.summary.scalar("step/loss", loss, step=step)
+        if self.on_progress:
+            self.on_progress(step, self.last_step, loss)
+
+
 class _EpochClock:
     """An epoch's wall time, and its training speed without its first step (tracing, compiling)."""
 
@@ -260,6 +302,7 @@ def _epoch_row(epoch: int, timing: tuple[float, float | None], train_metrics: li
 
 def _non_finite(step: int, epoch: int, values: list[str], checkpoint: TrainingCheckpoint, trained: TrainedModel) -> NonFiniteError:
     """The NaN guard's message: the step, what was not finite in it, where a rerun would resume."""
+    checkpoint.wait()
     latest = checkpoint.latest_step
     kept = "no checkpoint was written yet" if latest is None else f"the last good checkpoint is step {latest}"
     return NonFiniteError(
