@@ -188,7 +188,7 @@ def test_a_non_finite_step_inside_a_call_ends_it_there(setup):
         with pytest.raises(NonFiniteError, match=r"non-finite values at step 4 \(epoch 1\)") as raised:
             train_model(dataclasses.replace(config, steps_per_call=k), data, f"explodes-in-call-{k}")
         trained = raised.value.trained
-        run_dir = Storage(config.storage).run_dir(trained.run_id)
+        run_dir = Storage(config.storage).layout.run(trained.run_id).directory
         kept = pq.read_table(run_dir / "gradients", columns=["step", "reason", "values"])
         runs[k] = read_steps(run_dir).select(["step", "loss", "global_norm", "sample_ids"]), kept
         assert trained.steps == 4 and read_steps(run_dir).column("step").to_pylist() == [1, 2, 3, 4]
