@@ -252,9 +252,9 @@ class _StepLoop:
             last, non_finite = self.recorder.record_call(step + 1, epoch, result.losses, ids, result.stats, result.norms, result.gradients)
             if non_finite:
                 raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
-            for done, loss, batch_ids in zip(range(step + 1, last + 1), result.losses.tolist(), ids):
+            for done, loss in zip(range(step + 1, last + 1), result.losses.tolist()):
                 self._step_done(done, loss)
-                clock.step_done(len(batch_ids))
+            clock.call_done(sum(len(batch_ids) for batch_ids in ids))
             step = last
             if step % config.checkpoint_every == 0 and step % self.steps_per_epoch:  # an epoch's end has its own
                 self.recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
@@ -269,19 +269,20 @@ class _StepLoop:
 
 
 class _EpochClock:
-    """An epoch's wall time, and its training speed without its first step (tracing, compiling)."""
+    """An epoch's wall time, and its training speed without its first call (tracing, compiling)."""
 
     def __init__(self):
         self.started, self._timed_from, self._samples = time.perf_counter(), None, 0
 
-    def step_done(self, samples: int) -> None:
+    def call_done(self, samples: int) -> None:
+        """After each call: the first one starts the clock, and its samples, trained while compiling, do not count."""
         if self._timed_from is None:
             self._timed_from = time.perf_counter()
         else:
             self._samples += samples
 
     def stop(self) -> tuple[float, float | None]:
-        """(seconds since the epoch started, samples per second after its first step; None with one step)."""
+        """(seconds since the epoch started, samples per second after its first call; None with one call)."""
         now = time.perf_counter()
         return now - self.started, self._samples / (now - self._timed_from) if self._samples else None
 
