@@ -68,6 +68,7 @@ def train_flow(
     precision: param.Precision = RunConfig.precision,
     jit_compile: param.JitCompile = RunConfig.jit_compile,
     steps_per_call: param.StepsPerCall = RunConfig.steps_per_call,
+    per_example_norms: param.PerExampleNorms = RunConfig.per_example_norms,
     deterministic: param.Deterministic = RunConfig.deterministic,
     device: param.Device = RunConfig.device,
     devices: param.Devices = RunConfig.devices,

@@ -89,6 +89,9 @@ StepsPerCall = Annotated[
         description="training steps per call from Python (fewer at snapshots, checkpoints, epoch ends, anomalies; 1 with several devices)",
     ),
 ]
+PerExampleNorms = Annotated[
+    bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")
+]
 Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
@@ -118,6 +121,7 @@ class RunConfig:
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50
+    per_example_norms: PerExampleNorms = True
     deterministic: Deterministic = False
     device: Device = "auto"
     devices: Devices = 1

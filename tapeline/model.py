@@ -15,7 +15,10 @@ def build_model(precision: str = "float32") -> keras.Model:
     The model takes raw uint8 pixels: `Rescaling(1/255)` is the one place where
     pixels become float32 in [0, 1], so training, evaluation and anyone loading the
     saved `.keras` file feed it the same bytes the Parquet splits hold. The layer
-    has no variables, so the trainable variables are exactly the example's.
+    has no variables, so the trainable variables are exactly the example's. The
+    activations are layers of their own, so the compiled step can read each
+    layer's pre-activation output, whose gradient gives per-example gradient norms
+    (tapeline/gradients/per_example.py); the computation is the example's.
 
     Under a mixed `precision` the layers compute in 16 bits and keep float32
     variables; the logits stay float32 so the softmax and loss do not lose range.
@@ -24,9 +27,11 @@ def build_model(precision: str = "float32") -> keras.Model:
         [
             keras.Input(shape=IMAGE_SHAPE, dtype=INPUT_DTYPE, name="image"),
             keras.layers.Rescaling(1.0 / 255, name="normalize", dtype=precision),
-            keras.layers.Conv2D(32, 3, activation="relu", name="conv", dtype=precision),
+            keras.layers.Conv2D(32, 3, name="conv", dtype=precision),
+            keras.layers.ReLU(name="conv_relu", dtype=precision),
             keras.layers.Flatten(name="flatten", dtype=precision),
-            keras.layers.Dense(128, activation="relu", name="dense", dtype=precision),
+            keras.layers.Dense(128, name="dense", dtype=precision),
+            keras.layers.ReLU(name="dense_relu", dtype=precision),
             keras.layers.Dense(10, name="logits", dtype="float32"),
         ],
         name="cnn",

@@ -25,6 +25,7 @@ from tapeline.errors import TapelineError
 from tapeline.gradients.schema import (
     GRADIENT_SCHEMA,
     PARTITIONING,
+    SAMPLE_SCHEMA,
     STATS_SCHEMA,
     STEP_SCHEMA,
 )
@@ -52,14 +53,14 @@ def published_files(run: str | Path) -> list[str]:
 
 
 def open_dataset(run: str | Path, name: str) -> ds.Dataset:
-    """One of the run's Parquet datasets, `gradients` (only its published files), `stats` or `steps`, as an
+    """One of the run's Parquet datasets, `gradients` (only its published files), `stats`, `steps` or `samples`, as an
     Arrow dataset: what DuckDB and Polars can query in place, in a bucket too."""
     filesystem, paths = locate_run(run)
     base = str(paths.dataset(name))
     source = published_files(run) if name == "gradients" else base
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
         raise NoGradientsError(f"{run} has no {name}/")
-    schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA}[name]
+    schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA, "samples": SAMPLE_SCHEMA}[name]
     # Temporary files are never inside a dataset directory (tapeline/storage/root.py); pyarrow would skip them anyway.
     return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 
@@ -98,6 +99,53 @@ def read_stats(
 def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """One row per training step: loss, global norm, learning rate, the batch's sample ids."""
     return _read(open_dataset(run, "steps"), columns, _selection(None, steps))
+
+
+def read_samples(run: str | Path, epochs: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
+    """One row per (step, example): each example's own loss, prediction and gradient norms (docs/data-format.md)."""
+    return _read(open_dataset(run, "samples"), columns, None if epochs is None else pc.field("epoch").isin(epochs))
+
+
+RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_correct", "latest_step")
+
+
+def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = None, label: int | None = None) -> pa.Table:
+    """The training examples of one epoch (default: the last), highest mean gradient norm first (then mean loss).
+
+    Per example: its label, its mean per-example gradient norm and loss over the
+    steps it was in, how many those were (`seen`), and at the latest of them
+    (`latest_step`) whether the model predicted it right. `label` keeps one class.
+    """
+    epoch = epoch if epoch is not None else _last_epoch(run)
+    table = read_samples(run, [epoch], ["step", "sample_id", "label", "loss", "correct", "grad_norm"]).sort_by("step")
+    if label is not None:
+        table = table.filter(pc.field("label") == label)
+    ids, inverse = np.unique(table.column("sample_id").to_numpy(), return_inverse=True)
+    seen = np.bincount(inverse, minlength=len(ids))
+    latest = np.zeros(len(ids), np.int64)
+    np.maximum.at(latest, inverse, np.arange(table.num_rows))  # the row of each example's latest step
+    mean = {name: np.bincount(inverse, table.column(name).to_numpy().astype(np.float64), len(ids)) / seen for name in ("grad_norm", "loss")}
+    order = np.lexsort((-mean["loss"], -mean["grad_norm"]))[:top]
+    latest = latest[order]
+    return pa.table(
+        [
+            pa.array(ids[order], pa.int64()),
+            table.column("label").take(latest),
+            pa.array(mean["grad_norm"][order]),
+            pa.array(mean["loss"][order]),
+            pa.array(seen[order], pa.int64()),
+            table.column("correct").take(latest),
+            table.column("step").take(latest),
+        ],
+        names=list(RANKING_COLUMNS),
+    )
+
+
+def _last_epoch(run: str | Path) -> int:
+    epochs = pc.unique(read_samples(run, columns=["epoch"]).column("epoch")).to_pylist()
+    if not epochs:
+        raise NoGradientsError(f"{run} has no per-example rows (trained with --no-per-example-norms?)")
+    return max(epochs)
 
 
 def _read_json(filesystem: pafs.FileSystem, path: PurePath, run: str | Path) -> dict:

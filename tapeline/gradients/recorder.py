@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tapeline.gradients.schema import L2_NORM, global_norm, non_finite_variables
+from tapeline.gradients.schema import L2_NORM, Examples, global_norm, non_finite_variables
 from tapeline.gradients.writers import SnapshotWriter, StepLog
 
 
@@ -74,20 +74,33 @@ class _Recording:
     """What both recorders do with a call of many steps (tapeline/training/calls.py): record each in turn."""
 
     def record_call(
-        self, first_step: int, epoch: int, losses: np.ndarray, sample_ids: list[np.ndarray], stats: np.ndarray, norms: np.ndarray, gradients: Sequence
+        self, first_step: int, epoch: int, result, sample_ids: list[np.ndarray]
     ) -> tuple[int, list[str]]:
-        """Record the steps of one call, whose `gradients` are those of its last step; (the last step, what was not finite in it).
+        """Record the steps of one call (a calls.CallResult, whose `gradients` are those of its last step);
+        (the last step, what was not finite in it).
 
         The call ended early at a non-finite step (the device applies the same rule),
         so that step is always its last; nothing after it is recorded.
         """
-        last = len(losses) - 1
-        for i in range(len(losses)):
+        last = len(result.losses) - 1
+        examples = _per_step(result.examples, [len(ids) for ids in sample_ids])
+        for i in range(len(result.losses)):
             step = first_step + i
-            non_finite = self.record(step, epoch, float(losses[i]), sample_ids[i], stats[i], gradients if i == last else None, float(norms[i]))
+            non_finite = self.record(
+                step, epoch, float(result.losses[i]), sample_ids[i], result.stats[i], result.gradients if i == last else None,
+                float(result.norms[i]), result.noise[i], examples[i],
+            )  # fmt: skip
             if non_finite:
                 return step, non_finite
         return first_step + last, []
+
+
+def _per_step(examples: Examples | None, sizes: list[int]) -> list[Examples | None]:
+    """A call's per-example results, concatenated over its steps, split back into each step's."""
+    if examples is None:
+        return [None] * len(sizes)
+    bounds = np.cumsum(sizes)[:-1]
+    return [Examples(*columns) for columns in zip(*(np.split(column, bounds) for column in examples))]
 
 
 class GradientRecorder(_Recording):
@@ -118,17 +131,19 @@ class GradientRecorder(_Recording):
         self._weights = self.to_host(weights) if self.snapshot_weights and self.policy.scheduled(step) else None
 
     def record(
-        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None, norm: float | None = None
-    ) -> list[str]:
+        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None,
+        norm: float | None = None, noise: np.ndarray | None = None, examples: Examples | None = None,
+    ) -> list[str]:  # fmt: skip
         """Log the step, keep it in full if the policy says so; returns what was not finite (see `non_finite_values`).
 
         `stats`: [variables, STAT_NAMES] as `gradient_stats` computed them; `gradients`: on the device, None for a
         step inside a call (never kept: a call ends at every step that is); `norm`: the global norm as the device
-        computed it (calls.AnomalyWatch), else computed here from `stats`.
+        computed it (calls.AnomalyWatch), else computed here from `stats`; `noise`: [NOISE_COLUMNS] and
+        `examples`: the step's per-example results (per_example.py), both numpy, None without per-example norms.
         """
         non_finite = non_finite_values(loss, stats, self.variables, self.loss_scaled)
         norm = global_norm(stats) if norm is None else norm
-        self.log.append(step, epoch, loss, norm, self.learning_rate, sample_ids, stats)
+        self.log.append(step, epoch, loss, norm, self.learning_rate, sample_ids, stats, noise, examples)
         reason = self.policy.reason(step, norm, finite=not non_finite)
         if reason and gradients is None:
             raise RuntimeError(f"step {step} is kept in full ({reason}) but its call did not end there")
@@ -167,9 +182,7 @@ class NullRecorder(_Recording):
     def before_step(self, step: int, weights: Sequence) -> None:
         pass
 
-    def record(
-        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None, norm: float | None = None
-    ) -> list[str]:
+    def record(self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients, *results) -> list[str]:
         return non_finite_values(loss, stats, self.variables, self.loss_scaled)
 
     def flush(self) -> None:

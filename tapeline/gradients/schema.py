@@ -16,16 +16,24 @@ as read; `file_schema` is what a file holds.
 The values are the gradients exactly as `tape.gradient` returned them, before
 the optimizer applied them.
 
-`steps/` — one row per training step, and `stats/` — one row per (step,
-variable), computed on the device right after each step; one file each per stretch
-between checkpoints (`epoch=<N>/steps-<first step>.parquet`, `stats-…`):
+`steps/` — one row per training step, `stats/` — one row per (step, variable),
+and `samples/` — one row per (step, example), computed on the device in each
+step; one file each per stretch between checkpoints
+(`epoch=<N>/steps-<first step>.parquet`, `stats-…`, `samples-…`):
     steps: step int64, epoch int32, loss float32, global_norm float32,
-           learning_rate float32, sample_ids list<int64>
+           learning_rate float32, sample_ids list<int64>,
+           grad_variance, grad_signal, grad_noise_scale float32
     stats: step int64, epoch int32, variable string, l2_norm, mean, std,
            max_abs, zero_fraction float32, nan_count, inf_count int64
-`sample_ids` are values of the training split's `sample_id` column. A NaN or
-Inf in a gradient shows in its float statistics too; `nan_count` and
-`inf_count` say how many there were.
+    samples: step int64, epoch int32, sample_id int64, label uint8,
+           loss float32, correct bool, grad_norm float32, layer_norms list<float32>
+`sample_ids` and `sample_id` are values of the training split's `sample_id`
+column. A NaN or Inf in a gradient shows in its float statistics too;
+`nan_count` and `inf_count` say how many there were. `samples` holds each
+example's own loss and gradient norm (over all variables, and per variable in
+run.json's order of variables); the noise columns are the estimates of
+tapeline/gradients/per_example.py (NaN for a batch of one). Both are written
+only with per-example norms on (the default).
 
 Files appear under their final name only when complete (see tapeline/storage/root.py).
 """
@@ -35,6 +43,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+
+from typing import Any, NamedTuple
 
 from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
 
@@ -72,8 +82,34 @@ STEP_SCHEMA = pa.schema(
         ("global_norm", pa.float32()),
         ("learning_rate", pa.float32()),
         ("sample_ids", pa.list_(pa.int64())),
+        ("grad_variance", pa.float32()),
+        ("grad_signal", pa.float32()),
+        ("grad_noise_scale", pa.float32()),
     ]
 )
+NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in gradient_noise's order
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int32()),
+        ("sample_id", pa.int64()),
+        ("label", pa.uint8()),
+        ("loss", pa.float32()),
+        ("correct", pa.bool_()),
+        ("grad_norm", pa.float32()),
+        ("layer_norms", pa.list_(pa.float32())),
+    ]
+)
+
+
+class Examples(NamedTuple):
+    """One step's (or call's) per-example results, one row per example: device tensors, or their numpy copies."""
+
+    loss: Any  # [B] float32, the example's own loss
+    correct: Any  # [B] bool, the prediction at this step
+    label: Any  # [B] int32
+    squared_norms: Any  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
+
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
 STATS_SCHEMA = pa.schema(
     [("step", pa.int64()), ("epoch", pa.int32()), ("variable", pa.string())]

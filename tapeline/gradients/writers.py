@@ -1,6 +1,6 @@
 """The writers that persist gradients during training: full snapshots, and the per-step log.
 
-The gradients, steps and stats datasets, their schemas and hive layout: docs/data-format.md#gradients-steps-and-stats.
+The gradients, steps, stats and samples datasets, their schemas and hive layout: docs/data-format.md#gradients-steps-and-stats.
 """
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tapeline.gradients.schema import STAT_NAMES, STATS_SCHEMA, STEP_SCHEMA, file_schema, gradient_schema
+from tapeline.gradients.schema import (
+    NOISE_COLUMNS,
+    SAMPLE_SCHEMA,
+    STAT_NAMES,
+    STATS_SCHEMA,
+    STEP_SCHEMA,
+    Examples,
+    file_schema,
+    gradient_schema,
+)
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage, atomic_path
 
@@ -143,7 +152,8 @@ class SnapshotWriter:
 
 
 class StepLog:
-    """Per-step rows and per-(step, variable) statistics, flushed to `steps/` and `stats/` together.
+    """Per-step rows, per-(step, variable) statistics and per-(step, example) rows, flushed to `steps/`, `stats/`
+    and `samples/` together.
 
     Flushed at checkpoints and epoch ends (a file holds one epoch); a resumed run
     rewrites the same file names from the checkpoint on, so no step is ever missing
@@ -155,42 +165,63 @@ class StepLog:
         self._rows: list[tuple] = []
 
     def append(
-        self, step: int, epoch: int, loss: float, global_norm: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray
-    ) -> None:
-        """`stats`: [variables, STAT_NAMES], as `gradient_stats` computed them."""
+        self, step: int, epoch: int, loss: float, global_norm: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray,
+        noise: np.ndarray | None = None, examples: Examples | None = None,
+    ) -> None:  # fmt: skip
+        """`stats`: [variables, STAT_NAMES], as `gradient_stats` computed them; `noise`, `examples`: see recorder.record."""
         if self._rows and self._rows[-1][1] != epoch:
             self.flush()
-        self._rows.append((step, epoch, loss, global_norm, learning_rate, sample_ids, stats))
+        noise = np.full(len(NOISE_COLUMNS), np.nan, np.float32) if noise is None else noise
+        self._rows.append((step, epoch, loss, global_norm, learning_rate, sample_ids, stats, noise, examples))
 
     def flush(self) -> None:
         if not self._rows:
             return
-        steps, epochs, losses, global_norms, rates, sample_ids, stats = zip(*self._rows)
-        stats = np.stack(stats)  # [steps, variables, stats]
-        n = len(self.variables)
-        step_table = pa.table(
-            {
-                "step": pa.array(steps, pa.int64()),
-                "loss": pa.array(losses, pa.float32()),
-                "global_norm": pa.array(global_norms, pa.float32()),
-                "learning_rate": pa.array(rates, pa.float32()),
-                "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
-            },
-            schema=file_schema(STEP_SCHEMA),
-        )
-        stat_columns = {}
-        for i, name in enumerate(STAT_NAMES):
-            values = stats[:, :, i].reshape(-1)
-            stat_columns[name] = pa.array(values.astype(np.int64) if name.endswith("_count") else values, STATS_SCHEMA.field(name).type)
-        stat_table = pa.table(
-            {
-                "step": pa.array(np.repeat(steps, n), pa.int64()),
-                "variable": pa.array(self.variables * len(steps), pa.string()),
-                **stat_columns,
-            },
-            schema=file_schema(STATS_SCHEMA),
-        )
-        for name, table in (("steps", step_table), ("stats", stat_table)):
+        steps, epochs, losses, global_norms, rates, sample_ids, stats, noise, examples = zip(*self._rows)
+        tables = {"steps": _step_table(steps, losses, global_norms, rates, sample_ids, np.stack(noise))}
+        tables["stats"] = _stats_table(steps, self.variables, np.stack(stats))
+        if examples[0] is not None:
+            tables["samples"] = _samples_table(steps, sample_ids, examples)
+        for name, table in tables.items():
             path = partition_file(self.run.dataset(name), epochs[0], f"{name}-{steps[0]:09d}.parquet")
             write_partition_file(self.storage, path, table, compression="zstd")
         self._rows = []
+
+
+def _step_table(steps, losses, global_norms, rates, sample_ids, noise: np.ndarray) -> pa.Table:
+    columns = {
+        "step": pa.array(steps, pa.int64()),
+        "loss": pa.array(losses, pa.float32()),
+        "global_norm": pa.array(global_norms, pa.float32()),
+        "learning_rate": pa.array(rates, pa.float32()),
+        "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
+    }
+    columns |= {name: pa.array(noise[:, i], pa.float32()) for i, name in enumerate(NOISE_COLUMNS)}
+    return pa.table(columns, schema=file_schema(STEP_SCHEMA))
+
+
+def _stats_table(steps, variables: list[str], stats: np.ndarray) -> pa.Table:
+    """`stats`: [steps, variables, STAT_NAMES]."""
+    columns = {"step": pa.array(np.repeat(steps, len(variables)), pa.int64()), "variable": pa.array(variables * len(steps), pa.string())}
+    for i, name in enumerate(STAT_NAMES):
+        values = stats[:, :, i].reshape(-1)
+        columns[name] = pa.array(values.astype(np.int64) if name.endswith("_count") else values, STATS_SCHEMA.field(name).type)
+    return pa.table(columns, schema=file_schema(STATS_SCHEMA))
+
+
+def _samples_table(steps, sample_ids, examples: list[Examples]) -> pa.Table:
+    """One row per example of each step; the norms are the square roots of what the device summed."""
+    squared = np.concatenate([e.squared_norms for e in examples]).astype(np.float64)
+    layer_norms = np.sqrt(squared).astype(np.float32)
+    return pa.table(
+        {
+            "step": pa.array(np.repeat(steps, [len(ids) for ids in sample_ids]), pa.int64()),
+            "sample_id": pa.array(np.concatenate(sample_ids), pa.int64()),
+            "label": pa.array(np.concatenate([e.label for e in examples]).astype(np.uint8), pa.uint8()),
+            "loss": pa.array(np.concatenate([e.loss for e in examples]), pa.float32()),
+            "correct": pa.array(np.concatenate([e.correct for e in examples]), pa.bool_()),
+            "grad_norm": pa.array(np.sqrt(squared.sum(axis=1)).astype(np.float32), pa.float32()),
+            "layer_norms": pa.FixedSizeListArray.from_arrays(layer_norms.reshape(-1), squared.shape[1]).cast(pa.list_(pa.float32())),
+        },
+        schema=file_schema(SAMPLE_SCHEMA),
+    )

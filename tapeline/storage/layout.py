@@ -9,7 +9,7 @@
     runs/<run_id>/model.json                  its model card (tapeline/model_card.py)
     runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
     runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
-    runs/<run_id>/steps/, stats/              per step, per (step, variable) (Parquet datasets)
+    runs/<run_id>/steps/, stats/, samples/    per step, per (step, variable), per (step, example) (Parquet datasets)
                                               (all three hive-partitioned: epoch=<N>/ directories)
     runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
     runs/<run_id>/gradient_norms.png          the gradient norms per layer and step, plotted by export_gradients
@@ -83,6 +83,10 @@ class RunPaths:
         return self.directory / "stats"
 
     @property
+    def samples(self) -> PurePath:
+        return self.directory / "samples"
+
+    @property
     def checkpoints(self) -> PurePath:
         return self.directory / "checkpoints"
 
@@ -103,8 +107,8 @@ class RunPaths:
         return self.directory / ".lease"
 
     def dataset(self, name: str) -> PurePath:
-        """One of the run's Parquet datasets by name: `gradients`, `steps` or `stats`."""
-        return {"gradients": self.gradients, "steps": self.steps, "stats": self.stats}[name]
+        """One of the run's Parquet datasets by name: `gradients`, `steps`, `stats` or `samples`."""
+        return {"gradients": self.gradients, "steps": self.steps, "stats": self.stats, "samples": self.samples}[name]
 
 
 @dataclass(frozen=True)

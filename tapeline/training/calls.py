@@ -22,8 +22,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tapeline.gradients.per_example import gradient_noise
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import L2_NORM, NON_FINITE_COUNTS, global_norm
+from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples, global_norm
 from tapeline.gradients.stats import gradient_stats
 from tapeline.training.batches import epoch_batches
 
@@ -38,6 +39,8 @@ class CallResult(NamedTuple):
     stats: np.ndarray  # [steps, variables, STAT_NAMES]
     norms: np.ndarray  # [steps] the global gradient norm, float64, as the device decided on it
     gradients: list
+    noise: np.ndarray  # [steps, NOISE_COLUMNS]; NaN without per-example norms
+    examples: Examples | None  # numpy, one row per example of the call's steps in order; None without per-example norms
 
 
 def call_length(step: int, k: int, epoch_end: int, checkpoint_every: int, policy: SnapshotPolicy, snapshot_weights: bool) -> int:
@@ -97,60 +100,78 @@ def _median(values: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.reduce_any(tf.math.is_nan(values)), tf.constant(np.nan, tf.float64), middle)
 
 
-def make_step_calls(train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch):
-    """The compiled call: (epoch order, first batch, steps) -> (losses, stats, norms, last gradients), stacked per step.
+def make_step_calls(
+    train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, per_example: bool
+):
+    """The compiled call: (epoch order, first batch, steps) -> (per-step results, last gradients, per-example results).
 
-    `train_step(images, labels) -> (loss, gradients)` runs as compiled (XLA); the
-    batches are gathered here, in the graph, and the loop, the statistics and the
-    anomaly watch run as a TensorFlow graph (XLA would run the statistics' reductions
-    single-threaded: docs/performance.md). One iteration at a time: each step reads
-    the weights the previous one wrote.
+    `train_step(images, labels) -> (loss, gradients, Examples or None)` runs as
+    compiled (XLA); the batches are gathered here, in the graph, and the loop, the
+    statistics, the noise estimates and the anomaly watch run as a TensorFlow graph
+    (XLA would run the statistics' reductions single-threaded: docs/performance.md).
+    One iteration at a time: each step reads the weights the previous one wrote.
+    Per-step results are stacked; per-example ones concatenated (a last batch may be shorter).
     """
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
     def run_steps(order, first_batch, count):
-        def body(i, stop, losses, stats, norms, gradients):
+        def body(i, stop, results, examples, gradients):
             start = (first_batch + i) * batch_size
             batch = order[start : start + batch_size]  # the epoch's last batch may be shorter
-            loss, step_gradients = train_step(tf.gather(images, batch), tf.gather(labels, batch))
+            loss, step_gradients, step_examples = train_step(tf.gather(images, batch), tf.gather(labels, batch))
             step_stats = gradient_stats(step_gradients)
             norm, stop = watch(loss, step_stats)
-            return i + 1, stop, losses.write(i, loss), stats.write(i, step_stats), norms.write(i, norm), list(step_gradients)
+            step_results = [loss, step_stats, norm]
+            if per_example:
+                step_results.append(gradient_noise(step_examples.squared_norms, tf.square(norm)))
+            results = [array.write(i, value) for array, value in zip(results, step_results)]
+            examples = [array.write(i, value) for array, value in zip(examples, step_examples or ())]
+            return i + 1, stop, results, examples, list(step_gradients)
 
+        result_types = [tf.float32, tf.float32, tf.float64] + ([tf.float32] if per_example else [])
+        example_types = [tf.float32, tf.bool, tf.int32, tf.float32] if per_example else []
         start = (
             tf.constant(0), tf.constant(False),
-            tf.TensorArray(tf.float32, size=0, dynamic_size=True), tf.TensorArray(tf.float32, size=0, dynamic_size=True),
-            tf.TensorArray(tf.float64, size=0, dynamic_size=True), [tf.zeros(v.shape, tf.float32) for v in variables],
+            [tf.TensorArray(dtype, size=0, dynamic_size=True) for dtype in result_types],
+            [tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False) for dtype in example_types],
+            [tf.zeros(v.shape, tf.float32) for v in variables],
         )  # fmt: skip
-        _, _, losses, stats, norms, gradients = tf.while_loop(
-            lambda i, stop, *_: (i < count) & ~stop, body, start, parallel_iterations=1
-        )
-        return losses.stack(), stats.stack(), norms.stack(), gradients
+        _, _, results, examples, gradients = tf.while_loop(lambda i, stop, *_: (i < count) & ~stop, body, start, parallel_iterations=1)
+        return [array.stack() for array in results], [array.concat() for array in examples], gradients
 
     return run_steps
+
+
+def host_call_result(results: list[tf.Tensor], examples: list[tf.Tensor], gradients: list) -> CallResult:
+    """A call's results read to the host: the one sync per call."""
+    losses, stats, norms, *noise = (t.numpy() for t in results)
+    noise = noise[0] if noise else np.full([len(losses), len(NOISE_COLUMNS)], np.nan, np.float32)
+    return CallResult(losses, stats, norms, gradients, noise, Examples(*(t.numpy() for t in examples)) if examples else None)
 
 
 class StepCalls:
     """One device: each call runs up to k steps in one `tf.function` (see `make_step_calls`)."""
 
-    def __init__(self, train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, k: int):
+    def __init__(
+        self, train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, k: int,
+        per_example: bool,
+    ):  # fmt: skip
         self.k, self.watch = k, watch
-        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch)
+        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch, per_example)
         self._order = None
 
     def start_epoch(self, order: np.ndarray, first_batch: int) -> None:
         self._order = tf.constant(order, tf.int32)  # on the device once an epoch, read by every call
 
     def __call__(self, batch: int, count: int) -> CallResult:
-        losses, stats, norms, gradients = self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32))
-        return CallResult(losses.numpy(), stats.numpy(), norms.numpy(), gradients)
+        return host_call_result(*self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32)))
 
 
 class DatasetCalls:
     """Under a distribution strategy: a call is one step, fed by the strategy's distributed dataset (k = 1).
 
-    `step_with_stats(x, y) -> (loss, gradients, stats)` (steps.with_stats); the host
-    applies the recorder's rule itself, since each call holds a single step.
+    `step_with_stats(x, y) -> (loss, gradients, stats, examples)` (steps.with_stats);
+    the host applies the recorder's rule itself, since each call holds a single step.
     """
 
     k = 1
@@ -163,6 +184,9 @@ class DatasetCalls:
         self._batches = iter(epoch_batches(self._images, self._labels, order, self._batch_size, first_batch, self._strategy))
 
     def __call__(self, batch: int, count: int) -> CallResult:
-        loss, gradients, stats = self._step(*next(self._batches))
-        stats = stats.numpy()
-        return CallResult(np.array([float(loss)]), stats[None], np.array([global_norm(stats)]), gradients)
+        loss, gradients, stats, examples = self._step(*next(self._batches))
+        norm = tf.constant([global_norm(stats.numpy())], tf.float64)
+        results = [loss[None], stats[None], norm]
+        if examples is not None:
+            results.append(gradient_noise(examples.squared_norms, tf.square(norm[0]))[None])
+        return host_call_result(results, list(examples or ()), gradients)

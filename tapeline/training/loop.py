@@ -53,7 +53,7 @@ class Training(NamedTuple):
 
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    train_step: Callable  # (images, labels) -> (loss, gradients), see steps.py
+    train_step: Callable  # (images, labels) -> (loss, gradients, per-example results or None), see steps.py
     eval_step: Callable  # (images, labels) -> None, updates val_metrics
     train_metrics: list[keras.metrics.Metric]  # running loss and accuracy of the epoch
     val_metrics: list[keras.metrics.Metric]
@@ -148,10 +148,10 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
-        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics)
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.per_example_norms)
     else:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile)
+        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile, config.per_example_norms)
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
 
@@ -228,7 +228,9 @@ def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, image
         return DatasetCalls(with_stats(train_step), images, labels, config.batch_size, strategy)
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     watch = AnomalyWatch(config.spike_factor, loss_scaled)
-    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, config.steps_per_call)
+    return StepCalls(
+        train_step, model.trainable_variables, images, labels, config.batch_size, watch, config.steps_per_call, config.per_example_norms
+    )
 
 
 class _StepLoop:
@@ -249,7 +251,7 @@ class _StepLoop:
             batch = step - (epoch - 1) * self.steps_per_epoch
             result = self.calls(batch, count)
             ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(len(result.losses))]
-            last, non_finite = self.recorder.record_call(step + 1, epoch, result.losses, ids, result.stats, result.norms, result.gradients)
+            last, non_finite = self.recorder.record_call(step + 1, epoch, result, ids)
             if non_finite:
                 raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
             for done, loss in zip(range(step + 1, last + 1), result.losses.tolist()):

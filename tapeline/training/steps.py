@@ -12,38 +12,46 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import IMAGE_SHAPE
+from tapeline.gradients.per_example import Examples, TappedModel
 from tapeline.gradients.stats import gradient_stats
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 
 
-def make_train_step(model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True) -> Callable:
-    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them).
+def make_train_step(
+    model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True
+) -> Callable:
+    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, Examples or None).
 
     With XLA the step is one fused program; on CPU most of the gain is Adam, whose
     ten element-wise passes over the 11 MB dense kernel become one. With a
     LossScaleOptimizer (mixed_float16) the tape differentiates the scaled loss;
     the returned gradients are divided back, so they are always the true ones.
+    With `per_example`, the same `tape.gradient` also returns the gradients at the
+    layers' outputs, from which each example's gradient norms follow (Examples).
     """
+    tapped = TappedModel(model) if per_example else None
 
     @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
     def train_step(x, y):
         scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
+            logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
             loss = loss_fn(y, logits)
             scaled_loss = loss if scale is None else loss * scale
-        scaled_gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
         gradients = _unscaled(scaled_gradients, scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
-        return loss, gradients
+        batch_size = tf.cast(tf.shape(y)[0], tf.float32)  # the loss is the batch's mean: each example's own is B times its share
+        examples = _examples(tapped, taps, output_gradients, y, logits, _unscaled([batch_size], scale)[0]) if tapped else None
+        return loss, gradients, examples
 
     return train_step
 
 
-def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric) -> Callable:
+def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric, per_example: bool = True) -> Callable:
     """The same step on `strategy`'s replicas, each on its slice of the batch.
 
     Each replica's loss is its share of the whole batch's mean loss, so the sum of
@@ -51,17 +59,21 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     gradient of the whole batch. That sum is what this step returns and the run
     exports. A last batch smaller than the replica count leaves some replicas an
     empty slice; theirs is a zero share, so every sample of the epoch is trained on,
-    as on one device. (No XLA here: it does not compile the cross-replica all-reduce.)
+    as on one device. Each replica computes its own examples' norms; the step
+    gathers them in the batch's order. (No XLA here: it does not compile the
+    cross-replica all-reduce.)
     """
-    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    tapped = TappedModel(model) if per_example else None
     logits_spec = model.compute_output_spec(keras.KerasTensor([None, *IMAGE_SHAPE], "uint8"))  # symbolic: runs nothing
 
     def slice_step(x, y, batch_size, scale):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            loss = tf.reduce_sum(per_sample_loss(y, logits)) / tf.cast(batch_size, logits.dtype)
+            logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
+            loss = tf.reduce_sum(PER_EXAMPLE_LOSS(y, logits)) / tf.cast(batch_size, logits.dtype)
             scaled_loss = loss if scale is None else loss * scale
-        return loss, tape.gradient(scaled_loss, model.trainable_variables), logits
+        scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
+        examples = _examples(tapped, taps, output_gradients, y, logits, _unscaled([tf.cast(batch_size, tf.float32)], scale)[0]) if tapped else ()
+        return loss, scaled_gradients, logits, examples
 
     def empty_slice():
         """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
@@ -70,25 +82,47 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
         input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
         """
         gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
-        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
+        examples = _no_examples(len(gradients)) if tapped else ()
+        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype), examples
 
     def replica_step(x, y, scale=None):
         batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
-        loss, scaled_gradients, logits = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
+        loss, scaled_gradients, logits, examples = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        return loss, scaled_gradients, logits, tf.cast(y, tf.int32)  # gather takes no uint8
+        return loss, scaled_gradients, logits, tf.cast(y, tf.int32), examples  # gather takes no uint8
 
     @tf.function
     def train_step(x, y):
         scale = _loss_scale(optimizer)
-        losses, scaled_gradients, logits, y = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
+        losses, scaled_gradients, logits, y, examples = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
         loss = strategy.reduce("sum", losses, axis=None)
         gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
-        return loss, gradients
+        examples = Examples(*(strategy.gather(column, axis=0) for column in examples)) if tapped else None
+        return loss, gradients, examples
 
     return train_step
+
+
+PER_EXAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+
+def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: list) -> tuple[list, list]:
+    """(the variables' gradients, the gradients at the tapped layers' outputs), from one `tape.gradient`."""
+    gradients = tape.gradient(loss, [*variables, *(output for _, output in taps)])
+    return gradients[: len(variables)], gradients[len(variables) :]
+
+
+def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> Examples:
+    """The step's per-example results: each example's loss, whether it was predicted right, its label, its gradient norms."""
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
+    loss = tf.cast(PER_EXAMPLE_LOSS(y, logits), tf.float32)
+    return Examples(loss, correct, tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale))
+
+
+def _no_examples(variables: int) -> Examples:
+    return Examples(tf.zeros([0]), tf.zeros([0], tf.bool), tf.zeros([0], tf.int32), tf.zeros([0, variables]))
 
 
 def _loss_scale(optimizer) -> tf.Tensor | None:
@@ -106,7 +140,7 @@ def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
 
 
 def with_stats(train_step: Callable) -> Callable:
-    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats).
+    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats, examples).
 
     One call from Python per step instead of two (each call has a fixed cost: docs/performance.md);
     the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
@@ -114,8 +148,8 @@ def with_stats(train_step: Callable) -> Callable:
 
     @tf.function
     def step_with_stats(x, y):
-        loss, gradients = train_step(x, y)
-        return loss, gradients, gradient_stats(gradients)
+        loss, gradients, examples = train_step(x, y)
+        return loss, gradients, gradient_stats(gradients), examples
 
     return step_with_stats
 
@@ -126,13 +160,11 @@ def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
 
 
 def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
-    # Per-sample losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
-    per_sample_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
     @tf.function(input_signature=BATCH_SPEC)
     def eval_step(x, y):
         logits = model(x, training=False)
-        loss_metric.update_state(per_sample_loss(y, logits))
+        # Per-example losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
+        loss_metric.update_state(PER_EXAMPLE_LOSS(y, logits))
         accuracy_metric.update_state(y, logits)
 
     return eval_step
