@@ -75,7 +75,7 @@ class Trainer:
                 self.step += 1
                 continue
             self.recorder.before_step(self.step + 1, self.model.trainable_variables)
-            loss, gradients, stats = self.step_fn(x, y)
+            loss, gradients, stats, _ = self.step_fn(x, y)
             self.step += 1
             batch = batch_sample_ids(self.sample_ids, self.order, (self.step - 1) % self.steps_per_epoch, self.batch_size)
             self.recorder.record(self.step, 1, float(loss), batch, stats.numpy(), gradients)

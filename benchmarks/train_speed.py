@@ -73,7 +73,7 @@ class Product:
         run = storage.layout.run("bench")
         variables = [v.path for v in training.model.trainable_variables]
         self.recorder = open_recorder(config, storage, run, variables, training.optimizer, 10**9, writes=True)
-        calls = _step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), None)
+        calls = _step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), False)
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
         schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
         self.loop = _StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
@@ -103,7 +103,7 @@ class Before:
         order = epoch_order(self.n, 0, self.epoch)
         for i, (x, y) in enumerate(batches(self.images, self.labels, order, self.batch_size)):
             self.recorder.before_step(self.step + 1, self.model.trainable_variables)
-            loss, gradients, stats = self.step_fn(x, y)
+            loss, gradients, stats, _ = self.step_fn(x, y)
             self.step += 1
             self.recorder.record(self.step, self.epoch, float(loss), batch_sample_ids(np.arange(self.n), order, i, self.batch_size), stats.numpy(), gradients)
         self.recorder.flush()

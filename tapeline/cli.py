@@ -1,4 +1,4 @@
-"""The command line: `tapeline train | models | verify | worker`.
+"""The command line: `tapeline train | models | verify | samples | worker`.
 
 Each command reads and checks its arguments before it imports anything heavy:
 `--help` and a bad flag answer at once, and `tapeline train` imports the flow (and
@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",
     "models": "list the model versions of a storage root; * marks the champion",
     "verify": "recompute a recorded snapshot's gradients from its weights and batch, and compare",
+    "samples": "the training examples of a run ranked by mean per-example gradient norm: the hardest first",
     "worker": "join a multi-worker training run as a non-chief worker (TF_CONFIG)",
 }
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         usage = "usage: tapeline {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(f"  {c:8} {h}" for c, h in COMMANDS.items())
         print(usage, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    command = {"train": train, "models": models, "verify": verify, "worker": worker}[argv[0]]
+    command = {"train": train, "models": models, "verify": verify, "samples": samples, "worker": worker}[argv[0]]
     return command(argv[1:], prog=f"tapeline {argv[0]}")
 
 
@@ -96,6 +97,29 @@ def verify(argv: list[str], prog: str) -> int:
     print(f"step {report['step']}: {'agrees' if agrees else 'DIFFERS'} (largest relative difference "
           f"{report['max_relative_difference']:.3e}, tolerance {args.tolerance:g})")  # fmt: skip
     return 0 if agrees else 1
+
+
+def samples(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["samples"] + " (then by mean loss)")
+    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
+    parser.add_argument("--label", type=int, help="only examples of this label")
+    parser.add_argument("--epoch", type=int, help="the epoch to rank (default: the last)")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    from tapeline.reader import class_names, rank_samples
+
+    try:
+        ranking, classes = rank_samples(args.run, args.epoch, args.top, args.label), class_names(args.run)
+    except (TapelineError, FileNotFoundError) as error:
+        return _failed(prog, 2, error)
+    print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}  latest prediction")
+    for rank, row in enumerate(ranking.to_pylist(), 1):
+        latest = f"{'right' if row['latest_correct'] else 'wrong'} (step {row['latest_step']})"
+        print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {row['mean_grad_norm']:>10.4f} "
+              f"{row['mean_loss']:>9.4f} {row['seen']:>4}  {latest}")  # fmt: skip
+    return 0
 
 
 def worker(argv: list[str], prog: str) -> int:

@@ -86,7 +86,7 @@ StepsPerCall = Annotated[
     Field(
         ge=1,
         le=1000,
-        description="training steps per call from Python (fewer at snapshots, checkpoints, epoch ends, anomalies; 1 with several devices)",
+        description="training steps per call from Python (fewer at snapshots, checkpoints, epoch ends, anomalies)",
     ),
 ]
 PerExampleNorms = Annotated[

@@ -44,7 +44,12 @@ def write_run_manifest(
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,
-        "metrics": {"epochs": trained.epochs, "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+        "metrics": {
+            "epochs": trained.epochs,
+            "test_accuracy": scores["accuracy"],
+            "test_loss": scores["loss"],
+            **noise_metrics(exported.noise_scale, config.batch_size),
+        },
         "promotion": dataclasses.asdict(promotion),
         "uris": {
             "model": trained.model_uri,
@@ -52,12 +57,23 @@ def write_run_manifest(
             "gradients": exported.uri,
             "steps": trained.steps_uri,
             "stats": storage.uri_of(run.stats),
+            "samples": storage.uri_of(run.samples) if config.per_example_norms else None,
             "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },
     }
     storage.write_json(run.run_json, manifest)
     return manifest
+
+
+def noise_metrics(noise_scale: float | None, batch_size: int) -> dict:
+    """The gradient noise scale (median over the last epoch), the batch size it suggests, and the one used.
+
+    B_simple estimates the critical batch size (McCandlish et al. 2018): below it a
+    larger batch trains in proportionally fewer steps, above it the gain fades.
+    """
+    suggested = max(1, round(noise_scale)) if noise_scale is not None and noise_scale > 0 else None
+    return {"noise_scale": noise_scale, "suggested_batch_size": suggested, "batch_size": batch_size}
 
 
 def run_manifest_uri(storage: str, run_id: str) -> str:

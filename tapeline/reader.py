@@ -29,7 +29,7 @@ from tapeline.gradients.schema import (
     STATS_SCHEMA,
     STEP_SCHEMA,
 )
-from tapeline.storage.layout import locate_run
+from tapeline.storage.layout import MODEL_CARD, locate_run
 
 
 class NoGradientsError(TapelineError):
@@ -139,6 +139,14 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
         ],
         names=list(RANKING_COLUMNS),
     )
+
+
+def class_names(run: str | Path) -> list[str]:
+    """The run's class names in label order: its model card's, else the labels as numbers (a run still training)."""
+    try:
+        return read_run_json(run, MODEL_CARD)["classes"]
+    except NoGradientsError:
+        return [str(label) for label in range(256)]
 
 
 def _last_epoch(run: str | Path) -> int:

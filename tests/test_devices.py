@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tapeline.errors import ConfigError
-from tapeline.reader import read_steps
+from tapeline.reader import read_samples, read_steps
 from tapeline.training.devices import resolve_devices
 from tapeline.training.loop import train_model
 from tests.conftest import tiny_prepared
@@ -60,3 +60,10 @@ def test_two_devices_match_one(tmp_path):
     weights = [keras.models.load_model(p, safe_mode=True).get_weights() for p in (one.model_uri, two / "model.keras")]
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
+    # Each replica's examples: the same per-example rows as one device, in the batch's order.
+    one_samples, two_samples = (read_samples(run).sort_by([("step", "ascending")]) for run in (Path(one.steps_uri).parent, two))
+    for name in ("step", "sample_id", "label", "correct"):
+        assert two_samples.column(name).equals(one_samples.column(name)), name
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose(two_samples.column(name).to_numpy(), one_samples.column(name).to_numpy(), rtol=1e-3)
+    np.testing.assert_allclose(two_steps.column("grad_variance").to_numpy(), one_steps.column("grad_variance").to_numpy(), rtol=1e-2)

@@ -233,3 +233,18 @@ def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
 
     first, again, name, expected = ids()
     assert first == again == name == expected  # a function of the flow run alone, which a retry keeps
+
+
+@pytest.mark.slow
+def test_samples_rank_the_hardest_examples_and_run_json_holds_the_noise_scale(first_run, capsys):
+    run = Path(first_run["uris"]["model"]).parent
+    metrics = first_run["metrics"]
+    assert metrics["noise_scale"] > 0 and metrics["suggested_batch_size"] == max(1, round(metrics["noise_scale"]))
+    assert metrics["batch_size"] == 32 and first_run["uris"]["samples"] == str(run / "samples")
+    assert main(["samples", str(run), "--top", "5", "--label", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 5 and all(" Shirt " in line for line in lines[1:])  # class names, not numbers
+    norms = [float(line.split()[3]) for line in lines[1:]]
+    assert norms == sorted(norms, reverse=True)
+    assert main(["samples", str(run.parent / "nope")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

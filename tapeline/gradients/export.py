@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tapeline.errors import TapelineError
 from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
-from tapeline.reader import read_stats
+from tapeline.reader import read_stats, read_steps
 from tapeline.results import GradientExport, TrainedModel
 from tapeline.storage.root import Storage
 
@@ -71,8 +72,24 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
         },
     )
     return GradientExport(
-        uri=trained.gradients_uri, manifest_uri=storage.uri_of(run.gradients_manifest), steps=steps, variables=summary, anomalies=anomalies
-    )
+        uri=trained.gradients_uri, manifest_uri=storage.uri_of(run.gradients_manifest), steps=steps, variables=summary, anomalies=anomalies,
+        noise_scale=noise_scale(storage.uri_of(run.directory)),
+    )  # fmt: skip
+
+
+def noise_scale(run: str) -> float | None:
+    """The median of the steps' raw gradient noise scale B_simple over the run's last epoch; None without one.
+
+    The median, not the mean: a step's B_simple is a ratio of two noisy estimates,
+    and where ‖𝒢‖²'s estimate comes near zero it swings to large values of either sign.
+    """
+    steps = read_steps(run, columns=["epoch", "grad_noise_scale"])
+    if steps.num_rows == 0:
+        return None
+    last = steps.filter(pc.field("epoch") == pc.max(steps.column("epoch")))
+    values = last.column("grad_noise_scale").to_numpy(zero_copy_only=False)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if len(values) else None
 
 
 def plot_norms(storage: Storage, run_id: str) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tapeline.gradients.schema import NOISE_COLUMNS, Examples
 
 class TappedModel:
     """A Sequential model run layer by layer, keeping each Dense and Conv2D layer's input and output.

@@ -40,11 +40,11 @@ Files appear under their final name only when complete (see tapeline/storage/roo
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-
-from typing import Any, NamedTuple
 
 from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
 

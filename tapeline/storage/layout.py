@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 
 MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
 RUN_JSON = "run.json"
+MODEL_CARD = "model.json"
 _LOCAL = pafs.LocalFileSystem()
 
 
@@ -64,7 +65,7 @@ class RunPaths:
 
     @property
     def model_card(self) -> PurePath:
-        return self.directory / "model.json"
+        return self.directory / MODEL_CARD
 
     @property
     def gradients(self) -> PurePath:

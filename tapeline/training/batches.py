@@ -5,11 +5,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-# Shard by element, not by file: each worker takes its replicas' slices of every global batch
-# (tf.distribute rebatches it into one slice per replica), so a step's global batch is a single worker's.
-SHARD_BY_DATA = tf.data.Options()
-SHARD_BY_DATA.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which an epoch visits the training split: a function of (seed, epoch) only."""
@@ -17,19 +12,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size: int, skip: int = 0) -> tf.data.Dataset:
-    """Batches of (uint8 images, labels) in `order` from batch `skip` on: index batches gathered in one op, prefetched."""
+    """Batches of (uint8 images, labels) in `order` from batch `skip` on, as a `tf.data` pipeline, prefetched.
+
+    Not the training path (calls.py gathers each batch in the graph): the benchmarks' reference loops.
+    """
     return (
         tf.data.Dataset.from_tensor_slices(order[skip * batch_size :])
         .batch(batch_size)
         .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
-
-
-def epoch_batches(images: tf.Tensor, labels: tf.Tensor, order: np.ndarray, batch_size: int, skip: int, strategy=None):
-    """`batches`; under a distribution strategy, each replica, on any worker, takes its slice of every global batch."""
-    dataset = batches(images, labels, order, batch_size, skip)
-    return strategy.experimental_distribute_dataset(dataset.with_options(SHARD_BY_DATA)) if strategy else dataset
 
 
 def batch_sample_ids(sample_ids: np.ndarray, order: np.ndarray, batch: int, batch_size: int) -> np.ndarray:

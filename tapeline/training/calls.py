@@ -10,8 +10,8 @@ there); what it cannot know, a non-finite value or a norm spike, the device deci
 (`AnomalyWatch`) and ends the call early at that step, so its gradients are the
 ones returned.
 
-Under a distribution strategy a call is one step fed by the strategy's distributed
-dataset (`DatasetCalls`): the same results, k = 1.
+Under a distribution strategy the call is the same: the step it runs hands each
+replica its slice of the global batch (steps.make_distributed_train_step).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import tensorflow as tf
 
 from tapeline.gradients.per_example import gradient_noise
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples, global_norm
+from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples
 from tapeline.gradients.stats import gradient_stats
-from tapeline.training.batches import epoch_batches
 
 NORM_WINDOW = 100  # the running median's window, as SnapshotPolicy's
 MIN_NORMS = 10  # finite steps seen before a spike can be called one, as SnapshotPolicy's
@@ -87,7 +86,7 @@ class AnomalyWatch:
             return tf.identity(norm), ~finite | spike
 
     def _append(self, norm: tf.Tensor) -> tf.Tensor:
-        self.norms.scatter_nd_update([[self.seen % self.window]], [norm])
+        self.norms.assign(tf.tensor_scatter_nd_update(self.norms, [[self.seen % self.window]], [norm]))
         self.seen.assign_add(1)
         return tf.constant(True)
 
@@ -165,28 +164,3 @@ class StepCalls:
 
     def __call__(self, batch: int, count: int) -> CallResult:
         return host_call_result(*self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32)))
-
-
-class DatasetCalls:
-    """Under a distribution strategy: a call is one step, fed by the strategy's distributed dataset (k = 1).
-
-    `step_with_stats(x, y) -> (loss, gradients, stats, examples)` (steps.with_stats);
-    the host applies the recorder's rule itself, since each call holds a single step.
-    """
-
-    k = 1
-
-    def __init__(self, step_with_stats: Callable, images: tf.Tensor, labels: tf.Tensor, batch_size: int, strategy):
-        self._step, self._images, self._labels, self._batch_size, self._strategy = step_with_stats, images, labels, batch_size, strategy
-        self._batches = None
-
-    def start_epoch(self, order: np.ndarray, first_batch: int) -> None:
-        self._batches = iter(epoch_batches(self._images, self._labels, order, self._batch_size, first_batch, self._strategy))
-
-    def __call__(self, batch: int, count: int) -> CallResult:
-        loss, gradients, stats, examples = self._step(*next(self._batches))
-        norm = tf.constant([global_norm(stats.numpy())], tf.float64)
-        results = [loss[None], stats[None], norm]
-        if examples is not None:
-            results.append(gradient_noise(examples.squared_norms, tf.square(norm[0]))[None])
-        return host_call_result(results, list(examples or ()), gradients)

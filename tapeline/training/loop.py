@@ -35,11 +35,11 @@ from tapeline.results import PreparedData, TrainedModel
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage
 from tapeline.training.batches import batch_sample_ids, epoch_order
-from tapeline.training.calls import AnomalyWatch, DatasetCalls, StepCalls, call_length
+from tapeline.training.calls import AnomalyWatch, StepCalls, call_length
 from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.cluster import Cluster, check_cluster, job_for, join_cluster
 from tapeline.training.devices import resolve_devices
-from tapeline.training.steps import host_arrays, make_distributed_train_step, make_eval_step, make_train_step, with_stats
+from tapeline.training.steps import host_arrays, make_distributed_train_step, make_eval_step, make_train_step
 
 EVAL_BATCH_SIZE = 1024
 # A checkpoint from another run must not be resumed under these changed.
@@ -96,7 +96,7 @@ def train_model(
         trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes)
         summaries = tf.summary.create_file_writer(str(run.tensorboard)) if writes else tf.summary.create_noop_writer()
-        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), strategy)
+        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
         steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress)
 
@@ -222,15 +222,16 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, strategy) -> StepCalls | DatasetCalls:
-    """Calls of up to `steps_per_call` steps on one device; of one step under a distribution strategy."""
-    if strategy:
-        return DatasetCalls(with_stats(train_step), images, labels, config.batch_size, strategy)
+def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+    """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
+
+    Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
+    in a graph loop of several steps are matched to the wrong instances (docs/multi-worker.md).
+    """
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     watch = AnomalyWatch(config.spike_factor, loss_scaled)
-    return StepCalls(
-        train_step, model.trainable_variables, images, labels, config.batch_size, watch, config.steps_per_call, config.per_example_norms
-    )
+    k = 1 if multi_worker else config.steps_per_call
+    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
 
 
 class _StepLoop:

@@ -52,8 +52,10 @@ def make_train_step(
 
 
 def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric, per_example: bool = True) -> Callable:
-    """The same step on `strategy`'s replicas, each on its slice of the batch.
+    """The same step on `strategy`'s replicas: (the global batch) -> (loss, gradients, Examples or None).
 
+    Every worker gathers the same global batch (calls.py); each replica, on any
+    worker, trains on its contiguous slice of it, as tf.data would have split it.
     Each replica's loss is its share of the whole batch's mean loss, so the sum of
     the replicas' gradients, which the optimizer all-reduces and applies, is the
     gradient of the whole batch. That sum is what this step returns and the run
@@ -69,11 +71,14 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     def slice_step(x, y, batch_size, scale):
         with tf.GradientTape() as tape:
             logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
-            loss = tf.reduce_sum(PER_EXAMPLE_LOSS(y, logits)) / tf.cast(batch_size, logits.dtype)
+            per_example_loss = PER_EXAMPLE_LOSS(y, logits)
+            loss = tf.reduce_sum(per_example_loss) / tf.cast(batch_size, logits.dtype)
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
-        examples = _examples(tapped, taps, output_gradients, y, logits, _unscaled([tf.cast(batch_size, tf.float32)], scale)[0]) if tapped else ()
-        return loss, scaled_gradients, logits, examples
+        if not tapped:
+            return loss, scaled_gradients, logits, (per_example_loss,)
+        norms = tapped.squared_norms(taps, output_gradients, _unscaled([tf.cast(batch_size, tf.float32)], scale)[0])
+        return loss, scaled_gradients, logits, (per_example_loss, norms)
 
     def empty_slice():
         """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
@@ -82,27 +87,53 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
         input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
         """
         gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
-        examples = _no_examples(len(gradients)) if tapped else ()
-        return tf.zeros([], logits_spec.dtype), gradients, tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype), examples
+        logits = tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
+        examples = (tf.zeros([0], logits_spec.dtype), tf.zeros([0, len(gradients)])) if tapped else (tf.zeros([0], logits_spec.dtype),)
+        return tf.zeros([], logits_spec.dtype), gradients, logits, examples
 
     def replica_step(x, y, scale=None):
-        batch_size = tf.distribute.get_replica_context().all_reduce("sum", tf.shape(y)[0])
+        batch_size = tf.shape(y)[0]
+        x, y = _replica_slice(x), _replica_slice(y)
         loss, scaled_gradients, logits, examples = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        return loss, scaled_gradients, logits, tf.cast(y, tf.int32), examples  # gather takes no uint8
+        return loss, scaled_gradients, logits, examples
 
     @tf.function
     def train_step(x, y):
         scale = _loss_scale(optimizer)
-        losses, scaled_gradients, logits, y, examples = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
+        losses, scaled_gradients, logits, examples = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
         loss = strategy.reduce("sum", losses, axis=None)
         gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
+        # One gather of everything per example, after the reductions: collectives that no data orders
+        # may be matched across workers in different orders (multi-worker training).
+        with tf.control_dependencies([loss, *gradients]):
+            per_example = strategy.gather(strategy.run(_rows, args=(logits, *examples)), axis=0)
+        logits, per_example_loss, squared_norms = tf.split(per_example, [logits_spec.shape[-1], 1, -1], axis=1)
         loss_metric.update_state(loss)
-        accuracy_metric.update_state(strategy.gather(y, axis=0), strategy.gather(logits, axis=0))
-        examples = Examples(*(strategy.gather(column, axis=0) for column in examples)) if tapped else None
-        return loss, gradients, examples
+        accuracy_metric.update_state(y, logits)
+        if not tapped:
+            return loss, gradients, None
+        return loss, gradients, Examples(per_example_loss[:, 0], _correct(y, logits), tf.cast(y, tf.int32), squared_norms)
 
     return train_step
+
+
+def _rows(logits: tf.Tensor, *columns: tf.Tensor) -> tf.Tensor:
+    """A replica's per-example results as one float32 tensor, a row per example: logits, then its columns."""
+    return tf.concat([tf.cast(logits, tf.float32), *(tf.reshape(tf.cast(c, tf.float32), [tf.shape(logits)[0], -1]) for c in columns)], axis=1)
+
+
+def _replica_slice(batch: tf.Tensor) -> tf.Tensor:
+    """This replica's contiguous slice of the global batch: the first replicas take one more when it does not divide."""
+    context = tf.distribute.get_replica_context()
+    n, replicas = tf.shape(batch)[0], context.num_replicas_in_sync
+    size = (n + replicas - 1) // replicas
+    start = tf.minimum(tf.cast(context.replica_id_in_sync_group, tf.int32) * size, n)
+    return batch[start : tf.minimum(start + size, n)]
+
+
+def _correct(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
 
 
 PER_EXAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -116,13 +147,8 @@ def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: li
 
 def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> Examples:
     """The step's per-example results: each example's loss, whether it was predicted right, its label, its gradient norms."""
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
     loss = tf.cast(PER_EXAMPLE_LOSS(y, logits), tf.float32)
-    return Examples(loss, correct, tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale))
-
-
-def _no_examples(variables: int) -> Examples:
-    return Examples(tf.zeros([0]), tf.zeros([0], tf.bool), tf.zeros([0], tf.int32), tf.zeros([0, variables]))
+    return Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale))
 
 
 def _loss_scale(optimizer) -> tf.Tensor | None:
