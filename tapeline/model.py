@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from tapeline.data.splits import IMAGE_SHAPE, NUM_CLASSES
+from tapeline.data.splits import IMAGE_SHAPE
 
 INPUT_DTYPE = "uint8"  # raw pixels: see build_model
 
@@ -27,7 +27,7 @@ def build_model(precision: str = "float32") -> keras.Model:
             keras.layers.Conv2D(32, 3, activation="relu", name="conv", dtype=precision),
             keras.layers.Flatten(name="flatten", dtype=precision),
             keras.layers.Dense(128, activation="relu", name="dense", dtype=precision),
-            keras.layers.Dense(NUM_CLASSES, name="logits", dtype="float32"),
+            keras.layers.Dense(10, name="logits", dtype="float32"),
         ],
         name="cnn",
     )
