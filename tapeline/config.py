@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from tapeline.data.idx_source import IDX, check_idx_source
 from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
 from tapeline.storage.root import is_remote, remote_filesystem
@@ -43,8 +44,14 @@ class Rule:
     text: str
 
 
-Dataset = Annotated[Literal[tuple(DATASETS)], Field(description="dataset to train on")]
-Source = Annotated[str | None, Field(description="URL or local directory to take the dataset files from instead of the built-in mirrors")]
+Dataset = Annotated[
+    Literal[(*DATASETS, IDX)],
+    Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
+]
+Source = Annotated[
+    str | None,
+    Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
+]
 StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
 RunName = Annotated[
@@ -133,8 +140,10 @@ class RunConfig:
         """
         for parameter in run_parameters():
             parameter.check(getattr(self, parameter.name))
+        # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
+        source = check_idx_source(self.source) if self.dataset == IDX else self.source
         storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, storage=_usable_root(storage))
+        return replace(self, source=source, storage=_usable_root(storage))
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""

@@ -40,7 +40,7 @@ def write_run_manifest(
         "started": started,
         "finished": utc_now(),
         "parameters": config.parameters(),
-        "dataset": {"name": files.dataset, "sha256": files.sha256, "preprocessed": data.directory},
+        "dataset": {"name": files.dataset, "sha256": files.sha256, "classes": list(files.classes), "preprocessed": data.directory},
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,

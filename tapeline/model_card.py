@@ -10,15 +10,13 @@ Its fields: docs/data-format.md#modeljson-the-model-card.
 
 from __future__ import annotations
 
-from tapeline.data.registry import DATASETS
-from tapeline.data.splits import IMAGE_SHAPE
+from tapeline.data.splits import IMAGE_SHAPE, NUM_CLASSES
 from tapeline.model import INPUT_DTYPE
 from tapeline.results import DatasetFiles, TrainedModel
 from tapeline.storage.root import Storage
 
 
 def model_card(run_id: str, files: DatasetFiles, trained: TrainedModel, scores: dict) -> dict:
-    classes = DATASETS[files.dataset].classes
     return {
         "run_id": run_id,
         "model": trained.model_uri,
@@ -31,11 +29,11 @@ def model_card(run_id: str, files: DatasetFiles, trained: TrainedModel, scores: 
             "rescales them; dividing by 255 first gives chance-level predictions",
         },
         "output": {
-            "shape": [None, len(classes)],
+            "shape": [None, NUM_CLASSES],
             "values": "logits",
             "note": "argmax is the class; keras.ops.softmax(logits) gives probabilities",
         },
-        "classes": list(classes),
+        "classes": list(files.classes),
         "dataset": {"name": files.dataset, "sha256": files.sha256},
         "metrics": {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"], "test_samples": scores["samples"]},
     }

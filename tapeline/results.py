@@ -16,6 +16,7 @@ class DatasetFiles:
     paths: dict[str, str]  # storage URIs, keyed by SPLIT_FILES
     sha256: dict[str, str]  # IDX content digests, keyed like paths
     cached: bool  # every file was already in the cache
+    classes: tuple[str, ...]  # class names in label order (the model's output order)
 
 
 @dataclass(frozen=True)

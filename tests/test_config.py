@@ -12,6 +12,7 @@ from prefect.utilities.callables import parameter_schema
 from tapeline.cli import parse_train_args as parse_args
 from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
 from tapeline.config import GradientDtype, RunConfig, parameters_markdown, run_parameters
+from tapeline.data.idx_source import IDX
 from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
 from tapeline.flows.prepare import prepare_data
@@ -78,7 +79,7 @@ def test_flows_annotate_their_parameters_as_the_config_does(flow):
     assert signature.parameters and all(p.annotation == config[p.name] for p in signature.parameters.values())
     assert all(p.default == getattr(RunConfig, p.name) for p in signature.parameters.values())
     schema = parameter_schema(flow).properties
-    assert schema["dataset"]["enum"] == list(DATASETS) and schema["seed"]["minimum"] == 0
+    assert schema["dataset"]["enum"] == [*DATASETS, IDX] and schema["seed"]["minimum"] == 0
 
 
 def test_one_list_of_gradient_dtypes():

@@ -39,6 +39,7 @@ def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[
         (["--epochs", "many"], 2, "flows/train.py: error: argument --epochs: invalid int value: 'many'"),
         (["--epochs", "0"], 2, "flows/train.py: error: epochs must be at least 1, got 0"),
         (["--storage", "/proc/nope"], 2, "flows/train.py: error: storage '/proc/nope': cannot create files in /proc"),
+        (["--dataset", "idx"], 2, "flows/train.py: error: dataset idx needs a source: the directory of your four IDX files"),
     ],
 )
 def test_flags_are_answered_before_tensorflow_and_prefect_load(flags, code, message):

@@ -32,6 +32,16 @@ def read_idx_gz(path: Path, ndim: int) -> np.ndarray:
 
 
 def parse_idx(data: bytes, ndim: int, name: str) -> np.ndarray:
+    shape = parse_header(data, ndim, name)
+    header = 4 + 4 * ndim
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise IdxError(f"{name}: {len(data)} bytes, but its header {list(shape)} needs {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def parse_header(data: bytes, ndim: int, name: str) -> tuple[int, ...]:
+    """The shape an IDX file's header declares (its first 4 + 4 * `ndim` bytes suffice)."""
     if len(data) < 4:
         raise IdxError(f"{name}: {len(data)} bytes is too short for an IDX header")
     zero, dtype, dims = struct.unpack(">HBB", data[:4])
@@ -42,11 +52,7 @@ def parse_idx(data: bytes, ndim: int, name: str) -> np.ndarray:
     header = 4 + 4 * dims
     if len(data) < header:
         raise IdxError(f"{name}: truncated IDX header")
-    shape = struct.unpack(f">{dims}I", data[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        raise IdxError(f"{name}: {len(data)} bytes, but its header {list(shape)} needs {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return struct.unpack(f">{dims}I", data[4:header])
 
 
 def encode_idx(array: np.ndarray) -> bytes:

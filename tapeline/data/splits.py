@@ -21,6 +21,7 @@ from tapeline.storage.root import (
 
 FORMAT_VERSION = 2  # bump when the output of this stage changes for the same inputs (2: the manifest moved out)
 IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10  # the model's outputs: labels are 0 to NUM_CLASSES - 1
 SPLITS = ("train", "validation", "test")
 IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
 
@@ -67,7 +68,7 @@ def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths,
         ("test", test_images, test_labels, np.arange(len(test_images))),
     ):
         storage.write_table(prepared.split(split), split_table(ids, images[ids], labels[ids]), prepared.directory, compression="zstd")
-        splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=10).tolist()}
+        splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=NUM_CLASSES).tolist()}
     train_pixels = train_images[train_ids].astype(np.float64) / 255.0
     storage.write_json(
         prepared.manifest,
@@ -114,6 +115,6 @@ def _read_pair(storage: Storage, files: DatasetFiles, split: str) -> tuple[np.nd
         raise IdxError(f"{split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     if len(images) != len(labels):
         raise IdxError(f"{split} split has {len(images)} images but {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise IdxError(f"{split} labels must be 0-9, found {labels.max()}")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise IdxError(f"{split} labels must be 0-{NUM_CLASSES - 1}, found {labels.max()}")
     return images, labels

@@ -1,0 +1,209 @@
+"""`--dataset idx --source DIR`: a user's own directory of IDX files, trained on end to end, and every bad one refused."""
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tapeline.cli import main, parse_train_args
+from tapeline.data.fetch import fetch_files
+from tapeline.data.idx import encode_idx
+from tapeline.data.idx_source import FILE_NAMES, IDX, IdxSourceError
+from tapeline.data.registry import SPLIT_FILES
+from tapeline.data.splits import prepare, read_split
+from tapeline.errors import ConfigError
+from tapeline.flows import train  # noqa: F401  Prefect binds its log handlers to stderr on import: the session's, not a test's capsys
+from tapeline.storage.root import Storage
+from tests.conftest import tiny_arrays
+
+CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
+    """The four files under their standard names, raw except the splits in `gzipped`; their IDX digests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for split in SPLIT_FILES:
+        idx = encode_idx(arrays[split])
+        name = FILE_NAMES[split] + (".gz" if split in gzipped else "")
+        (directory / name).write_bytes(gzip.compress(idx, mtime=0) if split in gzipped else idx)
+        digests[split] = hashlib.sha256(idx).hexdigest()
+    if classes is not None:
+        (directory / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+    return digests
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_cli_trains_on_an_idx_directory_and_records_its_digests(tmp_path, capsys):
+    own = tmp_path / "own"
+    digests = write_own_dir(own, tiny_arrays(), gzipped={"train_images"}, classes=CLASSES)
+    storage = tmp_path / "store"
+    code = main([
+        "train", "--dataset", "idx", "--source", str(own), "--storage", str(storage), "--run-name", "own",
+        "--epochs", "1", "--validation-size", "50", "--steps-per-call", "4", "--snapshot-every", "4",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((storage / "runs" / "own" / "run.json").read_text())
+    assert manifest["dataset"]["name"] == IDX and manifest["dataset"]["sha256"] == digests
+    assert manifest["dataset"]["classes"] == list(CLASSES)
+    assert manifest["parameters"]["source"] == str(own.resolve())
+    assert manifest["metrics"]["epochs"][0]["train_loss"] > 0  # 250 samples: 8 steps of 32
+    card = json.loads(Path(manifest["uris"]["model_card"]).read_text())
+    assert card["classes"] == list(CLASSES) and card["dataset"]["sha256"] == digests
+    splits = json.loads(Path(manifest["dataset"]["preprocessed"] + ".manifest.json").read_text())
+    assert splits["dataset"] == IDX and splits["source_sha256"] == digests
+    assert capsys.readouterr().out.strip().endswith(str(storage / "runs" / "own" / "run.json"))
+
+
+def test_a_changed_directory_is_a_new_dataset_and_an_unchanged_one_is_cached(tmp_path):
+    own, storage = tmp_path / "own", Storage(tmp_path / "store")
+    arrays = tiny_arrays()
+    write_own_dir(own, arrays)
+    first = fetch_files(IDX, storage, str(own))
+    data = prepare(first, storage, seed=0, validation_size=50)
+    assert not first.cached and first.classes == tuple("0123456789")
+
+    # The same content gzipped is the same dataset: nothing is fetched or preprocessed again.
+    write_own_dir(own, arrays, gzipped=set(SPLIT_FILES))
+    for split in SPLIT_FILES:
+        (own / FILE_NAMES[split]).unlink()
+    again = fetch_files(IDX, storage, str(own))
+    assert again.cached and again.sha256 == first.sha256 and prepare(again, storage, 0, 50).cached
+
+    # One label changed: that file's digest, the cache entry and the splits all follow it.
+    labels = arrays["train_labels"].copy()
+    labels[0] = (labels[0] + 1) % 10
+    (own / (FILE_NAMES["train_labels"] + ".gz")).write_bytes(gzip.compress(encode_idx(labels), mtime=0))
+    changed = fetch_files(IDX, storage, str(own))
+    assert not changed.cached
+    assert {s for s in SPLIT_FILES if changed.sha256[s] != first.sha256[s]} == {"train_labels"}
+    new_data = prepare(changed, storage, 0, 50)
+    assert not new_data.cached and new_data.directory != data.directory
+    train_images, train_labels, ids = read_split(new_data.uris["train"])
+    validation_labels, validation_ids = read_split(new_data.uris["validation"])[1:]
+    assert dict(zip([*ids, *validation_ids], [*train_labels, *validation_labels]))[0] == labels[0]
+
+
+def test_labels_seen_name_the_classes_without_classes_txt(tmp_path):
+    arrays = tiny_arrays()
+    for split in ("train", "test"):
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"] % 4  # labels 0-3 only
+    write_own_dir(tmp_path / "own", arrays)
+    assert fetch_files(IDX, Storage(tmp_path / "store"), str(tmp_path / "own")).classes == ("0", "1", "2", "3")
+
+
+def bad_magic(directory: Path) -> None:
+    (directory / FILE_NAMES["train_images"]).write_bytes(b"\x00\x00\x09\x03" + b"\x00" * 12)
+
+
+def count_mismatch(directory: Path) -> None:
+    (directory / FILE_NAMES["train_labels"]).write_bytes(encode_idx(np.zeros(299, np.uint8)))
+
+
+def wrong_shape(directory: Path) -> None:
+    (directory / FILE_NAMES["test_images"]).write_bytes(encode_idx(np.zeros((100, 32, 32), np.uint8)))
+
+
+def gzipped_under_raw_name(directory: Path) -> None:
+    path = directory / FILE_NAMES["test_labels"]
+    path.write_bytes(gzip.compress(path.read_bytes()))
+
+
+def both_raw_and_gz(directory: Path) -> None:
+    path = directory / FILE_NAMES["test_labels"]
+    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+
+
+def eleven_classes(directory: Path) -> None:
+    (directory / "classes.txt").write_text("\n".join(f"c{i}" for i in range(11)))
+
+
+def blank_class(directory: Path) -> None:
+    (directory / "classes.txt").write_text("a\n\nc\n")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / FILE_NAMES["test_labels"]).unlink(), "has no t10k-labels-idx1-ubyte (raw or .gz); dataset idx needs all four"),
+        (bad_magic, "train-images-idx3-ubyte: bad IDX magic number 0x00000903"),
+        (count_mismatch, "train-images-idx3-ubyte has 300 images but train-labels-idx1-ubyte has 299 labels"),
+        (wrong_shape, "t10k-images-idx3-ubyte: images are 32x32; the model takes 28x28 pixels, one uint8 channel"),
+        (gzipped_under_raw_name, "t10k-labels-idx1-ubyte is gzipped: name it t10k-labels-idx1-ubyte.gz"),
+        (both_raw_and_gz, "has both t10k-labels-idx1-ubyte and t10k-labels-idx1-ubyte.gz; keep one"),
+        (eleven_classes, "classes.txt names 11 classes; the model has 10 outputs"),
+        (blank_class, "classes.txt: line 2 is blank"),
+    ],
+    ids=["missing-file", "magic", "count", "shape", "gzip-named-raw", "raw-and-gz", "eleven-classes", "blank-class"],
+)
+def test_a_bad_directory_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys, damage, message):
+    own = tmp_path / "own"
+    write_own_dir(own, tiny_arrays())
+    damage(own)
+    with pytest.raises(SystemExit) as stopped:
+        parse_train_args(["--dataset", "idx", "--source", str(own), "--storage", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith("tapeline train: error: ")
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "idx"], "dataset idx needs a source: the directory of your four IDX files (--source DIR)"),
+        (["--dataset", "idx", "--source", "https://example.org/mnist/"], "dataset idx reads a local directory"),
+        (["--dataset", "idx", "--source", "/nonexistent/own"], "source '/nonexistent/own' is not a directory"),
+    ],
+)
+def test_idx_needs_a_local_directory(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stopped:
+        parse_train_args([*flags, "--storage", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def label_ten(directory: Path) -> None:
+    labels = tiny_arrays()["test_labels"]
+    labels[7] = 10
+    (directory / FILE_NAMES["test_labels"]).write_bytes(encode_idx(labels))
+
+
+def truncated(directory: Path) -> None:
+    path = directory / FILE_NAMES["train_images"]
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def too_few_classes(directory: Path) -> None:
+    (directory / "classes.txt").write_text("a\nb\nc\n")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (label_ten, "t10k-labels-idx1-ubyte: label 10, but the model has 10 outputs (labels 0-9)"),
+        (truncated, "train-images-idx3-ubyte: 235211 bytes, but its header [300, 28, 28] needs 235216"),
+        (too_few_classes, "classes.txt names 3 classes, but train-labels-idx1-ubyte has label 9"),
+    ],
+)
+def test_what_only_the_whole_file_shows_is_found_by_the_download_stage_as_bad_input(tmp_path, damage, message):
+    own = tmp_path / "own"
+    write_own_dir(own, tiny_arrays())
+    damage(own)
+    with pytest.raises(IdxSourceError, match="^[^\n]*$") as raised:
+        fetch_files(IDX, Storage(tmp_path / "store"), str(own))
+    assert isinstance(raised.value, ConfigError) and message in str(raised.value)  # ConfigError: the CLI exits 2
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_flow_exits_2_on_a_file_the_header_check_passes(tmp_path, capsys):
+    own = tmp_path / "own"
+    write_own_dir(own, tiny_arrays())
+    label_ten(own)
+    code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", str(tmp_path / "store"), "--run-name", "bad"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: t10k-labels-idx1-ubyte: label 10"), err
+    assert not (tmp_path / "store" / "runs" / "bad" / "steps").exists()
