@@ -57,8 +57,8 @@ def hardest_markdown(root: Storage, run_id: str, report: HardestReport) -> str:
         f"## Hardest examples, run `{run_id}`",
         embedded_png("hardest examples", report.grid_png),
         f"The {len(examples.sample_ids)} training examples with the highest mean per-example gradient norm over the last "
-        f"epoch, hardest first; the trained model predicts {wrong} of them wrongly (in red). Large norms mark examples "
-        f"the model fits worst: often mislabeled, ambiguous or unusual. Their `sample_id`s: {ids}.",
+        f"epoch; the trained model predicts {wrong} of them wrongly (in red). Large norms mark examples "
+        f"the model fits worst: often mislabeled, ambiguous or unusual. Sample ids, hardest first: {ids}.",
         "## Gradient noise scale",
         embedded_png("gradient noise scale", report.noise_png),
         f"B_simple = tr Σ / |G|², per step (faint) and smoothed; at the last step the smoothed value is "

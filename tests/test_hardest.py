@@ -173,4 +173,4 @@ def test_the_artifact_shows_both_pictures_in_prefect(tmp_path, fashion):
     embedded = re.findall(r"!\[([^]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
     assert [(alt, base64.b64decode(data)) for alt, data in embedded] == [("hardest examples", grid), ("gradient noise scale", noise)]
     assert "the trained model predicts 7 of them wrongly" in artifact.data
-    assert "Their `sample_id`s: 500, 501," in artifact.data and "the batch size used 64" in artifact.data
+    assert "Sample ids, hardest first: 500, 501," in artifact.data and "the batch size used 64" in artifact.data

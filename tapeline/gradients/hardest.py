@@ -155,6 +155,8 @@ def render_noise_scale(
     axes.axhline(batch_size, color="#d95f02", linestyle="--", linewidth=1.2, label=f"batch size used: {batch_size}")
     if shown.any() or np.isfinite(smoothed).any():
         axes.set_yscale("log")
+    if len(steps) > 1:
+        axes.set_xlim(steps[0], steps[-1])  # the steps', even when no value is shown
     axes.set(xlabel="step", ylabel="noise scale (examples)", title=title or "Gradient noise scale B_simple")
     axes.title.set_fontsize(9)
     axes.legend(fontsize=7, loc="best")
