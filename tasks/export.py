@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tapeline.data.registry import DATASETS
 from tapeline.gradients.export import plot_norms, publish_gradients
 from tapeline.gradients.hardest import HardestReport, write_hardest_report
+from tapeline.reader import NoGradientsError
 from tapeline.results import GradientExport, PreparedData, TrainedModel
 from tapeline.storage.root import Storage
 
@@ -37,10 +38,14 @@ def export_gradients(storage: str, trained: TrainedModel, data: PreparedData) ->
     )
     if trained.model_uri is None:  # training stopped on a non-finite value: no model to predict with
         print("hardest examples: not reported, training left no model")
-    else:
+        return exported
+    try:
         report = write_hardest_report(root, trained.run_id, data.uris["train"], DATASETS[data.dataset].classes)
-        create_markdown_artifact(key="hardest-examples", markdown=hardest_markdown(root, trained.run_id, report),
-                                 description="training examples with the highest gradient norms; gradient noise scale")  # fmt: skip
+    except NoGradientsError as error:  # trained without per-example norms
+        print(f"hardest examples: not reported, {error}")
+        return exported
+    create_markdown_artifact(key="hardest-examples", markdown=hardest_markdown(root, trained.run_id, report),
+                             description="training examples with the highest gradient norms; gradient noise scale")  # fmt: skip
     return exported
 
 
