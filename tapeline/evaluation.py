@@ -22,3 +22,9 @@ def evaluate_model(model_path: Path, split_uri: str) -> dict:
     logits = model.predict(images, batch_size=BATCH_SIZE, verbose=0)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
     return {"accuracy": float(np.mean(np.argmax(logits, axis=1) == labels)), "loss": float(loss), "samples": len(labels)}
+
+
+def predict_classes(model_path: Path, images: np.ndarray) -> np.ndarray:
+    """The class index the `.keras` file at `model_path` predicts for each of `images` (raw uint8 pixels)."""
+    model = keras.models.load_model(model_path, safe_mode=True)
+    return np.argmax(model.predict(images, batch_size=BATCH_SIZE, verbose=0), axis=1)

@@ -1,6 +1,8 @@
 """train-flow end to end, through a real Prefect API, on the real Fashion-MNIST files."""
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -82,6 +84,21 @@ def test_prefect_shows_the_first_run_its_promotion_and_itself_in_the_registry(fi
     accuracy = first_run["metrics"]["test_accuracy"]
     assert f"| challenger | `e2e` | fashion-mnist | {accuracy:.4f} | promoted | 0 |" in promotion
     assert "Reason: no champion yet." in promotion and "{" not in promotion
+
+
+@pytest.mark.slow
+def test_prefect_shows_the_hardest_examples_and_the_noise_scale(first_run, storage):
+    run, artifacts = flow_run_and_artifacts(name="e2e")
+    markdown = artifacts["hardest-examples"].data
+    pngs = [base64.b64decode(data) for data in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+    directory = storage / "runs" / "e2e"
+    assert pngs == [(directory / "hardest_examples.png").read_bytes(), (directory / "noise_scale.png").read_bytes()]
+    assert all(len(png) < 100_000 for png in pngs), [len(png) for png in pngs]
+    from tapeline.reader import rank_samples  # issue 13's samples: imported here until they land
+
+    hardest = rank_samples(directory, top=32).column("sample_id").to_pylist()
+    assert f"Sample ids, hardest first: {', '.join(map(str, hardest))}." in markdown
+    assert f"the batch size used {first_run['parameters']['batch_size']}." in markdown
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from tapeline.storage.root import Storage
 RUN_FILES = {
     "run_json": "run.json", "model": "model.keras", "model_card": "model.json", "gradients": "gradients",
     "gradients_manifest": "gradients.manifest.json", "steps": "steps", "stats": "stats", "checkpoints": "checkpoints",
-    "tensorboard": "tensorboard", "norm_plot": "gradient_norms.png", "cluster_job": "cluster.json", "lease": ".lease",
+    "tensorboard": "tensorboard", "norm_plot": "gradient_norms.png", "hardest_plot": "hardest_examples.png",
+    "noise_plot": "noise_scale.png", "cluster_job": "cluster.json", "lease": ".lease",
 }  # fmt: skip
 
 

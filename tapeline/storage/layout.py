@@ -13,6 +13,8 @@
                                               (all three hive-partitioned: epoch=<N>/ directories)
     runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
     runs/<run_id>/gradient_norms.png          the gradient norms per layer and step, plotted by export_gradients
+    runs/<run_id>/hardest_examples.png        the examples with the highest mean gradient norm, and, beside it,
+    runs/<run_id>/noise_scale.png             the gradient noise scale per step (both by export_gradients)
     runs/<run_id>/cluster.json                multi-worker training: the job the chief hands the other workers
     runs/<run_id>/.lease                      who is writing the run (tapeline/storage/lease.py)
 
@@ -98,6 +100,14 @@ class RunPaths:
     @property
     def norm_plot(self) -> PurePath:
         return self.directory / "gradient_norms.png"
+
+    @property
+    def hardest_plot(self) -> PurePath:
+        return self.directory / "hardest_examples.png"
+
+    @property
+    def noise_plot(self) -> PurePath:
+        return self.directory / "noise_scale.png"
 
     @property
     def cluster_job(self) -> PurePath:
