@@ -98,9 +98,9 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     try:
         trained = stages.run(train, config, data, run_id, champion)
     except NonFiniteError as error:
-        stages.run(export_gradients, storage, error.trained, data)  # the failing step's gradients: the snapshot most needed
+        stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
-    exported = stages.run(export_gradients, storage, trained, data)
+    exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     promotion = stages.run(promote, storage, run_id, config.dataset, trained.model_uri, scores["accuracy"], config.promotion_margin)

@@ -8,16 +8,15 @@ import base64
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tapeline.data.registry import DATASETS
 from tapeline.gradients.export import plot_norms, publish_gradients
 from tapeline.gradients.hardest import HardestReport, write_hardest_report
 from tapeline.reader import NoGradientsError
-from tapeline.results import GradientExport, PreparedData, TrainedModel
+from tapeline.results import GradientExport, TrainedModel
 from tapeline.storage.root import Storage
 
 
 @task(name="export_gradients")
-def export_gradients(storage: str, trained: TrainedModel, data: PreparedData) -> GradientExport:
+def export_gradients(storage: str, trained: TrainedModel, train_uri: str, classes: tuple[str, ...]) -> GradientExport:
     """Publish the run's gradient snapshots and report per-variable shape and L2 norm; with a trained model, the
     hardest examples and the noise scale too."""
     root = Storage(storage)
@@ -40,7 +39,7 @@ def export_gradients(storage: str, trained: TrainedModel, data: PreparedData) ->
         print("hardest examples: not reported, training left no model")
         return exported
     try:
-        report = write_hardest_report(root, trained.run_id, data.uris["train"], DATASETS[data.dataset].classes)
+        report = write_hardest_report(root, trained.run_id, train_uri, classes)
     except NoGradientsError as error:  # trained without per-example norms
         print(f"hardest examples: not reported, {error}")
         return exported

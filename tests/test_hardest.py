@@ -21,9 +21,9 @@ from tapeline.gradients.hardest import (
     HardestReportError,
     render_hardest,
     render_noise_scale,
-    smoothed_noise_scale,
     split_images,
 )
+from tapeline.gradients.noise import smoothed_noise_scale
 from tapeline.storage.root import Storage
 from tapeline.tasks.export import hardest_markdown
 

@@ -87,12 +87,14 @@ def test_a_changed_directory_is_a_new_dataset_and_an_unchanged_one_is_cached(tmp
     assert dict(zip([*ids, *validation_ids], [*train_labels, *validation_labels]))[0] == labels[0]
 
 
-def test_labels_seen_name_the_classes_without_classes_txt(tmp_path):
+def test_every_output_has_a_name_without_classes_txt_or_with_a_short_one(tmp_path):
     arrays = tiny_arrays()
     for split in ("train", "test"):
-        arrays[f"{split}_labels"] = arrays[f"{split}_labels"] % 4  # labels 0-3 only
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"] % 4  # labels 0-3 only: the model may still predict 9
     write_own_dir(tmp_path / "own", arrays)
-    assert fetch_files(IDX, Storage(tmp_path / "store"), str(tmp_path / "own")).classes == ("0", "1", "2", "3")
+    assert fetch_files(IDX, Storage(tmp_path / "store"), str(tmp_path / "own")).classes == tuple("0123456789")
+    write_own_dir(tmp_path / "named", arrays, classes=["cat", "dog", "cow", "hen"])
+    assert fetch_files(IDX, Storage(tmp_path / "store"), str(tmp_path / "named")).classes == ("cat", "dog", "cow", "hen", *"456789")
 
 
 def bad_magic(directory: Path) -> None:

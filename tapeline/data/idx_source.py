@@ -132,16 +132,16 @@ def read_classes(directory: Path) -> tuple[str, ...] | None:
 
 
 def _classes(directory: Path, files: dict[str, Path], labels: dict[str, np.ndarray]) -> tuple[str, ...]:
-    """classes.txt's names, or "0" up to the largest label; every label must have a name and an output."""
+    """One name per output of the model: classes.txt's, then numbers for any output it does not name (all numbers
+    without it); every label must have a name of classes.txt and an output."""
     split, largest = max(((split, int(values.max())) for split, values in labels.items() if values.size), key=lambda item: item[1])
     if largest >= NUM_CLASSES:
         raise IdxSourceError(f"{files[split].name}: label {largest}, but the model has {NUM_CLASSES} outputs (labels 0-{NUM_CLASSES - 1})")
     names = read_classes(directory)
-    if names is None:
-        return tuple(str(label) for label in range(largest + 1))
-    if largest >= len(names):
+    if names is not None and largest >= len(names):
         raise IdxSourceError(f"{directory / CLASSES_FILE} names {len(names)} classes, but {files[split].name} has label {largest}")
-    return names
+    names = names or ()
+    return names + tuple(str(output) for output in range(len(names), NUM_CLASSES))  # a prediction can be any output
 
 
 def _check_shapes(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 
 from tapeline import reader
 from tapeline.errors import TapelineError
+from tapeline.gradients.noise import DECAY, smoothed_noise_scale
 from tapeline.storage.root import Storage
 
 HARDEST = 32  # tiles in the grid
 COLUMNS = 8
-NOISE_DECAY = 0.99  # of the exponential moving averages that smooth B_simple: about the last 100 steps
 WRONG = "#c62828"  # a wrong prediction: its text and its tile's frame
 PALETTE_COLOURS = 64
 
@@ -109,24 +109,6 @@ def render_hardest(
     return _png(figure)
 
 
-def smoothed_noise_scale(grad_variance: np.ndarray, grad_signal: np.ndarray, decay: float = NOISE_DECAY) -> np.ndarray:
-    """B_simple smoothed: EMA(tr Σ) / EMA(|G|²), the two averaged apart (a ratio of noisy estimates is biased and
-    heavy-tailed; McCandlish et al. 2018, appendix A). Steps where either is not finite are skipped (the averages
-    carry over); both averages start at 0 with the same weights, so their ratio needs no bias correction."""
-    variance, signal = np.asarray(grad_variance, np.float64), np.asarray(grad_signal, np.float64)
-    smoothed = np.full(len(variance), np.nan)
-    mean_variance = mean_signal = 0.0
-    seen = False
-    for index, (v, s) in enumerate(zip(variance, signal)):
-        if np.isfinite(v) and np.isfinite(s):
-            mean_variance = decay * mean_variance + (1 - decay) * v
-            mean_signal = decay * mean_signal + (1 - decay) * s
-            seen = True
-        if seen and mean_signal > 0:  # a non-positive signal estimate has no meaningful ratio
-            smoothed[index] = mean_variance / mean_signal
-    return smoothed
-
-
 def render_noise_scale(
     steps: np.ndarray,
     noise_scale: np.ndarray,
@@ -134,7 +116,7 @@ def render_noise_scale(
     grad_signal: np.ndarray,
     batch_size: int,
     title: str = "",
-    decay: float = NOISE_DECAY,
+    decay: float = DECAY,
 ) -> bytes:
     """B_simple per step, raw (faint) and smoothed, on a log axis, with the batch size used as a horizontal line.
 

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
-DECAY = 0.98  # per step: the averages weigh roughly the last 50 steps
+DECAY = 0.99  # per step: the averages weigh roughly the last 100 steps, the anomaly window's length
 
 
 def smoothed_noise_scale(variance: np.ndarray, signal: np.ndarray, decay: float = DECAY) -> np.ndarray:
-    """EMA(tr Σ) / EMA(‖𝒢‖²) at every step, bias-corrected as Adam does; NaN steps (a batch of one) are skipped."""
+    """EMA(tr Σ) / EMA(‖𝒢‖²) at every step; NaN until the signal's average is positive.
+
+    Steps where either estimate is not finite (a batch of one) are skipped: the
+    averages carry over. Both start at 0 with the same weights, so their ratio needs
+    no bias correction.
+    """
     smoothed = np.full(len(variance), np.nan)
-    mean_variance = mean_signal = weight = 0.0
+    mean_variance = mean_signal = 0.0
     for i, (v, s) in enumerate(zip(np.asarray(variance, np.float64), np.asarray(signal, np.float64))):
         if np.isfinite(v) and np.isfinite(s):
             mean_variance, mean_signal = decay * mean_variance + (1 - decay) * v, decay * mean_signal + (1 - decay) * s
-            weight = decay * weight + (1 - decay)
-        if weight and mean_signal > 0:
-            smoothed[i] = mean_variance / mean_signal  # the bias corrections (÷ weight) cancel in the ratio
+        if mean_signal > 0:  # a non-positive estimate of the signal has no meaningful ratio
+            smoothed[i] = mean_variance / mean_signal
     return smoothed
