@@ -55,7 +55,7 @@ class GradientExport:
     steps: list[int]
     variables: list[dict]  # per variable: name, shape, last, mean and max L2 norm
     anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
-    noise_scale: float | None = None  # median B_simple over the last epoch (gradients/export.py); None without per-example norms
+    noise_scale: float | None = None  # median smoothed B_simple, last epoch (gradients/export.py); None without per-example norms
 
 
 @dataclass(frozen=True)

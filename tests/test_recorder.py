@@ -97,8 +97,8 @@ def test_a_non_finite_step_is_kept_named_and_logged(tmp_path):
         for step in (1, 2):
             assert recording.record(step, 1, 0.5, np.arange(2), stats(), gradients(step)) == []
         assert recording.record(3, 1, 0.5, np.arange(2), stats(nan_in="dense/bias"), gradients(3)) == ["dense/bias"]
-        # The run stops here, without another flush: the log already holds the failing step.
-        assert table(tmp_path, "steps").column("step").to_pylist() == [1, 2, 3]
+    # The run stops here, without another flush: once closed, the log holds the failing step.
+    assert table(tmp_path, "steps").column("step").to_pylist() == [1, 2, 3]
     reasons = dict(zip(*table(tmp_path, "gradients").select(["step", "reason"]).to_pydict().values()))
     assert reasons == {1: "first", 3: "non-finite"}
     assert table(tmp_path, "stats").to_pandas().set_index(["step", "variable"]).loc[(3, "dense/bias"), "nan_count"] == 1

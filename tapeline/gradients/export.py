@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tapeline.errors import TapelineError
+from tapeline.gradients.noise import smoothed_noise_scale
 from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
 from tapeline.reader import read_stats, read_steps
 from tapeline.results import GradientExport, TrainedModel
@@ -78,18 +78,18 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
 
 
 def noise_scale(run: str) -> float | None:
-    """The median of the steps' raw gradient noise scale B_simple over the run's last epoch; None without one.
+    """The median over the run's last epoch of its smoothed gradient noise scale (gradients/noise.py); None without one.
 
-    The median, not the mean: a step's B_simple is a ratio of two noisy estimates,
-    and where ‖𝒢‖²'s estimate comes near zero it swings to large values of either sign.
+    Smoothed first: a step's raw B_simple is a ratio of two noisy estimates, often
+    negative, and a median of raw values would be pulled far below the noise scale.
     """
-    steps = read_steps(run, columns=["epoch", "grad_noise_scale"])
+    steps = read_steps(run, columns=["epoch", "step", "grad_variance", "grad_signal"]).sort_by("step")
     if steps.num_rows == 0:
         return None
-    last = steps.filter(pc.field("epoch") == pc.max(steps.column("epoch")))
-    values = last.column("grad_noise_scale").to_numpy(zero_copy_only=False)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if len(values) else None
+    smoothed = smoothed_noise_scale(*(steps.column(name).to_numpy(zero_copy_only=False) for name in ("grad_variance", "grad_signal")))
+    epochs = steps.column("epoch").to_numpy()
+    last = smoothed[(epochs == epochs.max()) & np.isfinite(smoothed)]
+    return float(np.median(last)) if len(last) else None
 
 
 def plot_norms(storage: Storage, run_id: str) -> Path:

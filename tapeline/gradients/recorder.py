@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -151,16 +152,20 @@ class GradientRecorder(_Recording):
             self.snapshots.write(step, epoch, reason, self.to_host(gradients), stats[:, L2_NORM], self._weights)
         self._weights = None
         if non_finite:
-            self.log.flush()  # the run stops here: its log keeps every step up to this one
+            self.log.flush()  # the run stops here: its log keeps every step up to this one (written by `close`)
         return non_finite
 
-    def flush(self) -> None:
-        """Write the logged steps (at a checkpoint, before it is taken: a resume rewrites those rows, never misses them)."""
-        self.log.flush()
+    def flush(self) -> Future | None:
+        """Write the logged steps, in the background; the write (a checkpoint waits for it: a resume rewrites those
+        rows, never misses them)."""
+        return self.log.flush()
 
     def close(self) -> None:
-        """Wait for the queued snapshots to be written (the log is written by `flush` only)."""
-        self.snapshots.close()
+        """Wait for the queued snapshots and the log's last flush to be written (the log is written by `flush` only)."""
+        try:
+            self.snapshots.close()
+        finally:
+            self.log.close()
 
     def __enter__(self) -> GradientRecorder:
         return self
@@ -186,7 +191,7 @@ class NullRecorder(_Recording):
         return non_finite_values(loss, stats, self.variables, self.loss_scaled)
 
     def flush(self) -> None:
-        pass
+        return None
 
     def close(self) -> None:
         pass

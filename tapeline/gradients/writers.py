@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -153,16 +154,19 @@ class SnapshotWriter:
 
 class StepLog:
     """Per-step rows, per-(step, variable) statistics and per-(step, example) rows, flushed to `steps/`, `stats/`
-    and `samples/` together.
+    and `samples/` together, on a background thread.
 
     Flushed at checkpoints and epoch ends (a file holds one epoch); a resumed run
     rewrites the same file names from the checkpoint on, so no step is ever missing
-    or doubled.
+    or doubled. At most one flush is being written while rows gather for the next;
+    `flush` returns it, so a checkpoint can wait for the rows before it (loop.py).
     """
 
     def __init__(self, storage: Storage, run: RunPaths, variables: list[str]):
         self.storage, self.run, self.variables = storage, run, variables
         self._rows: list[tuple] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="step-log-writer")
+        self._pending: Future | None = None
 
     def append(
         self, step: int, epoch: int, loss: float, global_norm: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray,
@@ -174,10 +178,26 @@ class StepLog:
         noise = np.full(len(NOISE_COLUMNS), np.nan, np.float32) if noise is None else noise
         self._rows.append((step, epoch, loss, global_norm, learning_rate, sample_ids, stats, noise, examples))
 
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        steps, epochs, losses, global_norms, rates, sample_ids, stats, noise, examples = zip(*self._rows)
+    def flush(self) -> Future | None:
+        """Hand the gathered rows to the writer; the write, done when its files are published (None: nothing pending)."""
+        if self._rows:
+            self.wait()  # bounded: the previous flush is written before the next is handed over
+            rows, self._rows = self._rows, []
+            self._pending = self._writer.submit(self._write, rows)
+        return self._pending
+
+    def wait(self) -> None:
+        """Until the flush being written, if any, is published (raises what it raised)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        self._writer.shutdown()
+
+    def _write(self, rows: list[tuple]) -> None:
+        steps, epochs, losses, global_norms, rates, sample_ids, stats, noise, examples = zip(*rows)
         tables = {"steps": _step_table(steps, losses, global_norms, rates, sample_ids, np.stack(noise))}
         tables["stats"] = _stats_table(steps, self.variables, np.stack(stats))
         if examples[0] is not None:
@@ -185,7 +205,6 @@ class StepLog:
         for name, table in tables.items():
             path = partition_file(self.run.dataset(name), epochs[0], f"{name}-{steps[0]:09d}.parquet")
             write_partition_file(self.storage, path, table, compression="zstd")
-        self._rows = []
 
 
 def _step_table(steps, losses, global_norms, rates, sample_ids, noise: np.ndarray) -> pa.Table:

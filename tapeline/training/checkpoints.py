@@ -21,7 +21,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -100,7 +100,9 @@ class TrainingCheckpoint:
         print(f"resuming from checkpoint {latest} at step {self.latest_step}")
         return self.latest_step, state["history"]
 
-    def save(self, step: int, history: list[dict]) -> str:
+    def save(self, step: int, history: list[dict], after: Future | None = None) -> str:
+        """Checkpoint the state after `step`; published only once `after` (the step log's flush of the rows
+        before it) is done, so a resumed run never misses a logged step."""
         self.step.assign(step)
         self._state.assign(
             json.dumps(
@@ -121,9 +123,9 @@ class TrainingCheckpoint:
             return saved
         self.wait()  # at most one save in flight
         if self._publisher is None:
-            return self._write(step)
+            return self._write(step, after)
         self._copy()  # the values of this step; training goes on while they are written
-        self._in_flight = self._publisher.submit(self._write, step)
+        self._in_flight = self._publisher.submit(self._write, step, after)
         return str(self.directory / f"ckpt-{step}")
 
     def wait(self) -> None:
@@ -143,8 +145,10 @@ class TrainingCheckpoint:
             with contextlib.suppress(Exception):  # the error that stopped training is the one to report
                 self.wait()
 
-    def _write(self, step: int) -> str:
+    def _write(self, step: int, after: Future | None = None) -> str:
         """Write a checkpoint, upload it and the index (to an object store), delete the ones the manager dropped."""
+        if after is not None:
+            after.result()  # raises what the log's write raised: no checkpoint past rows that were lost
         kept = set(self._manager.checkpoints)
         with self.storage.publishing(self.directory, last="checkpoint"):  # the index after the files it names
             saved = self._manager.save(checkpoint_number=step)

@@ -110,14 +110,14 @@ def train_model(
                 step = steps.epoch(epoch, step, order, clock, history)
 
                 # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
-                recorder.flush()
+                logged = recorder.flush()
                 timing = clock.stop()  # before validation: the epoch's training time
                 history.append(_epoch_row(epoch, timing, train_metrics, _validate(eval_step, val_metrics, val_images, val_labels)))
                 _epoch_summaries(history[-1], step, config.learning_rate)
                 if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
                     with storage.publishing(run.tensorboard):
                         summaries.flush()
-                checkpoint.save(step, history)
+                checkpoint.save(step, history, after=logged)
                 print(_epoch_line(history[-1], config.epochs))
 
     # Save: the trained model, by the process that writes.
@@ -260,8 +260,8 @@ class _StepLoop:
             clock.call_done(sum(len(batch_ids) for batch_ids in ids))
             step = last
             if step % config.checkpoint_every == 0 and step % self.steps_per_epoch:  # an epoch's end has its own
-                self.recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
-                self.checkpoint.save(step, history)
+                logged = self.recorder.flush()  # before the checkpoint: a resume rewrites these rows, never misses them
+                self.checkpoint.save(step, history, after=logged)
         return step
 
     def _step_done(self, step: int, loss: float) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import IMAGE_SHAPE
-from tapeline.gradients.per_example import Examples, TappedModel
+from tapeline.gradients.per_example import TappedModel
+from tapeline.gradients.schema import Examples
 from tapeline.gradients.stats import gradient_stats
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
