@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import L2_NORM, NON_FINITE_COUNTS, global_norm
+from tapeline.gradients.schema import L2_NORM, NON_FINITE_COUNTS, STAT_NAMES, global_norm
 from tapeline.gradients.stats import gradient_stats
 from tapeline.training.batches import epoch_batches
 
@@ -97,15 +97,26 @@ def _median(values: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.reduce_any(tf.math.is_nan(values)), tf.constant(np.nan, tf.float64), middle)
 
 
-def make_step_calls(train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch):
+def norms_only(gradients) -> tf.Tensor:
+    """Statistics off (benchmarks/train_speed.py measures what they cost): only the L2 norms, for the anomaly watch; other columns 0.
+
+    The watch then sees the loss and the norm: a norm spike still ends a call, but a
+    non-finite gradient under a finite loss is not caught (its counts are not computed).
+    """
+    norms = tf.stack([tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32))) for g in gradients])
+    return tf.pad(norms[:, None], [[0, 0], [L2_NORM, len(STAT_NAMES) - 1 - L2_NORM]])
+
+
+def make_step_calls(train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, stats: bool = True):
     """The compiled call: (epoch order, first batch, steps) -> (losses, stats, norms, last gradients), stacked per step.
 
     `train_step(images, labels) -> (loss, gradients)` runs as compiled (XLA); the
     batches are gathered here, in the graph, and the loop, the statistics and the
     anomaly watch run as a TensorFlow graph (XLA would run the statistics' reductions
     single-threaded: docs/performance.md). One iteration at a time: each step reads
-    the weights the previous one wrote.
+    the weights the previous one wrote. `stats=False`: `norms_only` instead of the statistics.
     """
+    step_statistics = gradient_stats if stats else norms_only
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
     def run_steps(order, first_batch, count):
@@ -113,7 +124,7 @@ def make_step_calls(train_step: Callable, variables: list, images: tf.Tensor, la
             start = (first_batch + i) * batch_size
             batch = order[start : start + batch_size]  # the epoch's last batch may be shorter
             loss, step_gradients = train_step(tf.gather(images, batch), tf.gather(labels, batch))
-            step_stats = gradient_stats(step_gradients)
+            step_stats = step_statistics(step_gradients)
             norm, stop = watch(loss, step_stats)
             return i + 1, stop, losses.write(i, loss), stats.write(i, step_stats), norms.write(i, norm), list(step_gradients)
 
@@ -133,9 +144,11 @@ def make_step_calls(train_step: Callable, variables: list, images: tf.Tensor, la
 class StepCalls:
     """One device: each call runs up to k steps in one `tf.function` (see `make_step_calls`)."""
 
-    def __init__(self, train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, k: int):
+    def __init__(
+        self, train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, k: int, stats: bool = True
+    ):
         self.k, self.watch = k, watch
-        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch)
+        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch, stats)
         self._order = None
 
     def start_epoch(self, order: np.ndarray, first_batch: int) -> None:
