@@ -8,6 +8,9 @@ cross-entropy from logits) at the same batch size on the same uint8 images
                steps, batches gathered in the graph, per-step statistics, the run's
                gradient recorder writing the step log and the scheduled snapshots to a
                temporary directory), one epoch of `--steps` steps per turn
+  product k=K stats off  (with `--stats-off`) the same loop with the statistics off
+               (`StepCalls(..., stats=False)`: only the L2 norms the anomaly watch needs,
+               the other columns 0), to say what the statistics cost
   before       the loop of issue 11 as it ran per step: the compiled step with its
                statistics, fed by the autotuned `tf.data` pipeline (`batches`), the
                recorder told of each step (a reference, to say what the new loop moved)
@@ -18,9 +21,10 @@ turns, `--rounds` rounds of `--steps` steps each. Reported per method: the media
 samples/s of all turns with its spread (min-max), the turns that stalled (below
 `STALL` × the method's median: on this machine an autotuned input pipeline sometimes
 runs a whole turn at a fixed low rate), and per method the ratio to `fit` paired by
-round on rounds where neither stalled, and over all rounds.
+round on rounds where neither stalled, and over all rounds; with `--stats-off`, also
+statistics on / off paired by round.
 
-    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--device cpu|gpu]
+    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--stats-off] [--device cpu|gpu]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.model import build_model
 from tapeline.storage.root import Storage
 from tapeline.training.batches import batch_sample_ids, batches, epoch_order
+from tapeline.training.calls import AnomalyWatch, StepCalls
 from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.loop import _EpochClock, _step_calls, _StepLoop, build_training, open_recorder
 from tapeline.training.steps import with_stats
@@ -64,7 +69,7 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
 class Product:
     """The run's loop (`_StepLoop`), one epoch of the turn's samples per turn, recording into a temporary run directory."""
 
-    def __init__(self, images, labels, batch_size: int, k: int, directory: str):
+    def __init__(self, images, labels, batch_size: int, k: int, directory: str, stats: bool = True):
         keras.utils.set_random_seed(0)
         config = RunConfig(batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory)
         self.images, steps_per_epoch = images, int(np.ceil(len(images) / batch_size))
@@ -73,7 +78,12 @@ class Product:
         run = storage.layout.run("bench")
         variables = [v.path for v in training.model.trainable_variables]
         self.recorder = open_recorder(config, storage, run, variables, training.optimizer, 10**9, writes=True)
-        calls = _step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), False)
+        on_device = tf.constant(images), tf.constant(labels)
+        if stats:
+            calls = _step_calls(config, training.train_step, training.model, training.optimizer, *on_device, False)
+        else:  # as _step_calls builds them on one device without loss scaling, statistics off
+            watch = AnomalyWatch(config.spike_factor, loss_scaled=False)
+            calls = StepCalls(training.train_step, training.model.trainable_variables, *on_device, batch_size, watch, k, config.per_example_norms, stats=False)
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
         schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
         self.loop = _StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
@@ -95,7 +105,8 @@ class Before:
         training = build_training(config)
         self.model, self.step_fn, self.batch_size = training.model, with_stats(training.train_step), batch_size
         variables = [v.path for v in training.model.trainable_variables]
-        self.recorder = open_recorder(config, Storage(directory), Path(directory), "bench", variables, training.optimizer, 10**9, writes=True)
+        storage = Storage(directory)
+        self.recorder = open_recorder(config, storage, storage.layout.run("bench"), variables, training.optimizer, 10**9, writes=True)
         self.images, self.labels, self.n, self.epoch, self.step = tf.constant(images), tf.constant(labels), len(images), 0, 0
 
     def __call__(self) -> None:
@@ -129,6 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k", type=int, action="append", help="steps per call of the product's loop (repeatable; default 50)")
+    parser.add_argument("--stats-off", action="store_true", help="also each product loop with the statistics off")
     parser.add_argument("--no-before", action="store_true", help="leave out issue 11's loop")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
@@ -137,6 +149,8 @@ def main() -> None:
     images, labels = load(samples)
     with tempfile.TemporaryDirectory() as directory, tf.device(f"/{args.device.upper()}:0"):
         methods = {f"product k={k}": Product(images, labels, args.batch_size, k, f"{directory}/k{k}") for k in args.k or [50]}
+        if args.stats_off:
+            methods |= {f"product k={k} stats off": Product(images, labels, args.batch_size, k, f"{directory}/k{k}off", stats=False) for k in args.k or [50]}
         if not args.no_before:
             methods["before"] = Before(images, labels, args.batch_size, f"{directory}/before")
         methods["fit"] = Fit(images, labels, args.batch_size)
@@ -171,6 +185,15 @@ def report(args, methods, rates, compile_seconds, load_before, load_after) -> No
         paired = [a / b for a, b, sa, sb in zip(rates[name], rates["fit"], stalled[name], stalled["fit"]) if not (sa or sb)]
         every = [a / b for a, b in zip(rates[name], rates["fit"])]
         print(f"{name} / fit: {median_spread(paired)} on {len(paired)} unstalled rounds; {median_spread(every)} over all rounds")
+    for name in methods:
+        if f"{name} stats off" in methods:
+            print(f"{name} statistics on / off: {paired_ratios(rates, stalled, name, f'{name} stats off')}")
+
+
+def paired_ratios(rates, stalled, a: str, b: str) -> str:
+    paired = [x / y for x, y, sx, sy in zip(rates[a], rates[b], stalled[a], stalled[b]) if not (sx or sy)]
+    every = [x / y for x, y in zip(rates[a], rates[b])]
+    return f"{median_spread(paired)} on {len(paired)} unstalled rounds; {median_spread(every)} over all rounds"
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def main() -> None:
             "stage, no per-example": stage(dataclasses.replace(config, per_example_norms=False), data, "off"),
             "fit": fit(config, data, directory),
         }
-        for name, run in methods.items():  # a first round, not counted: the process's own start-up (TensorFlow, XLA, oneDNN)
+        for run in methods.values():  # a first round, not counted: the process's own start-up (TensorFlow, XLA, oneDNN)
             run(-1)
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         load_before = os.getloadavg()
