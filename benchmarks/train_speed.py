@@ -11,6 +11,8 @@ cross-entropy from logits) at the same batch size on the same uint8 images
   product k=K stats off  (with `--stats-off`) the same loop with the statistics off
                (`StepCalls(..., stats=False)`: only the L2 norms the anomaly watch needs,
                the other columns 0), to say what the statistics cost
+  product k=K no per-example  (with `--per-example-off`) the same loop without per-example
+               norms (`per_example_norms=False`), to say what they cost
   before       the loop of issue 11 as it ran per step: the compiled step with its
                statistics, fed by the autotuned `tf.data` pipeline (`batches`), the
                recorder told of each step (a reference, to say what the new loop moved)
@@ -21,10 +23,10 @@ turns, `--rounds` rounds of `--steps` steps each. Reported per method: the media
 samples/s of all turns with its spread (min-max), the turns that stalled (below
 `STALL` × the method's median: on this machine an autotuned input pipeline sometimes
 runs a whole turn at a fixed low rate), and per method the ratio to `fit` paired by
-round on rounds where neither stalled, and over all rounds; with `--stats-off`, also
-statistics on / off paired by round.
+round on rounds where neither stalled, and over all rounds; with `--stats-off` and
+`--per-example-off`, also on / off paired by round.
 
-    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--stats-off] [--device cpu|gpu]
+    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--stats-off] [--per-example-off] [--device cpu|gpu]
 """
 
 from __future__ import annotations
@@ -69,9 +71,11 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
 class Product:
     """The run's loop (`_StepLoop`), one epoch of the turn's samples per turn, recording into a temporary run directory."""
 
-    def __init__(self, images, labels, batch_size: int, k: int, directory: str, stats: bool = True):
+    def __init__(self, images, labels, batch_size: int, k: int, directory: str, stats: bool = True, per_example: bool = True):
         keras.utils.set_random_seed(0)
-        config = RunConfig(batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory)
+        config = RunConfig(
+            batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory, per_example_norms=per_example
+        )
         self.images, steps_per_epoch = images, int(np.ceil(len(images) / batch_size))
         training = build_training(config)
         storage = Storage(directory)
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k", type=int, action="append", help="steps per call of the product's loop (repeatable; default 50)")
     parser.add_argument("--stats-off", action="store_true", help="also each product loop with the statistics off")
+    parser.add_argument("--per-example-off", action="store_true", help="also each product loop without per-example norms")
     parser.add_argument("--no-before", action="store_true", help="leave out issue 11's loop")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
@@ -151,6 +156,11 @@ def main() -> None:
         methods = {f"product k={k}": Product(images, labels, args.batch_size, k, f"{directory}/k{k}") for k in args.k or [50]}
         if args.stats_off:
             methods |= {f"product k={k} stats off": Product(images, labels, args.batch_size, k, f"{directory}/k{k}off", stats=False) for k in args.k or [50]}
+        if args.per_example_off:
+            methods |= {
+                f"product k={k} no per-example": Product(images, labels, args.batch_size, k, f"{directory}/k{k}pe", per_example=False)
+                for k in args.k or [50]
+            }
         if not args.no_before:
             methods["before"] = Before(images, labels, args.batch_size, f"{directory}/before")
         methods["fit"] = Fit(images, labels, args.batch_size)
@@ -174,9 +184,9 @@ def report(args, methods, rates, compile_seconds, load_before, load_after) -> No
           f"device {args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     stalled = {name: [r < STALL * statistics.median(values) for r in values] for name, values in rates.items()}
-    print(f"{'method':<14}{'median samples/s':>18}  {'min-max':>15}  stalled  first turn (s)")
+    print(f"{'method':<30}{'median samples/s':>18}  {'min-max':>15}  stalled  first turn (s)")
     for name, values in rates.items():
-        print(f"{name:<14}{statistics.median(values):>18,.0f}  {min(values):>7,.0f}-{max(values):<7,.0f}  {sum(stalled[name]):>7}  {compile_seconds[name]:.1f}")
+        print(f"{name:<30}{statistics.median(values):>18,.0f}  {min(values):>7,.0f}-{max(values):<7,.0f}  {sum(stalled[name]):>7}  {compile_seconds[name]:.1f}")
     for name, values in rates.items():
         print(f"{name} turns: {' '.join(f'{r:,.0f}' for r in values)}")
     for name in methods:
@@ -186,8 +196,9 @@ def report(args, methods, rates, compile_seconds, load_before, load_after) -> No
         every = [a / b for a, b in zip(rates[name], rates["fit"])]
         print(f"{name} / fit: {median_spread(paired)} on {len(paired)} unstalled rounds; {median_spread(every)} over all rounds")
     for name in methods:
-        if f"{name} stats off" in methods:
-            print(f"{name} statistics on / off: {paired_ratios(rates, stalled, name, f'{name} stats off')}")
+        for off in ("stats off", "no per-example"):
+            if f"{name} {off}" in methods:
+                print(f"{name} / {name} {off}: {paired_ratios(rates, stalled, name, f'{name} {off}')}")
 
 
 def paired_ratios(rates, stalled, a: str, b: str) -> str:
