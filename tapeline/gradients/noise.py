@@ -1,10 +1,11 @@
-"""Smoothing the gradient noise scale for reports: B_simple per step is too noisy to read raw.
+"""The gradient noise of each step, from its per-example norms, and its smoothing for reports.
 
-The estimates per step (tapeline/gradients/per_example.py, formulas in
-docs/data-format.md#samples-and-gradient-noise) are unbiased, but their ratio is not,
-and swings wherever the signal's estimate comes near zero. McCandlish et al. (2018)
-average numerator and denominator separately: the smoothed noise scale is the ratio of
-the exponential moving averages of tr Σ and ‖𝒢‖².
+McCandlish et al. 2018, *An Empirical Model of Large-Batch Training*, appendix A, with
+B_small = 1 and B_big = B (formulas: docs/data-format.md#samples-and-gradient-noise).
+The estimates per step are unbiased, but their ratio B_simple is not, and swings
+wherever the signal's estimate comes near zero: the paper averages numerator and
+denominator separately, so the smoothed noise scale is the ratio of the exponential
+moving averages of tr Σ and ‖𝒢‖².
 """
 
 from __future__ import annotations
@@ -12,6 +13,25 @@ from __future__ import annotations
 import numpy as np
 
 DECAY = 0.99  # per step: the averages weigh roughly the last 100 steps, the anomaly window's length
+
+
+def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_squared: np.ndarray) -> np.ndarray:
+    """[steps, NOISE_COLUMNS] float32: tr Σ, ‖𝒢‖², B_simple of each step; NaN for a batch of one.
+
+    `per_example_squared`: ‖gᵢ‖² of every example of the steps, in order; `sizes`: each
+    step's batch size; `batch_squared`: each step's ‖G‖². With m = mean ‖gᵢ‖² over the batch:
+    tr Σ ≈ (m − ‖G‖²)/(1 − 1/B), ‖𝒢‖² ≈ (B‖G‖² − m)/(B − 1), B_simple = tr Σ / ‖𝒢‖²,
+    in float64: with little noise the differences nearly cancel.
+    """
+    b = np.asarray(sizes, np.float64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    m = np.add.reduceat(np.asarray(per_example_squared, np.float64), starts) / b
+    g = np.asarray(batch_squared, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance, signal = (m - g) / (1.0 - 1.0 / b), (b * g - m) / (b - 1.0)
+        estimates = np.stack([variance, signal, variance / signal], axis=1)
+    estimates[b <= 1] = np.nan
+    return estimates.astype(np.float32)
 
 
 def smoothed_noise_scale(variance: np.ndarray, signal: np.ndarray, decay: float = DECAY) -> np.ndarray:

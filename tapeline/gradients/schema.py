@@ -110,6 +110,11 @@ class Examples(NamedTuple):
     label: Any  # [B] int32
     squared_norms: Any  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
 
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> Examples:
+        """numpy columns from the step's packed rows [B, 3 + variables] (per_example.packed)."""
+        return cls(rows[:, 0], rows[:, 1] > 0.5, rows[:, 2].astype(np.int32), rows[:, 3:])
+
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
 STATS_SCHEMA = pa.schema(
     [("step", pa.int64()), ("epoch", pa.int32()), ("variable", pa.string())]

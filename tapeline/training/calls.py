@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tapeline.gradients.per_example import gradient_noise
+from tapeline.gradients.noise import noise_estimates
 from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, STAT_NAMES, Examples
 from tapeline.gradients.stats import gradient_stats
@@ -115,9 +115,9 @@ def make_step_calls(
 ):  # fmt: skip
     """The compiled call: (epoch order, first batch, steps) -> (per-step results, last gradients, per-example results).
 
-    `train_step(images, labels) -> (loss, gradients, Examples or None)` runs as
+    `train_step(images, labels) -> (loss, gradients, examples or None)` runs as
     compiled (XLA); the batches are gathered here, in the graph, and the loop, the
-    statistics, the noise estimates and the anomaly watch run as a TensorFlow graph
+    statistics and the anomaly watch run as a TensorFlow graph
     (XLA would run the statistics' reductions single-threaded: docs/performance.md).
     One iteration at a time: each step reads the weights the previous one wrote.
     Per-step results are stacked; per-example ones concatenated (a last batch may be shorter).
@@ -133,15 +133,12 @@ def make_step_calls(
             loss, step_gradients, step_examples = train_step(tf.gather(images, batch), tf.gather(labels, batch))
             step_stats = step_statistics(step_gradients)
             norm, stop = watch(loss, step_stats)
-            step_results = [loss, step_stats, norm]
-            if per_example:
-                step_results.append(gradient_noise(step_examples.squared_norms, tf.square(norm)))
-            results = [array.write(i, value) for array, value in zip(results, step_results)]
-            examples = [array.write(i, value) for array, value in zip(examples, step_examples or ())]
+            results = [array.write(i, value) for array, value in zip(results, [loss, step_stats, norm])]
+            examples = [array.write(i, step_examples) for array in examples]
             return i + 1, stop, results, examples, list(step_gradients)
 
-        result_types = [tf.float32, tf.float32, tf.float64] + ([tf.float32] if per_example else [])
-        example_types = [tf.float32, tf.bool, tf.int32, tf.float32] if per_example else []
+        result_types = [tf.float32, tf.float32, tf.float64]
+        example_types = [tf.float32] if per_example else []
         start = (
             tf.constant(0), tf.constant(False),
             [tf.TensorArray(dtype, size=0, dynamic_size=True) for dtype in result_types],
@@ -154,11 +151,18 @@ def make_step_calls(
     return run_steps
 
 
-def host_call_result(results: list[tf.Tensor], examples: list[tf.Tensor], gradients: list) -> CallResult:
-    """A call's results read to the host: the one sync per call."""
-    losses, stats, norms, *noise = (t.numpy() for t in results)
-    noise = noise[0] if noise else np.full([len(losses), len(NOISE_COLUMNS)], np.nan, np.float32)
-    return CallResult(losses, stats, norms, gradients, noise, Examples(*(t.numpy() for t in examples)) if examples else None)
+def host_call_result(results: list[tf.Tensor], examples: list[tf.Tensor], gradients: list, sizes: np.ndarray) -> CallResult:
+    """A call's results read to the host (the one sync per call), and each step's noise estimated from them.
+
+    `sizes`: each step's batch size. The estimates are a few numbers per step from what
+    the device computed: on the host, a graph op per step would cost more than the arithmetic.
+    """
+    losses, stats, norms = (t.numpy() for t in results)
+    if not examples:
+        return CallResult(losses, stats, norms, gradients, np.full([len(losses), len(NOISE_COLUMNS)], np.nan, np.float32), None)
+    rows = Examples.from_rows(examples[0].numpy())
+    noise = noise_estimates(rows.squared_norms.sum(axis=1, dtype=np.float64), sizes[: len(losses)], np.square(norms))
+    return CallResult(losses, stats, norms, gradients, noise, rows)
 
 
 class StepCalls:
@@ -170,10 +174,12 @@ class StepCalls:
     ):  # fmt: skip
         self.k, self.watch = k, watch
         self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch, per_example, stats)
-        self._order = None
+        self._batch_size, self._order, self._samples = batch_size, None, 0
 
     def start_epoch(self, order: np.ndarray, first_batch: int) -> None:
-        self._order = tf.constant(order, tf.int32)  # on the device once an epoch, read by every call
+        self._order, self._samples = tf.constant(order, tf.int32), len(order)  # on the device once an epoch, read by every call
 
     def __call__(self, batch: int, count: int) -> CallResult:
-        return host_call_result(*self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32)))
+        results, examples, gradients = self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32))
+        starts = np.arange(batch, batch + count) * self._batch_size
+        return host_call_result(results, examples, gradients, np.minimum(self._batch_size, self._samples - starts))

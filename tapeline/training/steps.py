@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import IMAGE_SHAPE
-from tapeline.gradients.per_example import TappedModel
+from tapeline.gradients.per_example import TappedModel, packed
 from tapeline.gradients.schema import Examples
 from tapeline.gradients.stats import gradient_stats
 
@@ -22,14 +22,15 @@ BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None
 def make_train_step(
     model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True
 ) -> Callable:
-    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, Examples or None).
+    """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, examples or None).
 
     With XLA the step is one fused program; on CPU most of the gain is Adam, whose
     ten element-wise passes over the 11 MB dense kernel become one. With a
     LossScaleOptimizer (mixed_float16) the tape differentiates the scaled loss;
     the returned gradients are divided back, so they are always the true ones.
     With `per_example`, the same `tape.gradient` also returns the gradients at the
-    layers' outputs, from which each example's gradient norms follow (Examples).
+    layers' outputs, from which each example's gradient norms follow: `examples`, a row
+    per example (per_example.packed).
     """
     tapped = TappedModel(model) if per_example else None
 
@@ -53,7 +54,7 @@ def make_train_step(
 
 
 def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric, per_example: bool = True) -> Callable:
-    """The same step on `strategy`'s replicas: (the global batch) -> (loss, gradients, Examples or None).
+    """The same step on `strategy`'s replicas: (the global batch) -> (loss, gradients, examples or None).
 
     Every worker gathers the same global batch (calls.py); each replica, on any
     worker, trains on its contiguous slice of it, as tf.data would have split it.
@@ -114,7 +115,7 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
         accuracy_metric.update_state(y, logits)
         if not tapped:
             return loss, gradients, None
-        return loss, gradients, Examples(per_example_loss[:, 0], _correct(y, logits), tf.cast(y, tf.int32), squared_norms)
+        return loss, gradients, packed(Examples(per_example_loss[:, 0], _correct(y, logits), tf.cast(y, tf.int32), squared_norms))
 
     return train_step
 
@@ -146,10 +147,10 @@ def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: li
     return gradients[: len(variables)], gradients[len(variables) :]
 
 
-def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> Examples:
-    """The step's per-example results: each example's loss, whether it was predicted right, its label, its gradient norms."""
+def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> tf.Tensor:
+    """The step's per-example rows: each example's loss, whether it was predicted right, its label, its gradient norms."""
     loss = tf.cast(PER_EXAMPLE_LOSS(y, logits), tf.float32)
-    return Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale))
+    return packed(Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale)))
 
 
 def _loss_scale(optimizer) -> tf.Tensor | None:
