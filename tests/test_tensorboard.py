@@ -1,0 +1,206 @@
+"""What a run writes to TensorBoard, read back as TensorBoard reads it: two tiny real runs, their event files, and
+the HParams dashboard of a real TensorBoard server pointed at `<storage>/runs`."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tapeline.gradients.schema import PARTITIONING
+from tapeline.reader import read_steps
+from tapeline.storage.root import Storage
+from tapeline.training.loop import train_model
+from tapeline.training.summaries import NOISE_DECAY, RunSummaries, write_run_metrics
+from tests.conftest import free_port
+
+EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 16, 5
+TEST_ACCURACY = 0.875
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs side by side in one storage root, differing in learning rate; the first with a test accuracy."""
+    from tests.conftest import tiny_prepared
+
+    config, data = tiny_prepared(
+        tmp_path_factory.mktemp("tensorboard"), epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY
+    )
+    first = train_model(config, data, "run-a")
+    second = train_model(dataclasses.replace(config, learning_rate=3e-3), data, "run-b")
+    write_run_metrics(Storage(config.storage), "run-a", first.steps, {"test_accuracy": TEST_ACCURACY})
+    return config, first, second
+
+
+def events(directory: Path) -> event_accumulator.EventAccumulator:
+    """Every event file of a run's TensorBoard directory, nothing sampled away."""
+    accumulator = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
+    return accumulator.Reload()
+
+
+def values(accumulator, tag: str) -> dict[int, np.ndarray]:
+    """{step: value} of a tag (a scalar's float, a histogram's [buckets, (left, right, count)] array)."""
+    return {event.step: tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)}
+
+
+def tensorboard_dir(result) -> Path:
+    return Path(result.tensorboard_uri)
+
+
+def test_step_scalars_every_tenth_step_match_the_step_log(runs):
+    config, first, _ = runs
+    accumulator = events(tensorboard_dir(first))
+    steps = read_steps(str(tensorboard_dir(first).parent), columns=["step", "loss", "global_norm"]).to_pydict()
+    logged = dict(zip(steps["step"], zip(steps["loss"], steps["global_norm"])))
+    expected_steps = list(range(10, first.steps + 1, 10))
+    assert len(expected_steps) >= 3
+    for tag, column in (("step/loss", 0), ("step/grad_norm", 1)):
+        written = values(accumulator, tag)
+        assert sorted(written) == expected_steps, tag
+        for step, value in written.items():
+            assert float(value) == pytest.approx(logged[step][column], rel=1e-5), (tag, step)
+        assert accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+
+
+def test_a_histogram_per_variable_at_every_snapshot_step_of_the_stored_gradients(runs):
+    config, first, _ = runs
+    accumulator = events(tensorboard_dir(first))
+    stored = pq.read_table(tensorboard_dir(first).parent / "gradients", partitioning=PARTITIONING, columns=["step", "variable", "values"])
+    snapshot_steps = sorted(set(stored.column("step").to_pylist()))
+    assert len(snapshot_steps) >= 3 and 1 in snapshot_steps and first.steps in snapshot_steps
+    assert {tag for tag in accumulator.Tags()["tensors"] if tag.startswith("gradients/")} == {"gradients/" + v for v in first.variables}
+    for step, variable, gradient in zip(*(stored.column(c).to_pylist() for c in ("step", "variable", "values"))):
+        histogram = values(accumulator, "gradients/" + variable)[step]
+        assert histogram[:, 2].sum() == len(gradient), (step, variable)  # every value counted once
+        assert histogram[0, 0] == pytest.approx(min(gradient)) and histogram[-1, 1] == pytest.approx(max(gradient))
+    for variable in first.variables:
+        assert sorted(values(accumulator, "gradients/" + variable)) == snapshot_steps
+        assert accumulator.SummaryMetadata("gradients/" + variable).plugin_data.plugin_name == "histograms"
+
+
+def test_epoch_scalars_are_the_run_history(runs):
+    config, first, _ = runs
+    accumulator = events(tensorboard_dir(first))
+    steps_per_epoch = first.steps // EPOCHS
+    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        written = values(accumulator, "epoch/" + name)
+        assert sorted(written) == [steps_per_epoch * epoch for epoch in range(1, EPOCHS + 1)]
+        assert [float(written[step]) for step in sorted(written)] == pytest.approx([row[name] for row in first.epochs], rel=1e-6)
+    assert [float(v) for v in values(accumulator, "epoch/learning_rate").values()] == pytest.approx([config.learning_rate] * EPOCHS)
+
+
+def test_the_hparams_dashboard_compares_the_runs_side_by_side(runs, tmp_path):
+    """A real TensorBoard on `<storage>/runs`: one row per run, its parameters, its final metrics."""
+    config, first, second = runs
+    port = free_port()
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", f"{config.storage}/runs", "--host", "127.0.0.1", "--port", str(port)]
+    with open(tmp_path / "tensorboard.log", "w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) as server:
+        try:
+            groups = _session_groups(port, server, expected=2)
+        finally:
+            server.terminate()
+    rows = {group["name"]: group for group in groups}
+    assert set(rows) == {"run-a", "run-b"}
+    assert rows["run-a"]["hparams"]["learning_rate"] == pytest.approx(1e-3)
+    assert rows["run-b"]["hparams"]["learning_rate"] == pytest.approx(3e-3)
+    assert rows["run-a"]["hparams"]["dataset"] == "mnist" and rows["run-a"]["hparams"]["batch_size"] == BATCH
+    assert "train_limit" not in rows["run-a"]["hparams"]  # no limit: left out, not faked
+    for group, result in ((rows["run-a"], first), (rows["run-b"], second)):
+        metrics = {value["name"]["tag"]: value for value in group["metricValues"]}
+        assert metrics["epoch/val_accuracy"]["value"] == pytest.approx(result.epochs[-1]["val_accuracy"])
+        assert metrics["epoch/train_loss"]["value"] == pytest.approx(result.epochs[-1]["train_loss"], rel=1e-6)
+        assert metrics["epoch/val_accuracy"]["trainingStep"] == result.steps
+    assert {v["name"]["tag"]: v["value"] for v in rows["run-a"]["metricValues"]}["metrics/test_accuracy"] == pytest.approx(TEST_ACCURACY)
+    assert "metrics/test_accuracy" not in {v["name"]["tag"] for v in rows["run-b"]["metricValues"]}
+
+
+def _session_groups(port: int, server: subprocess.Popen, expected: int, attempts: int = 120) -> list[dict]:
+    """The HParams plugin's session groups, once the server has loaded `expected` runs with their metrics."""
+    request = {
+        "startIndex": 0, "sliceSize": 100, "colParams": [],
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+    }  # fmt: skip
+    groups: list[dict] = []
+    for _ in range(attempts):  # it loads the event files in the background after it starts listening
+        assert server.poll() is None, "tensorboard exited"
+        try:
+            answer = urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups",
+                    data=json.dumps(request).encode(), headers={"Content-Type": "application/json"},
+                ),
+                timeout=30,
+            )
+            groups = json.loads(answer.read()).get("sessionGroups", [])
+            if len(groups) == expected and all(group.get("metricValues") for group in groups):
+                return groups
+        except OSError:
+            pass  # not listening yet
+        time.sleep(1)
+    raise AssertionError(f"tensorboard showed {len(groups)} session groups, not {expected}")
+
+
+def test_noise_scale_raw_and_smoothed_skip_what_is_not_finite(tmp_path):
+    """B_simple as handed in, and EMA(tr Σ) / EMA(‖𝒢‖²) over every step whose two estimates are finite."""
+    storage = Storage(str(tmp_path / "store"))
+    directory = tmp_path / "store" / "runs" / "r" / "tensorboard"
+    rng = np.random.default_rng(0)
+    variance, signal = rng.uniform(1, 5, 30), rng.uniform(0.1, 1, 30)
+    variance[[4, 19]], signal[12] = math.nan, math.inf  # steps 5, 20, 13: left out of both EMAs
+    expected, smoothed_variance, smoothed_signal = {}, None, None
+    with RunSummaries(storage, directory, writes=True) as summaries:
+        for step in range(1, 31):
+            v, s = float(variance[step - 1]), float(signal[step - 1])
+            noise = v / s if step != 20 else math.nan  # step 20: no raw value written
+            summaries.step(step, loss=1.0 / step, grad_norm=2.0, noise_scale=noise, grad_variance=v, grad_signal=s)
+            if math.isfinite(v) and math.isfinite(s):
+                smoothed_variance = v if smoothed_variance is None else NOISE_DECAY * smoothed_variance + (1 - NOISE_DECAY) * v
+                smoothed_signal = s if smoothed_signal is None else NOISE_DECAY * smoothed_signal + (1 - NOISE_DECAY) * s
+            expected[step] = (noise, smoothed_variance / smoothed_signal)
+    accumulator = events(directory)
+    raw, smoothed = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
+    assert sorted(raw) == [10, 30] and sorted(smoothed) == [10, 20, 30]
+    for step in raw:
+        assert float(raw[step]) == pytest.approx(expected[step][0], rel=1e-6)
+    for step in smoothed:
+        assert float(smoothed[step]) == pytest.approx(expected[step][1], rel=1e-6)
+
+
+def test_no_noise_estimates_no_noise_scalars(tmp_path):
+    directory = tmp_path / "tensorboard"
+    with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
+        for step in range(1, 21):
+            summaries.step(step, loss=0.5, grad_norm=1.0)
+    assert sorted(events(directory).Tags()["tensors"]) == ["step/grad_norm", "step/loss"]
+
+
+def test_an_epochs_per_example_norms_are_one_histogram(tmp_path):
+    directory = tmp_path / "tensorboard"
+    norms = np.random.default_rng(1).gamma(2.0, 0.5, 500).astype(np.float32)
+    row = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": None, "val_accuracy": None}
+    with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
+        summaries.epoch_end(17, row, 1e-3, norms)
+    accumulator = events(directory)
+    histogram = values(accumulator, "epoch/example_grad_norms")[17]
+    assert histogram[:, 2].sum() == len(norms)
+    assert histogram[0, 0] == pytest.approx(norms.min()) and histogram[-1, 1] == pytest.approx(norms.max())
+    assert "epoch/val_loss" not in accumulator.Tags()["tensors"]  # no validation split: nothing, not a None
+
+
+def test_a_worker_that_does_not_write_writes_nothing(tmp_path):
+    directory = tmp_path / "tensorboard"
+    with RunSummaries(Storage(str(tmp_path)), directory, writes=False) as summaries:
+        summaries.start(None, "r")  # not even looked at
+        summaries.step(10, 0.5, 1.0, 3.0, 1.0, 0.5)
+        summaries.snapshot(10, ["dense/kernel"], [np.ones((3, 2), np.float32)])
+        summaries.epoch_end(10, {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": None, "val_accuracy": None}, 1e-3, np.ones(4))
+    assert not directory.exists()
