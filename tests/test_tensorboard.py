@@ -204,3 +204,19 @@ def test_a_worker_that_does_not_write_writes_nothing(tmp_path):
         summaries.snapshot(10, ["dense/kernel"], [np.ones((3, 2), np.float32)])
         summaries.epoch_end(10, {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": None, "val_accuracy": None}, 1e-3, np.ones(4))
     assert not directory.exists()
+
+
+def test_a_snapshot_kept_for_a_non_finite_gradient_histograms_its_finite_values(tmp_path):
+    """The snapshot most needed (a NaN step) still gets its histograms: TensorBoard cannot draw an edge at NaN."""
+    directory = tmp_path / "tensorboard"
+    kernel = np.linspace(0.5, 2, 12, dtype=np.float32).reshape(3, 4)  # all positive: the least is not 0
+    kernel[0, 0], kernel[2, 3] = np.nan, np.inf
+    bias = np.full(4, np.nan, np.float16)
+    with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
+        summaries.snapshot(7, ["dense/kernel", "dense/bias"], [kernel, bias])
+    accumulator = events(directory)
+    histogram = values(accumulator, "gradients/dense/kernel")[7]
+    finite = kernel[np.isfinite(kernel)]
+    assert histogram[:, 2].sum() == finite.size and np.isfinite(histogram).all()
+    assert histogram[0, 0] == pytest.approx(finite.min()) and histogram[-1, 1] == pytest.approx(finite.max())
+    assert values(accumulator, "gradients/dense/bias")[7][:, 2].sum() == 0

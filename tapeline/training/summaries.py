@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2
 
@@ -43,6 +44,7 @@ from tapeline.gradients.noise import DECAY
 from tapeline.gradients.schema import NOISE_COLUMNS
 from tapeline.storage.root import Storage
 
+HISTOGRAM_BUCKETS = 30  # as tf.summary.histogram's default
 STEP_EVERY = 10  # step scalars are written every this many steps
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
@@ -160,7 +162,7 @@ class RunSummaries:
             return
         with self.writer.as_default(step=step):
             for variable, values in zip(variables, gradients):
-                tf.summary.histogram("gradients/" + variable, values)
+                _histogram("gradients/" + variable, values)
 
     def epoch_end(self, step: int, row: Mapping, learning_rate: float, example_norms: np.ndarray | None = None) -> None:
         """The epoch's metrics (`row`: its line of the run's history) and per-example gradient norms (default: those
@@ -176,7 +178,7 @@ class RunSummaries:
                     tf.summary.scalar("epoch/" + name, row[name])
             tf.summary.scalar("epoch/learning_rate", learning_rate)
             if example_norms is not None and len(example_norms):
-                tf.summary.histogram("epoch/example_grad_norms", example_norms)
+                _histogram("epoch/example_grad_norms", example_norms)
         self.publish()
 
     def publish(self) -> None:
@@ -205,6 +207,28 @@ def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping
             tf.summary.scalar("metrics/" + name, value)
     with storage.publishing(directory):
         writer.close()
+
+
+def _histogram(tag: str, values: np.ndarray) -> None:
+    """`tf.summary.histogram`'s buckets (HISTOGRAM_BUCKETS equal ones from the least value to the greatest), counted
+    by numpy: 30 times faster on the host arrays a snapshot has (docs/performance.md). Non-finite values, which a
+    snapshot kept for them has, are left out: TensorBoard cannot draw a bucket edge at NaN."""
+    values = values.ravel().astype(np.float32, copy=False)  # float16 gradients: numpy counts float32 5 times faster
+    least, greatest = _bounds(values)
+    if not (np.isfinite(least) and np.isfinite(greatest)):  # NaN shows in either, an Inf in one
+        values = values[np.isfinite(values)]
+        least, greatest = _bounds(values)
+    if greatest > least:
+        counts, edges = np.histogram(values, bins=HISTOGRAM_BUCKETS, range=(least, greatest))
+    else:  # one value (or none): TensorBoard's own convention, every count in the last bucket
+        counts, edges = np.zeros(HISTOGRAM_BUCKETS), np.full(HISTOGRAM_BUCKETS + 1, least)
+        counts[-1] = values.size
+    buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype(np.float64)
+    tf.summary.write(tag, buckets, metadata=histogram_metadata.create_summary_metadata(display_name=None, description=None))
+
+
+def _bounds(values: np.ndarray) -> tuple[float, float]:
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
 
 
 def _finite(value: float | None) -> bool:
