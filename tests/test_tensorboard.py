@@ -16,11 +16,12 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from tapeline.gradients.noise import smoothed_noise_scale
 from tapeline.gradients.schema import PARTITIONING
-from tapeline.reader import read_steps
+from tapeline.reader import read_samples, read_steps
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tapeline.training.summaries import NOISE_DECAY, RunSummaries, write_run_metrics
+from tapeline.training.summaries import RunSummaries, write_run_metrics
 from tests.conftest import free_port
 
 EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 16, 5
@@ -69,6 +70,39 @@ def test_step_scalars_every_tenth_step_match_the_step_log(runs):
         for step, value in written.items():
             assert float(value) == pytest.approx(logged[step][column], rel=1e-5), (tag, step)
         assert accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+
+
+def test_noise_scale_raw_and_smoothed_match_the_step_log(runs):
+    """The raw B_simple as stored in `steps`, the smoothed one as gradients/noise.py smooths the stored estimates."""
+    config, first, _ = runs
+    accumulator = events(tensorboard_dir(first))
+    columns = ["step", "grad_variance", "grad_signal", "grad_noise_scale"]
+    steps = read_steps(str(tensorboard_dir(first).parent), columns=columns).sort_by("step").to_pydict()
+    assert steps["step"] == list(range(1, first.steps + 1))
+    smoothed = smoothed_noise_scale(np.array(steps["grad_variance"]), np.array(steps["grad_signal"]))
+    raw, written = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
+    expected_steps = list(range(10, first.steps + 1, 10))
+    assert sorted(raw) == [s for s in expected_steps if math.isfinite(steps["grad_noise_scale"][s - 1])] and raw
+    assert sorted(written) == [s for s in expected_steps if math.isfinite(smoothed[s - 1])] and written
+    for step in raw:
+        assert float(raw[step]) == pytest.approx(steps["grad_noise_scale"][step - 1], rel=1e-5)
+    for step in written:  # the log stores float32 estimates, the run smoothed the float64 ones
+        assert float(written[step]) == pytest.approx(smoothed[step - 1], rel=1e-4)
+
+
+def test_a_histogram_of_each_epochs_per_example_norms(runs):
+    """Every example of every step of the epoch, as the samples dataset has its norm."""
+    config, first, _ = runs
+    accumulator = events(tensorboard_dir(first))
+    histograms = values(accumulator, "epoch/example_grad_norms")
+    steps_per_epoch = first.steps // EPOCHS
+    assert sorted(histograms) == [steps_per_epoch * epoch for epoch in range(1, EPOCHS + 1)]
+    for epoch, end in enumerate(sorted(histograms), start=1):
+        norms = read_samples(str(tensorboard_dir(first).parent), epochs=[epoch], columns=["grad_norm"]).column("grad_norm").to_numpy()
+        assert len(norms) > steps_per_epoch  # examples, not steps
+        assert histograms[end][:, 2].sum() == len(norms)
+        assert histograms[end][0, 0] == pytest.approx(norms.min(), rel=1e-5) and histograms[end][-1, 1] == pytest.approx(norms.max(), rel=1e-5)
+    assert accumulator.SummaryMetadata("epoch/example_grad_norms").plugin_data.plugin_name == "histograms"
 
 
 def test_a_histogram_per_variable_at_every_snapshot_step_of_the_stored_gradients(runs):
@@ -150,29 +184,26 @@ def _session_groups(port: int, server: subprocess.Popen, expected: int, attempts
 
 
 def test_noise_scale_raw_and_smoothed_skip_what_is_not_finite(tmp_path):
-    """B_simple as handed in, and EMA(tr Σ) / EMA(‖𝒢‖²) over every step whose two estimates are finite."""
-    storage = Storage(str(tmp_path / "store"))
-    directory = tmp_path / "store" / "runs" / "r" / "tensorboard"
+    """B_simple as handed in; smoothed as gradients/noise.py smooths, one step at a time, non-finite steps skipped."""
+    directory = tmp_path / "tensorboard"
     rng = np.random.default_rng(0)
-    variance, signal = rng.uniform(1, 5, 30), rng.uniform(0.1, 1, 30)
-    variance[[4, 19]], signal[12] = math.nan, math.inf  # steps 5, 20, 13: left out of both EMAs
-    expected, smoothed_variance, smoothed_signal = {}, None, None
-    with RunSummaries(storage, directory, writes=True) as summaries:
+    variance, signal = rng.uniform(1, 5, 30), rng.uniform(-0.2, 1, 30)  # ‖𝒢‖² estimates below 0 too
+    variance[[4, 19]], signal[12] = math.nan, math.inf
+    raw = variance / signal
+    raw[19] = math.nan  # step 20: no raw value written
+    with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
         for step in range(1, 31):
-            v, s = float(variance[step - 1]), float(signal[step - 1])
-            noise = v / s if step != 20 else math.nan  # step 20: no raw value written
-            summaries.step(step, loss=1.0 / step, grad_norm=2.0, noise_scale=noise, grad_variance=v, grad_signal=s)
-            if math.isfinite(v) and math.isfinite(s):
-                smoothed_variance = v if smoothed_variance is None else NOISE_DECAY * smoothed_variance + (1 - NOISE_DECAY) * v
-                smoothed_signal = s if smoothed_signal is None else NOISE_DECAY * smoothed_signal + (1 - NOISE_DECAY) * s
-            expected[step] = (noise, smoothed_variance / smoothed_signal)
+            v, s, b = (float(a[step - 1]) for a in (variance, signal, raw))
+            summaries.step(step, loss=1.0 / step, grad_norm=2.0, noise_scale=b, grad_variance=v, grad_signal=s)
     accumulator = events(directory)
-    raw, smoothed = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
-    assert sorted(raw) == [10, 30] and sorted(smoothed) == [10, 20, 30]
-    for step in raw:
-        assert float(raw[step]) == pytest.approx(expected[step][0], rel=1e-6)
-    for step in smoothed:
-        assert float(smoothed[step]) == pytest.approx(expected[step][1], rel=1e-6)
+    written_raw, written_smoothed = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
+    smoothed = smoothed_noise_scale(variance, signal)
+    assert sorted(written_raw) == [10, 30] and sorted(written_smoothed) == [s for s in (10, 20, 30) if math.isfinite(smoothed[s - 1])]
+    assert written_smoothed
+    for step in written_raw:
+        assert float(written_raw[step]) == pytest.approx(raw[step - 1], rel=1e-6)
+    for step in written_smoothed:
+        assert float(written_smoothed[step]) == pytest.approx(smoothed[step - 1], rel=1e-6)
 
 
 def test_no_noise_estimates_no_noise_scalars(tmp_path):
