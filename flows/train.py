@@ -40,6 +40,7 @@ from tapeline.tasks.promote import promote, publish_model_registry  # noqa: E402
 from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run  # noqa: E402
 from tapeline.tasks.train import train  # noqa: E402
 from tapeline.training.devices import check_placement  # noqa: E402
+from tapeline.training.summaries import write_run_metrics  # noqa: E402
 
 log_expected_failures_without_traceback()
 
@@ -103,6 +104,7 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
+    write_run_metrics(Storage(storage), run_id, trained.steps, {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})  # TensorBoard
     promotion = stages.run(promote, storage, run_id, config.dataset, trained.model_uri, scores["accuracy"], config.promotion_margin)
 
     manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)

@@ -122,7 +122,9 @@ class GradientRecorder(_Recording):
         loss_scaled: bool = False,
         snapshot_weights: bool = False,
         to_host: Callable[[Sequence], list[np.ndarray]] = _on_host,
+        on_snapshot: Callable[[int, list[str], list[np.ndarray]], None] | None = None,
     ):
+        self.on_snapshot = on_snapshot  # (step, variables, host gradients): TensorBoard's histograms of a kept step
         self.variables, self.log, self.snapshots, self.policy = variables, log, snapshots, policy
         self.learning_rate, self.loss_scaled, self.snapshot_weights, self.to_host = learning_rate, loss_scaled, snapshot_weights, to_host
         self._weights: list[np.ndarray] | None = None
@@ -149,7 +151,10 @@ class GradientRecorder(_Recording):
         if reason and gradients is None:
             raise RuntimeError(f"step {step} is kept in full ({reason}) but its call did not end there")
         if reason:
-            self.snapshots.write(step, epoch, reason, self.to_host(gradients), stats[:, L2_NORM], self._weights)
+            host = self.to_host(gradients)
+            self.snapshots.write(step, epoch, reason, host, stats[:, L2_NORM], self._weights)
+            if self.on_snapshot:
+                self.on_snapshot(step, self.variables, host)
         self._weights = None
         if non_finite:
             self.log.flush()  # the run stops here: its log keeps every step up to this one (written by `close`)

@@ -11,7 +11,7 @@
     runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
     runs/<run_id>/steps/, stats/, samples/    per step, per (step, variable), per (step, example) (Parquet datasets)
                                               (all three hive-partitioned: epoch=<N>/ directories)
-    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard scalars
+    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard events (tapeline/training/summaries.py)
     runs/<run_id>/gradient_norms.png          the gradient norms per layer and step, plotted by export_gradients
     runs/<run_id>/hardest_examples.png        the examples with the highest mean gradient norm, and, beside it,
     runs/<run_id>/noise_scale.png             the gradient noise scale per step (both by export_gradients)

@@ -40,6 +40,7 @@ from tapeline.training.checkpoints import TrainingCheckpoint
 from tapeline.training.cluster import Cluster, check_cluster, job_for, join_cluster
 from tapeline.training.devices import resolve_devices
 from tapeline.training.steps import host_arrays, make_distributed_train_step, make_eval_step, make_train_step
+from tapeline.training.summaries import RunSummaries
 
 EVAL_BATCH_SIZE = 1024
 # A checkpoint from another run must not be resumed under these changed.
@@ -94,13 +95,14 @@ def train_model(
         last_step = config.epochs * steps_per_epoch
         variables = [v.path for v in model.trainable_variables]
         trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
-        recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes)
-        summaries = tf.summary.create_file_writer(str(run.tensorboard)) if writes else tf.summary.create_noop_writer()
+        summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
+        summaries.start(config, run_id)
+        recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
         calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
-        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress)
+        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
-        with recorder, checkpoint, summaries.as_default():  # leaving: snapshots and the checkpoint in flight written
+        with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
                 first_batch = step - (epoch - 1) * steps_per_epoch  # > 0 only in an epoch resumed mid-way
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
@@ -113,10 +115,7 @@ def train_model(
                 logged = recorder.flush()
                 timing = clock.stop()  # before validation: the epoch's training time
                 history.append(_epoch_row(epoch, timing, train_metrics, _validate(eval_step, val_metrics, val_images, val_labels)))
-                _epoch_summaries(history[-1], step, config.learning_rate)
-                if writes:  # TensorBoard's event file as it is so far (an upload, for an object store)
-                    with storage.publishing(run.tensorboard):
-                        summaries.flush()
+                summaries.epoch_end(step, history[-1], config.learning_rate)  # and publishes the event file
                 checkpoint.save(step, history, after=logged)
                 print(_epoch_line(history[-1], config.epochs))
 
@@ -191,7 +190,8 @@ def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> No
 
 
 def open_recorder(
-    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, last_step: int, writes: bool
+    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, last_step: int, writes: bool,
+    on_snapshot: Callable | None = None,
 ) -> GradientRecorder | NullRecorder:
     """The run's gradient recorder; on a worker that does not write, one that keeps nothing."""
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -206,6 +206,7 @@ def open_recorder(
         loss_scaled=loss_scaled,
         snapshot_weights=config.snapshot_weights,
         to_host=functools.partial(host_arrays, dtype=config.gradient_dtype),  # cast on the device, copy once
+        on_snapshot=on_snapshot,
     )
 
 
@@ -237,10 +238,10 @@ def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, image
 class _StepLoop:
     """An epoch's training steps, a call at a time, the recorder told of each step, checkpoints where they fall."""
 
-    def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress):
+    def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries=None):
         self.config, self.calls, self.recorder, self.schedule, self.checkpoint = config, calls, recorder, schedule, checkpoint
         self.model, self.trained, self.sample_ids, self.steps_per_epoch, self.on_progress = model, trained, sample_ids, steps_per_epoch, on_progress
-        self.last_step = config.epochs * steps_per_epoch
+        self.last_step, self.summaries = config.epochs * steps_per_epoch, summaries
 
     def epoch(self, epoch: int, step: int, order: np.ndarray, clock: _EpochClock, history: list[dict]) -> int:
         """Run `epoch` from after `step` to its end; returns its last step. Raises NonFiniteError at a non-finite step."""
@@ -255,6 +256,8 @@ class _StepLoop:
             last, non_finite = self.recorder.record_call(step + 1, epoch, result, ids)
             if non_finite:
                 raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
+            if self.summaries:
+                self.summaries.call(step + 1, result)  # TensorBoard
             for done, loss in zip(range(step + 1, last + 1), result.losses.tolist()):
                 self._step_done(done, loss)
             clock.call_done(sum(len(batch_ids) for batch_ids in ids))
@@ -265,8 +268,6 @@ class _StepLoop:
         return step
 
     def _step_done(self, step: int, loss: float) -> None:
-        if step % 10 == 0:
-            tf.summary.scalar("step/loss", loss, step=step)
         if self.on_progress:
             self.on_progress(step, self.last_step, loss)
 
@@ -313,13 +314,6 @@ def _non_finite(step: int, epoch: int, values: list[str], checkpoint: TrainingCh
         f"non-finite values at step {step} (epoch {epoch}) in {', '.join(values)}; {kept}, the gradients of step {step} were exported",
         dataclasses.replace(trained, steps=step),
     )
-
-
-def _epoch_summaries(row: dict, step: int, learning_rate: float) -> None:
-    for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        if row[name] is not None:
-            tf.summary.scalar("epoch/" + name, row[name], step=step)
-    tf.summary.scalar("epoch/learning_rate", learning_rate, step=step)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

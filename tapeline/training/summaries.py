@@ -1,0 +1,235 @@
+"""Everything a run writes to TensorBoard (`runs/<id>/tensorboard/`), and its tags.
+
+    step/loss, step/grad_norm                 every 10th step: the batch loss, the global gradient norm
+    step/noise_scale                          every 10th step: the gradient noise scale B_simple as computed
+    step/noise_scale_smoothed                 every 10th step: EMA(tr Σ) / EMA(‖𝒢‖²) (tapeline/gradients/noise.py)
+    gradients/<variable path>                 histogram of the variable's gradient values, at every full snapshot
+    epoch/train_loss, train_accuracy,         at each epoch's last step
+      val_loss, val_accuracy, learning_rate
+    epoch/example_grad_norms                  histogram of the epoch's per-example gradient norms
+    metrics/<name>                            final metrics written after training (`write_run_metrics`: test_accuracy)
+    the HParams dashboard                     the run's parameters (HPARAMS) and final metrics (METRICS)
+
+Point TensorBoard at `<storage>/runs` and every run is one row of the HParams table,
+its session named after the run. Every run declares the same experiment (the
+parameters and metrics below; TensorBoard takes the first declaration it finds), so
+the table's columns are chosen here, not inferred from every scalar tag. A metric's
+value is the last one of its scalar tag: the epoch scalars double as the final train
+and validation metrics.
+
+B_simple is noisy from step to step (each step sees one batch); the smoothed curve is
+`smoothed_noise_scale` of tapeline/gradients/noise.py computed as the steps come, so
+TensorBoard shows the value run.json's `noise_scale` is the median of.
+
+A worker that does not write (not the chief of multi-worker training) gets a
+`RunSummaries` that writes nothing and computes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import api_pb2
+
+from tapeline.config import PRECISIONS, RunConfig
+from tapeline.data.registry import DATASETS
+from tapeline.gradients.noise import DECAY
+from tapeline.gradients.schema import NOISE_COLUMNS
+from tapeline.storage.root import Storage
+
+HISTOGRAM_BUCKETS = 30  # as tf.summary.histogram's default
+STEP_EVERY = 10  # step scalars are written every this many steps
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+class _Number(hp.Domain):
+    """A numeric parameter whose range is not known in advance: typed, so the dashboard offers a min/max filter."""
+
+    dtype = float
+    min_value = max_value = None
+
+    def sample_uniform(self, rng=None):
+        raise NotImplementedError("a run's parameters are recorded, not sampled")
+
+    def update_hparam_info(self, hparam_info) -> None:
+        hparam_info.type = api_pb2.DATA_TYPE_FLOAT64
+
+
+def _flag() -> hp.Discrete:
+    return hp.Discrete([False, True])
+
+
+# The run parameters that change what is learned, to compare runs by (not deterministic, jit_compile or devices:
+# the same computation, differently run). TensorBoard lists them by name and shows the first five until a user
+# ticks more: batch_size, dataset, epochs, learning_rate, precision.
+HPARAMS = (
+    hp.HParam("dataset", hp.Discrete(list(DATASETS))),
+    hp.HParam("epochs", _Number()),
+    hp.HParam("batch_size", _Number()),
+    hp.HParam("learning_rate", _Number()),
+    hp.HParam("precision", hp.Discrete(list(PRECISIONS))),
+    hp.HParam("seed", _Number()),
+    hp.HParam("train_limit", _Number(), description="training samples used; empty: all of the training split"),
+    hp.HParam("validation_size", _Number()),
+    hp.HParam("warm_start", _flag(), description="started from the champion's weights"),
+)
+# In the order of the table's columns; it shows the first five until a user ticks more.
+METRICS = (
+    hp.Metric("metrics/test_accuracy", display_name="test accuracy"),
+    hp.Metric("epoch/val_accuracy", display_name="val accuracy", dataset_type=hp.Metric.VALIDATION),
+    hp.Metric("epoch/val_loss", display_name="val loss", dataset_type=hp.Metric.VALIDATION),
+    hp.Metric("epoch/train_accuracy", display_name="train accuracy", dataset_type=hp.Metric.TRAINING),
+    hp.Metric("epoch/train_loss", display_name="train loss", dataset_type=hp.Metric.TRAINING),
+    hp.Metric("metrics/test_loss", display_name="test loss"),
+    hp.Metric("step/noise_scale_smoothed", display_name="noise scale", description="smoothed, at the last step"),
+)
+
+
+def run_hparams(config: RunConfig) -> dict[str, object]:
+    """The run's values of HPARAMS; a parameter that is unset (None: no train limit) is left out, not faked."""
+    values = {param.name: getattr(config, param.name) for param in HPARAMS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+class RunSummaries:
+    """The run's TensorBoard writer and what it writes; a context manager (closes the writer).
+
+    The loop calls `call` after every call of steps (each step's scalars, the examples'
+    norms kept for the epoch's histogram), `snapshot` at every step kept in full (the
+    gradient recorder hands it the host copies it made for the snapshot writer), and
+    `epoch_end` after validation; `epoch_end` also publishes the event file (object
+    stores: an upload), so what TensorBoard shows is at most an epoch old.
+    """
+
+    def __init__(self, storage: Storage, directory: Path, writes: bool):
+        self.storage, self.directory = storage, directory
+        self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
+        self._variance = self._signal = 0.0  # the EMAs of tr Σ and ‖𝒢‖² (from 0, as noise.smoothed_noise_scale's)
+        self._example_norms: list[np.ndarray] = []  # this epoch's, a call at a time
+
+    def start(self, config: RunConfig, run_id: str) -> None:
+        """The HParams dashboard's experiment and this run's row (again on a resume: the same values)."""
+        if self.writer is None:
+            return
+        with self.writer.as_default():
+            hp.hparams_config(hparams=list(HPARAMS), metrics=list(METRICS))
+            hp.hparams(run_hparams(config), trial_id=run_id, start_time_secs=int(time.time()))
+
+    def call(self, first_step: int, result) -> None:
+        """After a call of steps (a calls.CallResult): each step's scalars; the per-example norms for the epoch's histogram."""
+        if self.writer is None:
+            return
+        noise = [dict(zip(NOISE_COLUMNS, row)) for row in result.noise.tolist()]
+        for i, (loss, norm) in enumerate(zip(result.losses.tolist(), result.norms.tolist())):
+            self.step(first_step + i, loss, norm, noise[i]["grad_noise_scale"], noise[i]["grad_variance"], noise[i]["grad_signal"])
+        if result.examples is not None:  # ‖gᵢ‖ over all variables, as the samples dataset's grad_norm
+            self._example_norms.append(np.sqrt(np.asarray(result.examples.squared_norms, np.float64).sum(axis=1)))
+
+    def step(
+        self, step: int, loss: float, grad_norm: float,
+        noise_scale: float | None = None, grad_variance: float | None = None, grad_signal: float | None = None,
+    ) -> None:  # fmt: skip
+        """After every step: the EMAs take every step's noise estimates; the scalars are written every STEP_EVERY-th."""
+        if self.writer is None:
+            return
+        self._smooth(grad_variance, grad_signal)
+        if step % STEP_EVERY:
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("step/loss", loss)
+            tf.summary.scalar("step/grad_norm", grad_norm)
+            if _finite(noise_scale):
+                tf.summary.scalar("step/noise_scale", noise_scale)
+            if self._signal > 0:  # ‖𝒢‖² is estimated, and can come out <= 0
+                tf.summary.scalar("step/noise_scale_smoothed", self._variance / self._signal)
+
+    def _smooth(self, variance: float | None, signal: float | None) -> None:
+        """Fold one step's tr Σ and ‖𝒢‖² into their EMAs; a step without both finite is left out of both."""
+        if _finite(variance) and _finite(signal):
+            self._variance = DECAY * self._variance + (1 - DECAY) * variance
+            self._signal = DECAY * self._signal + (1 - DECAY) * signal
+
+    def snapshot(self, step: int, variables: Sequence[str], gradients: Sequence[np.ndarray]) -> None:
+        """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for variable, values in zip(variables, gradients):
+                _histogram("gradients/" + variable, values)
+
+    def epoch_end(self, step: int, row: Mapping, learning_rate: float, example_norms: np.ndarray | None = None) -> None:
+        """The epoch's metrics (`row`: its line of the run's history) and per-example gradient norms (default: those
+        of the calls since the last epoch end); then publish."""
+        if self.writer is None:
+            return
+        if example_norms is None and self._example_norms:
+            example_norms = np.concatenate(self._example_norms)
+        self._example_norms = []
+        with self.writer.as_default(step=step):
+            for name in EPOCH_METRICS:
+                if row[name] is not None:  # no validation split: no val_*
+                    tf.summary.scalar("epoch/" + name, row[name])
+            tf.summary.scalar("epoch/learning_rate", learning_rate)
+            if example_norms is not None and len(example_norms):
+                _histogram("epoch/example_grad_norms", example_norms)
+        self.publish()
+
+    def publish(self) -> None:
+        """The event file as it is so far, on disk and (object stores) uploaded."""
+        with self.storage.publishing(self.directory):
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> RunSummaries:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+    """Final metrics of a finished run (test accuracy, …) as `metrics/<name>` scalars at its last `step`, in an
+    event file of their own beside the training's: the HParams dashboard shows those METRICS declares."""
+    directory = storage.layout.run(run_id).tensorboard
+    writer = tf.summary.create_file_writer(str(directory))
+    with writer.as_default(step=step):
+        for name, value in metrics.items():
+            tf.summary.scalar("metrics/" + name, value)
+    with storage.publishing(directory):
+        writer.close()
+
+
+def _histogram(tag: str, values: np.ndarray) -> None:
+    """`tf.summary.histogram`'s buckets (HISTOGRAM_BUCKETS equal ones from the least value to the greatest), counted
+    by numpy: 30 times faster on the host arrays a snapshot has (docs/performance.md). Non-finite values, which a
+    snapshot kept for them has, are left out: TensorBoard cannot draw a bucket edge at NaN."""
+    values = values.ravel().astype(np.float32, copy=False)  # float16 gradients: numpy counts float32 5 times faster
+    least, greatest = _bounds(values)
+    if not (np.isfinite(least) and np.isfinite(greatest)):  # NaN shows in either, an Inf in one
+        values = values[np.isfinite(values)]
+        least, greatest = _bounds(values)
+    if greatest > least:
+        counts, edges = np.histogram(values, bins=HISTOGRAM_BUCKETS, range=(least, greatest))
+    else:  # one value (or none): TensorBoard's own convention, every count in the last bucket
+        counts, edges = np.zeros(HISTOGRAM_BUCKETS), np.full(HISTOGRAM_BUCKETS + 1, least)
+        counts[-1] = values.size
+    buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype(np.float64)
+    tf.summary.write(tag, buckets, metadata=histogram_metadata.create_summary_metadata(display_name=None, description=None))
+
+
+def _bounds(values: np.ndarray) -> tuple[float, float]:
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
