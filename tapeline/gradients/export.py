@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tapeline.errors import TapelineError
 from tapeline.gradients.noise import smoothed_noise_scale
 from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
-from tapeline.reader import read_stats, read_steps
+from tapeline.reader import NoGradientsError, read_stats, read_steps
 from tapeline.results import GradientExport, TrainedModel
 from tapeline.storage.root import Storage
 
@@ -83,8 +83,9 @@ def noise_scale(run: str) -> float | None:
     Smoothed first: a step's raw B_simple is a ratio of two noisy estimates, often
     negative, and a median of raw values would be pulled far below the noise scale.
     """
-    steps = read_steps(run, columns=["epoch", "step", "grad_variance", "grad_signal"]).sort_by("step")
-    if steps.num_rows == 0:
+    try:
+        steps = read_steps(run, columns=["epoch", "step", "grad_variance", "grad_signal"]).sort_by("step")
+    except NoGradientsError:  # stopped before its first step was logged
         return None
     smoothed = smoothed_noise_scale(*(steps.column(name).to_numpy(zero_copy_only=False) for name in ("grad_variance", "grad_signal")))
     epochs = steps.column("epoch").to_numpy()
