@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from prefect import flow, get_client
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from tapeline.data.idx import read_idx_gz
 from tapeline.data.registry import FASHION_MNIST
@@ -167,9 +167,11 @@ def test_the_artifact_shows_both_pictures_in_prefect(tmp_path, fashion):
     def publish() -> None:
         create_markdown_artifact(key="hardest-examples", markdown=hardest_markdown(root, "hardest-test", report))
 
-    publish()
-    with get_client(sync_client=True) as client:
-        (artifact, *_) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["hardest-examples"])))
+    flow_run_id = publish(return_state=True).state_details.flow_run_id
+    with get_client(sync_client=True) as client:  # this flow run's: the API holds other runs' artifacts of the key too
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["hardest-examples"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     embedded = re.findall(r"!\[([^]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
     assert [(alt, base64.b64decode(data)) for alt, data in embedded] == [("hardest examples", grid), ("gradient noise scale", noise)]
     assert "the trained model predicts 7 of them wrongly" in artifact.data
