@@ -103,7 +103,11 @@ def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[st
 
 def read_samples(run: str | Path, epochs: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """One row per (step, example): each example's own loss, prediction and gradient norms (docs/data-format.md)."""
-    return _read(open_dataset(run, "samples"), columns, None if epochs is None else pc.field("epoch").isin(epochs))
+    try:
+        dataset = open_dataset(run, "samples")
+    except NoGradientsError as error:
+        raise NoGradientsError(f"{error} (a run trained with --no-per-example-norms has none)") from None
+    return _read(dataset, columns, None if epochs is None else pc.field("epoch").isin(epochs))
 
 
 RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_correct", "latest_step")
@@ -152,7 +156,7 @@ def class_names(run: str | Path) -> list[str]:
 def _last_epoch(run: str | Path) -> int:
     epochs = pc.unique(read_samples(run, columns=["epoch"]).column("epoch")).to_pylist()
     if not epochs:
-        raise NoGradientsError(f"{run} has no per-example rows (trained with --no-per-example-norms?)")
+        raise NoGradientsError(f"{run} has no per-example rows yet")
     return max(epochs)
 
 
