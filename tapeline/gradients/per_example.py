@@ -1,4 +1,4 @@
-"""Per-example gradient norms inside the compiled step, without per-example gradients, and the gradient noise they measure.
+"""Per-example gradient norms inside the compiled step, without forming per-example gradients.
 
 For a layer y = a·W + b, example i's own gradient of its loss ℓᵢ is the outer
 product aᵢᵀδᵢ, with δᵢ = ∂ℓᵢ/∂yᵢ: its norm is ‖aᵢ‖·‖δᵢ‖, and the bias's is ‖δᵢ‖.
