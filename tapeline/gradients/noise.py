@@ -34,18 +34,26 @@ def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_sq
     return estimates.astype(np.float32)
 
 
-def smoothed_noise_scale(variance: np.ndarray, signal: np.ndarray, decay: float = DECAY) -> np.ndarray:
-    """EMA(tr Σ) / EMA(‖𝒢‖²) at every step; NaN until the signal's average is positive.
+class NoiseSmoother:
+    """EMA(tr Σ) / EMA(‖𝒢‖²), one step at a time (TensorBoard's scalars as the steps come).
 
-    Steps where either estimate is not finite (a batch of one) are skipped: the
+    A step where either estimate is not finite (a batch of one) is skipped: the
     averages carry over. Both start at 0 with the same weights, so their ratio needs
     no bias correction.
     """
-    smoothed = np.full(len(variance), np.nan)
-    mean_variance = mean_signal = 0.0
-    for i, (v, s) in enumerate(zip(np.asarray(variance, np.float64), np.asarray(signal, np.float64))):
-        if np.isfinite(v) and np.isfinite(s):
-            mean_variance, mean_signal = decay * mean_variance + (1 - decay) * v, decay * mean_signal + (1 - decay) * s
-        if mean_signal > 0:  # a non-positive estimate of the signal has no meaningful ratio
-            smoothed[i] = mean_variance / mean_signal
-    return smoothed
+
+    def __init__(self, decay: float = DECAY):
+        self.decay, self.variance, self.signal = decay, 0.0, 0.0
+
+    def update(self, variance: float, signal: float) -> float:
+        """Fold in one step's estimates; the smoothed noise scale after it, NaN until the signal's average is positive."""
+        if np.isfinite(variance) and np.isfinite(signal):
+            self.variance = self.decay * self.variance + (1 - self.decay) * variance
+            self.signal = self.decay * self.signal + (1 - self.decay) * signal
+        return self.variance / self.signal if self.signal > 0 else np.nan  # ‖𝒢‖²'s estimate can come out <= 0
+
+
+def smoothed_noise_scale(variance: np.ndarray, signal: np.ndarray, decay: float = DECAY) -> np.ndarray:
+    """`NoiseSmoother` over a whole series: the smoothed noise scale at every step."""
+    smoother = NoiseSmoother(decay)
+    return np.array([smoother.update(v, s) for v, s in zip(np.asarray(variance, np.float64), np.asarray(signal, np.float64))])

@@ -170,8 +170,8 @@ def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
 def with_stats(train_step: Callable) -> Callable:
     """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats, examples).
 
-    One call from Python per step instead of two (each call has a fixed cost: docs/performance.md);
-    the step inside stays as compiled (XLA), the statistics a TensorFlow graph.
+    Not the training path (calls.py runs k steps per call): the one-call-per-step loop
+    the benchmarks keep as their reference (benchmarks/train_speed.py, export_overhead.py).
     """
 
     @tf.function

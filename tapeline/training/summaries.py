@@ -18,7 +18,7 @@ value is the last one of its scalar tag: the epoch scalars double as the final t
 and validation metrics.
 
 B_simple is noisy from step to step (each step sees one batch); the smoothed curve is
-`smoothed_noise_scale` of tapeline/gradients/noise.py computed as the steps come, so
+`NoiseSmoother` of tapeline/gradients/noise.py, as the steps come, so
 TensorBoard shows the value run.json's `noise_scale` is the median of.
 
 A worker that does not write (not the chief of multi-worker training) gets a
@@ -40,8 +40,7 @@ from tensorboard.plugins.hparams import api_pb2
 
 from tapeline.config import PRECISIONS, RunConfig
 from tapeline.data.registry import DATASETS
-from tapeline.gradients.noise import DECAY
-from tapeline.gradients.schema import NOISE_COLUMNS
+from tapeline.gradients.noise import NoiseSmoother
 from tapeline.storage.root import Storage
 
 HISTOGRAM_BUCKETS = 30  # as tf.summary.histogram's default
@@ -111,7 +110,7 @@ class RunSummaries:
     def __init__(self, storage: Storage, directory: Path, writes: bool):
         self.storage, self.directory = storage, directory
         self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
-        self._variance = self._signal = 0.0  # the EMAs of tr Σ and ‖𝒢‖² (from 0, as noise.smoothed_noise_scale's)
+        self._noise = NoiseSmoother()  # as noise.smoothed_noise_scale smooths a whole run
         self._example_norms: list[np.ndarray] = []  # this epoch's, a call at a time
 
     def start(self, config: RunConfig, run_id: str) -> None:
@@ -126,9 +125,9 @@ class RunSummaries:
         """After a call of steps (a calls.CallResult): each step's scalars; the per-example norms for the epoch's histogram."""
         if self.writer is None:
             return
-        noise = [dict(zip(NOISE_COLUMNS, row)) for row in result.noise.tolist()]
-        for i, (loss, norm) in enumerate(zip(result.losses.tolist(), result.norms.tolist())):
-            self.step(first_step + i, loss, norm, noise[i]["grad_noise_scale"], noise[i]["grad_variance"], noise[i]["grad_signal"])
+        steps = zip(result.losses.tolist(), result.norms.tolist(), result.noise.tolist())
+        for i, (loss, norm, (variance, signal, noise_scale)) in enumerate(steps):  # result.noise: in NOISE_COLUMNS order
+            self.step(first_step + i, loss, norm, noise_scale, variance, signal)
         if result.examples is not None:  # ‖gᵢ‖ over all variables, as the samples dataset's grad_norm
             self._example_norms.append(np.sqrt(np.asarray(result.examples.squared_norms, np.float64).sum(axis=1)))
 
@@ -139,7 +138,7 @@ class RunSummaries:
         """After every step: the EMAs take every step's noise estimates; the scalars are written every STEP_EVERY-th."""
         if self.writer is None:
             return
-        self._smooth(grad_variance, grad_signal)
+        smoothed = self._noise.update(_or_nan(grad_variance), _or_nan(grad_signal))
         if step % STEP_EVERY:
             return
         with self.writer.as_default(step=step):
@@ -147,14 +146,8 @@ class RunSummaries:
             tf.summary.scalar("step/grad_norm", grad_norm)
             if _finite(noise_scale):
                 tf.summary.scalar("step/noise_scale", noise_scale)
-            if self._signal > 0:  # ‖𝒢‖² is estimated, and can come out <= 0
-                tf.summary.scalar("step/noise_scale_smoothed", self._variance / self._signal)
-
-    def _smooth(self, variance: float | None, signal: float | None) -> None:
-        """Fold one step's tr Σ and ‖𝒢‖² into their EMAs; a step without both finite is left out of both."""
-        if _finite(variance) and _finite(signal):
-            self._variance = DECAY * self._variance + (1 - DECAY) * variance
-            self._signal = DECAY * self._signal + (1 - DECAY) * signal
+            if _finite(smoothed):
+                tf.summary.scalar("step/noise_scale_smoothed", smoothed)
 
     def snapshot(self, step: int, variables: Sequence[str], gradients: Sequence[np.ndarray]) -> None:
         """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
@@ -229,6 +222,10 @@ def _histogram(tag: str, values: np.ndarray) -> None:
 
 def _bounds(values: np.ndarray) -> tuple[float, float]:
     return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _finite(value: float | None) -> bool:
