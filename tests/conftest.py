@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,21 @@ class ObjectStore:
         return f"s3://{self.bucket}/{prefix}"
 
 
+class _OneWriteAtATime:
+    """moto checks a conditional write's If-Match and then writes, unlocked, on a threaded server; S3 does both
+    atomically. Under load two writers holding the same version both passed the check, and concurrent writes to one
+    key crashed moto with a 500 that boto3 retried. Serialising writes gives S3's semantics; reads stay concurrent."""
+
+    def __init__(self, app):
+        self.app, self.lock = app, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+            return self.app(environ, start_response)
+        with self.lock:
+            return list(self.app(environ, start_response))
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory) -> ObjectStore:
     """A real S3-compatible server (moto's) on a loopback port, a bucket, and the AWS_* environment pointing at it.
@@ -126,11 +142,13 @@ def s3(tmp_path_factory) -> ObjectStore:
     Every process the tests start inherits the environment; each test takes its own prefix.
     """
     import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_address[1]}"
+    app = _OneWriteAtATime(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     environment = {
         "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "tapeline-test", "AWS_SECRET_ACCESS_KEY": "tapeline-secret",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
@@ -139,7 +157,7 @@ def s3(tmp_path_factory) -> ObjectStore:
     os.environ.update(environment)
     boto3.client("s3").create_bucket(Bucket="tapeline")
     yield ObjectStore(endpoint, "tapeline")
-    server.stop()
+    server.shutdown()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
