@@ -105,7 +105,9 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     write_run_metrics(Storage(storage), run_id, trained.steps, {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})  # TensorBoard
-    promotion = stages.run(promote, storage, run_id, config.dataset, trained.model_uri, scores["accuracy"], config.promotion_margin)
+    promotion = stages.run(
+        promote, storage, run_id, config.dataset, files.test_set, trained.model_uri, scores["accuracy"], config.promotion_margin
+    )
 
     manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
     publish_model_registry(storage)  # after run.json: the registry lists this run too

@@ -5,6 +5,7 @@ Kept apart from the modules that produce them, so that reading a result never im
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -17,6 +18,11 @@ class DatasetFiles:
     sha256: dict[str, str]  # IDX content digests, keyed like paths
     cached: bool  # every file was already in the cache
     classes: tuple[str, ...]  # class names in label order (the model's output order)
+
+    @property
+    def test_set(self) -> str:
+        """The test split's identity, from its images' and labels' digests: accuracies compare only on the same one."""
+        return hashlib.sha256((self.sha256["test_images"] + self.sha256["test_labels"]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

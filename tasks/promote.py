@@ -12,9 +12,11 @@ from tapeline.storage.root import Storage
 
 
 @task(name="promote")
-def promote(storage: str, run_id: str, dataset: str, model_uri: str, test_accuracy: float, margin: float) -> Promotion:
-    """Make this run's model the current one if it beats the champion; report the decision."""
-    decision = promote_if_better(Storage(storage), run_id, dataset, model_uri, test_accuracy, margin)
+def promote(
+    storage: str, run_id: str, dataset: str, test_set: str, model_uri: str, test_accuracy: float, margin: float
+) -> Promotion:
+    """Make this run's model the current one if it beats the champion on the same test set; report the decision."""
+    decision = promote_if_better(Storage(storage), run_id, dataset, test_set, model_uri, test_accuracy, margin)
     create_markdown_artifact(key="promotion", markdown=promotion_markdown(decision), description="champion and challenger")
     print(f"{verdict(decision)}: {decision.reason}")
     return decision

@@ -1,6 +1,7 @@
 """train-flow end to end, through a real Prefect API, on the real Fashion-MNIST files."""
 
 import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_end_to_end_on_fashion_mnist(first_run, storage):
     assert manifest["metrics"]["test_accuracy"] >= 0.80
     assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate", "promote"}
     assert manifest["promotion"]["promoted"] and manifest["promotion"]["reason"] == "no champion yet"
+    assert manifest["promotion"]["challenger"]["test_set"] == hashlib.sha256(
+        (manifest["dataset"]["sha256"]["test_images"] + manifest["dataset"]["sha256"]["test_labels"]).encode()
+    ).hexdigest()[:16]
     assert not manifest["stages"]["download"]["cached"] and not manifest["stages"]["preprocess"]["cached"]
     for name, uri in manifest["uris"].items():
         assert Path(uri).exists(), name

@@ -16,6 +16,7 @@ from tapeline.data.registry import SPLIT_FILES
 from tapeline.data.splits import prepare, read_split
 from tapeline.errors import ConfigError
 from tapeline.flows import train  # noqa: F401  Prefect binds its log handlers to stderr on import: the session's, not a test's capsys
+from tapeline.registry.promotion import promote_if_better
 from tapeline.storage.root import Storage
 from tests.conftest import tiny_arrays
 
@@ -209,3 +210,17 @@ def test_the_flow_exits_2_on_a_file_the_header_check_passes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: t10k-labels-idx1-ubyte: label 10"), err
     assert not (tmp_path / "store" / "runs" / "bad" / "steps").exists()
+
+
+def test_each_directory_is_its_own_test_set_for_promotion(tmp_path):
+    """Every directory is dataset "idx": a champion tested on another directory's test split is no yardstick."""
+    storage, arrays = Storage(tmp_path / "store"), tiny_arrays(seed=0)
+    write_own_dir(tmp_path / "a", arrays)
+    write_own_dir(tmp_path / "b", {**arrays, "train_labels": arrays["train_labels"][::-1].copy()})  # only training changed
+    write_own_dir(tmp_path / "c", tiny_arrays(seed=1))
+    test_set = {name: fetch_files(IDX, storage, str(tmp_path / name)).test_set for name in "abc"}
+    assert test_set["a"] == test_set["b"] != test_set["c"]
+    promote_if_better(storage, "a", IDX, test_set["a"], "m", 0.99, margin=0.0)
+    assert not promote_if_better(storage, "b", IDX, test_set["b"], "m", 0.90, margin=0.0).promoted
+    other = promote_if_better(storage, "c", IDX, test_set["c"], "m", 0.50, margin=0.0)
+    assert other.promoted and "another test set" in other.reason

@@ -17,27 +17,36 @@ from tapeline.tasks.promote import promotion_markdown
 
 def test_better_promotes_worse_does_not(tmp_path):
     storage = Storage(tmp_path)
-    first = promote_if_better(storage, "a", "mnist", "runs/a/model.keras", 0.90, margin=0.0)
+    first = promote_if_better(storage, "a", "mnist", "mnist-test", "runs/a/model.keras", 0.90, margin=0.0)
     assert first.promoted and first.champion is None and first.reason == "no champion yet"
-    worse = promote_if_better(storage, "b", "mnist", "runs/b/model.keras", 0.89, margin=0.0)
+    worse = promote_if_better(storage, "b", "mnist", "mnist-test", "runs/b/model.keras", 0.89, margin=0.0)
     assert not worse.promoted and worse.champion["run_id"] == "a"
     assert "0.8900 < champion 0.9000" in worse.reason
-    better = promote_if_better(storage, "c", "mnist", "runs/c/model.keras", 0.905, margin=0.0)
+    better = promote_if_better(storage, "c", "mnist", "mnist-test", "runs/c/model.keras", 0.905, margin=0.0)
     assert better.promoted and current_champion(storage)["run_id"] == "c"
 
 
 def test_margin_is_required(tmp_path):
     storage = Storage(tmp_path)
-    promote_if_better(storage, "a", "mnist", "m", 0.90, margin=0.01)
-    assert not promote_if_better(storage, "b", "mnist", "m", 0.905, margin=0.01).promoted
-    assert promote_if_better(storage, "c", "mnist", "m", 0.911, margin=0.01).promoted
+    promote_if_better(storage, "a", "mnist", "mnist-test", "m", 0.90, margin=0.01)
+    assert not promote_if_better(storage, "b", "mnist", "mnist-test", "m", 0.905, margin=0.01).promoted
+    assert promote_if_better(storage, "c", "mnist", "mnist-test", "m", 0.911, margin=0.01).promoted
 
 
 def test_champion_of_another_dataset_is_replaced(tmp_path):
     storage = Storage(tmp_path)
-    promote_if_better(storage, "a", "mnist", "m", 0.99, margin=0.0)
-    decision = promote_if_better(storage, "b", "fashion-mnist", "m", 0.85, margin=0.0)
-    assert decision.promoted and "trained on mnist" in decision.reason
+    promote_if_better(storage, "a", "mnist", "mnist-test", "m", 0.99, margin=0.0)
+    decision = promote_if_better(storage, "b", "fashion-mnist", "fashion-mnist-test", "m", 0.85, margin=0.0)
+    assert decision.promoted and "tested on another test set (mnist)" in decision.reason
+
+
+def test_a_pointer_without_a_test_set_compares_by_dataset(tmp_path):
+    """Champions promoted before test sets were recorded stay yardsticks for their dataset."""
+    storage = Storage(tmp_path)
+    pointer = ChampionPointer(storage)
+    pointer.swap({"run_id": "old", "dataset": "mnist", "model": "m", "test_accuracy": 0.95, "promoted": "x"}, None)
+    assert not promote_if_better(storage, "b", "mnist", "mnist-test", "m", 0.94, margin=0.0).promoted
+    assert promote_if_better(storage, "c", "fashion-mnist", "fashion-mnist-test", "m", 0.85, margin=0.0).promoted
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -53,14 +62,14 @@ def test_pointer_swap_refuses_a_stale_version(where, tmp_path, request):
 
 
 def _challenge(root: str, run_id: str, accuracy: float, results) -> None:
-    results.put((run_id, promote_if_better(Storage(root), run_id, "mnist", "m", accuracy, margin=0.0).promoted))
+    results.put((run_id, promote_if_better(Storage(root), run_id, "mnist", "mnist-test", "m", accuracy, margin=0.0).promoted))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_simultaneous_challengers_leave_the_best_as_champion(where, tmp_path, request):
     """Eight processes at once: whatever the interleaving, the best one ends as champion and the pointer stays whole."""
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3").uri(f"race-{tmp_path.name}")
-    promote_if_better(Storage(root), "base", "mnist", "m", 0.5, margin=0.0)
+    promote_if_better(Storage(root), "base", "mnist", "mnist-test", "m", 0.5, margin=0.0)
     accuracies = {f"r{i}": accuracy for i, accuracy in enumerate((0.53, 0.58, 0.51, 0.55, 0.57, 0.52, 0.56, 0.54))}
     results = multiprocessing.Queue()
     challengers = [
@@ -87,7 +96,7 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
             "parameters": {"epochs": 1, "learning_rate": 0.001, "batch_size": 32},
             "metrics": {"test_accuracy": accuracy}, "promotion": {"promoted": True},
         }))
-        promote_if_better(storage, run_id, "mnist", "m", accuracy, margin=0.0)
+        promote_if_better(storage, run_id, "mnist", "mnist-test", "m", accuracy, margin=0.0)
     rows = model_registry(storage)
     assert [r["run_id"] for r in rows] == ["20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
     assert [r["current"] for r in rows] == [True, False]
@@ -97,12 +106,12 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
 
 def test_promotion_is_a_table_of_both_models(tmp_path):
     storage = Storage(tmp_path)
-    first = promotion_markdown(promote_if_better(storage, "a", "mnist", "m", 0.9, margin=0.01))
+    first = promotion_markdown(promote_if_better(storage, "a", "mnist", "mnist-test", "m", 0.9, margin=0.01))
     assert "## Run `a`: promoted" in first and "Reason: no champion yet." in first
     assert [line for line in first.splitlines() if line.startswith("| challenger") or line.startswith("| champion")] == [
         "| challenger | `a` | mnist | 0.9000 | promoted | 0.01 |"
     ]
-    second = promotion_markdown(promote_if_better(storage, "b", "mnist", "m", 0.905, margin=0.01)).splitlines()
+    second = promotion_markdown(promote_if_better(storage, "b", "mnist", "mnist-test", "m", 0.905, margin=0.01)).splitlines()
     assert second[0] == "## Run `b`: not promoted"
     assert second[-2:] == [
         "| challenger | `b` | mnist | 0.9050 | not promoted | 0.01 |",

@@ -286,7 +286,7 @@ def test_norm_plot_is_a_png_under_the_run(trained):
 def test_warm_start_begins_at_the_champions_weights(trained):
     config, data, result = trained
     storage = Storage(config.storage)
-    champion = promote_if_better(storage, result.run_id, config.dataset, result.model_uri, 0.5, margin=0.0).challenger
+    champion = promote_if_better(storage, result.run_id, config.dataset, "tiny-test", result.model_uri, 0.5, margin=0.0).challenger
     assert warm_start_champion(storage, config.dataset) == {**champion, "promoted": current_champion(storage)["promoted"]}
     assert warm_start_champion(storage, "fashion-mnist") is None  # a champion of another dataset is no start
     warm_config = dataclasses.replace(config, epochs=1, snapshot_weights=True)
