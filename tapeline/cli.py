@@ -74,7 +74,11 @@ def models(argv: list[str], prog: str) -> int:
     from tapeline.registry.listing import model_registry, registry_lines
     from tapeline.storage.root import Storage
 
-    for line in registry_lines(model_registry(Storage(parser.parse_args(argv).storage))):
+    try:
+        lines = registry_lines(model_registry(Storage(parser.parse_args(argv).storage)))
+    except (TapelineError, OSError) as error:
+        return _failed(prog, 2, error)
+    for line in lines:
         print(line)
     return 0
 
@@ -89,7 +93,7 @@ def verify(argv: list[str], prog: str) -> int:
 
     try:
         report = verify_snapshot(args.run, args.step)
-    except (TapelineError, FileNotFoundError) as error:
+    except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
     for name, d in report["variables"].items():
         print(f"{name:24} max |diff| {d['max_abs_difference']:.3e}  relative {d['relative_difference']:.3e}")
@@ -112,7 +116,7 @@ def samples(argv: list[str], prog: str) -> int:
 
     try:
         ranking, classes = rank_samples(args.run, args.epoch, args.top, args.label), class_names(args.run)
-    except (TapelineError, FileNotFoundError) as error:
+    except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
     print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}  latest prediction")
     for rank, row in enumerate(ranking.to_pylist(), 1):

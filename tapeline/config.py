@@ -29,6 +29,7 @@ from tapeline.data.idx_source import IDX, check_idx_source
 from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
 from tapeline.storage.root import is_remote, remote_filesystem
+from tapeline.storage.versioned import s3_client
 
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
@@ -235,14 +236,14 @@ def _reachable_root(storage: str) -> str:
     the endpoint from AWS_ENDPOINT_URL: neither is in any message.
     """
     try:
+        if storage.startswith("s3://"):
+            s3_client()  # boto3, for the champion pointer and the run lease: before any stage needs it
         filesystem, path = remote_filesystem(storage)
         bucket = path.split("/")[0]
         if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise ConfigError(f"storage {storage!r}: bucket {bucket!r} does not exist")
+            raise ConfigError(f"bucket {bucket!r} does not exist")
         filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # listing needs read access
-    except (OSError, ValueError, ImportError) as error:
-        if isinstance(error, ConfigError):
-            raise
+    except (OSError, ValueError, ImportError) as error:  # a ConfigError is a ValueError
         raise ConfigError(f"storage {storage!r}: {' '.join(str(error).split())}") from None
     return storage.rstrip("/")
 

@@ -107,3 +107,17 @@ def test_flow_run_on_s3_storage(s3, tmp_path, monkeypatch, fashion_mnist_dir):
     assert len(largest) == 6 and {n for _, _, n in largest} == {read_stats(run).num_rows // 6}
     assert manifest_steps[-1] == 1000 // 32 + 1
     assert verify.verify_snapshot(run)["max_relative_difference"] <= 1e-4
+
+
+def test_s3_storage_without_boto3_asks_for_the_extra(s3, monkeypatch, capsys):
+    """A plain install has no boto3: a run stops before any stage, and `tapeline models` at once, in one line naming the extra."""
+    from tapeline.cli import main
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if not installed: `import boto3` raises ImportError
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--storage", s3.uri("no-extra"), "--epochs", "1"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(error) == 1 and "pip install 'tapeline[s3]'" in error[0]
+    assert objects(s3.uri("no-extra")) == []
+    assert main(["models", s3.uri("no-extra")]) == 2  # the champion pointer is read with boto3 too
+    assert capsys.readouterr().err == "tapeline models: error: S3 storage needs the s3 extra: pip install 'tapeline[s3]'\n"

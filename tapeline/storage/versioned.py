@@ -17,9 +17,19 @@ import fcntl
 import json
 from pathlib import Path
 
+from tapeline.errors import ConfigError
 from tapeline.storage.root import Storage
 
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def s3_client():
+    """boto3's S3 client, endpoint and credentials from the environment as for pyarrow; boto3 comes with the s3 extra."""
+    try:
+        import boto3
+    except ImportError:
+        raise ConfigError("S3 storage needs the s3 extra: pip install 'tapeline[s3]'") from None
+    return boto3.client("s3")
 
 
 class VersionedObject:
@@ -71,11 +81,9 @@ class VersionedObject:
             yield
 
     def _s3_object(self) -> tuple:
-        import boto3  # endpoint and credentials from the environment, as for pyarrow
-
         bucket, _, prefix = self.storage.uri.removeprefix("s3://").partition("/")
         relative = self.path.relative_to(self.storage.root).as_posix()
-        return boto3.client("s3"), bucket, "/".join(part for part in (prefix, relative) if part)
+        return s3_client(), bucket, "/".join(part for part in (prefix, relative) if part)
 
     def _read_s3(self) -> tuple[dict | None, str | None]:
         client, bucket, key = self._s3_object()
