@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tapeline.errors import ConfigError
+from tapeline.flows import train  # noqa: F401  Prefect binds its log handlers to stderr on import: the session's, not a test's capsys
 from tapeline.gradients.export import publish_gradients
 from tapeline.reader import read_gradients
 from tapeline.results import TrainedModel
