@@ -90,6 +90,23 @@ def test_noise_scale_raw_and_smoothed_match_the_step_log(runs):
         assert float(written[step]) == pytest.approx(smoothed[step - 1], rel=1e-4)
 
 
+def test_a_resumed_run_smooths_the_noise_scale_on_from_its_checkpoint(runs, tmp_path):
+    """Caught up on the steps logged up to the checkpoint (not the ones after it), the curve is the uninterrupted run's."""
+    config, first, _ = runs
+    run = str(tensorboard_dir(first).parent)
+    steps = read_steps(run, columns=["step", "loss", "global_norm", "grad_variance", "grad_signal"]).sort_by("step").to_pylist()
+    smoothed = smoothed_noise_scale(np.array([s["grad_variance"] for s in steps]), np.array([s["grad_signal"] for s in steps]))
+    checkpoint = first.steps // 2
+    with RunSummaries(Storage(config.storage), tmp_path / "resumed", writes=True) as resumed:
+        resumed.catch_up(run, checkpoint)  # the log holds every step of the run: those after the checkpoint must not count
+        for row in steps[checkpoint:]:
+            resumed.step(row["step"], row["loss"], row["global_norm"], None, row["grad_variance"], row["grad_signal"])
+    written = values(events(tmp_path / "resumed"), "step/noise_scale_smoothed")
+    assert sorted(written) == [s for s in range(10, first.steps + 1, 10) if s > checkpoint and math.isfinite(smoothed[s - 1])]
+    for step, value in written.items():  # the same float32 estimates on both sides: only the scalar's float32 rounding
+        assert float(value) == pytest.approx(smoothed[step - 1], rel=1e-6)  # the steps after the checkpoint taken twice: 2e-5
+
+
 def test_a_histogram_of_each_epochs_per_example_norms(runs):
     """Every example of every step of the epoch, as the samples dataset has its norm."""
     config, first, _ = runs

@@ -97,6 +97,7 @@ def train_model(
         trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
         summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
         summaries.start(config, run_id)
+        summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
         calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import tensorflow as tf
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
@@ -41,6 +42,7 @@ from tensorboard.plugins.hparams import api_pb2
 from tapeline.config import PRECISIONS, RunConfig
 from tapeline.data.registry import DATASETS
 from tapeline.gradients.noise import NoiseSmoother
+from tapeline.reader import read_steps
 from tapeline.storage.root import Storage
 
 HISTOGRAM_BUCKETS = 30  # as tf.summary.histogram's default
@@ -120,6 +122,17 @@ class RunSummaries:
         with self.writer.as_default():
             hp.hparams_config(hparams=list(HPARAMS), metrics=list(METRICS))
             hp.hparams(run_hparams(config), trial_id=run_id, start_time_secs=int(time.time()))
+
+    def catch_up(self, run: str, step: int) -> None:
+        """On a resume from `step`: the noise EMAs take the steps logged up to it, so the smoothed curve goes on, not from 0.
+
+        `run`: the run's directory. Steps logged after the checkpoint (before a crash) are not taken: they run again.
+        """
+        if self.writer is None or step == 0:
+            return
+        logged = read_steps(run, columns=["step", "grad_variance", "grad_signal"]).filter(pc.field("step") <= step).sort_by("step")
+        for variance, signal in zip(*(logged[name].to_numpy(zero_copy_only=False) for name in ("grad_variance", "grad_signal"))):
+            self._noise.update(variance, signal)
 
     def call(self, first_step: int, result) -> None:
         """After a call of steps (a calls.CallResult): each step's scalars; the per-example norms for the epoch's histogram."""
