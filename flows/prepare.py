@@ -23,11 +23,13 @@ from tapeline.errors import TapelineError  # noqa: E402
 from tapeline.tasks.download import download  # noqa: E402
 from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
 from tapeline.tasks.preprocess import preprocess  # noqa: E402
+from tapeline.tasks.runs import with_parameter_help  # noqa: E402
 
 log_expected_failures_without_traceback()
 
 
 @flow(name="prepare-data", log_prints=True)
+@with_parameter_help
 def prepare_data(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,

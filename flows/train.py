@@ -37,7 +37,7 @@ from tapeline.tasks.export import export_gradients  # noqa: E402
 from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
 from tapeline.tasks.preprocess import preprocess  # noqa: E402
 from tapeline.tasks.promote import promote, publish_model_registry  # noqa: E402
-from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run  # noqa: E402
+from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help  # noqa: E402
 from tapeline.tasks.train import train  # noqa: E402
 from tapeline.training.devices import check_placement  # noqa: E402
 from tapeline.training.summaries import write_run_metrics  # noqa: E402
@@ -46,6 +46,7 @@ log_expected_failures_without_traceback()
 
 
 @flow(name="train-flow", flow_run_name=flow_run_name, log_prints=True)
+@with_parameter_help
 def train_flow(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,

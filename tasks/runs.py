@@ -1,12 +1,28 @@
-"""A run in Prefect: its id (the flow run's name), its tags, and the clock of its stages."""
+"""A run in Prefect: its id (the flow run's name), its tags, the clock of its stages, and its parameters' help."""
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import time
+from collections.abc import Callable
 
 from prefect import get_client
 from prefect.context import FlowRunContext
+
+from tapeline.config import run_parameters
+
+
+def with_parameter_help(fn: Callable) -> Callable:
+    """`fn`, its docstring ending in an `Args:` section of its parameters' help (tapeline/config.py, as the CLI's).
+
+    Prefect's UI describes a parameter only from there: Prefect's own field overrides
+    the description in the annotation. Apply it under `@flow`.
+    """
+    help_of = {parameter.name: parameter.help for parameter in run_parameters()}
+    lines = [f"    {name}: {help_of[name]}" for name in inspect.signature(fn).parameters]
+    fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join(lines)
+    return fn
 
 
 def choose_run_id(run_name: str | None) -> str:

@@ -80,6 +80,8 @@ def test_flows_annotate_their_parameters_as_the_config_does(flow):
     assert all(p.default == getattr(RunConfig, p.name) for p in signature.parameters.values())
     schema = parameter_schema(flow).properties
     assert schema["dataset"]["enum"] == [*DATASETS, IDX] and schema["seed"]["minimum"] == 0
+    help_of = {p.name: p.help for p in run_parameters()}  # what the UI's run form shows under each field
+    assert {name: field.get("description") for name, field in schema.items()} == {name: help_of[name] for name in schema}
 
 
 def test_one_list_of_gradient_dtypes():
