@@ -87,7 +87,7 @@ STEP_SCHEMA = pa.schema(
         ("grad_noise_scale", pa.float32()),
     ]
 )
-NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in gradient_noise's order
+NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in the order noise.noise_estimates returns them
 SAMPLE_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),
