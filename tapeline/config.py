@@ -14,28 +14,24 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Annotated, Literal
 
-import pyarrow.fs as pafs
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from tapeline.data.idx_source import IDX, check_idx_source
 from tapeline.data.registry import DATASETS
 from tapeline.errors import ConfigError
-from tapeline.storage.root import is_remote, remote_filesystem
-from tapeline.storage.versioned import s3_client
+from tapeline.gradients.schema import GRADIENT_DTYPES
+from tapeline.storage.access import usable_root
 
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-GRADIENT_DTYPES = ("float32", "float16")  # the gradient schema (tapeline/gradients/writers.py) maps each to its Arrow type
 
 
 @dataclass(frozen=True)
@@ -77,7 +73,7 @@ TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N
 ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation")]
 SnapshotEvery = Annotated[int, Field(ge=1, description="full gradient snapshot every N steps")]
 SnapshotWeights = Annotated[bool, Field(description="store each scheduled snapshot's weights (before the update) beside its gradients")]
-GradientDtype = Annotated[Literal[GRADIENT_DTYPES], Field(description="dtype of stored gradient values (statistics are float32)")]
+GradientDtype = Annotated[Literal[tuple(GRADIENT_DTYPES)], Field(description="dtype of stored gradient values (statistics are float32)")]
 SpikeFactor = Annotated[
     float,
     Field(gt=1, allow_inf_nan=False, description="also snapshot in full when the global gradient norm exceeds this many times its running median"),
@@ -144,7 +140,7 @@ class RunConfig:
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
         storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, source=source, storage=_usable_root(storage))
+        return replace(self, source=source, storage=usable_root(storage))
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
@@ -223,48 +219,6 @@ def _bounds_in_words(metadata: list) -> str:
 @functools.cache
 def _adapter(name: str) -> TypeAdapter:
     return TypeAdapter(_annotations()[name])  # built on first use: `--help` never needs one
-
-
-def _usable_root(storage: str) -> str:
-    return _reachable_root(storage) if is_remote(storage) else str(_writable_root(storage))
-
-
-def _reachable_root(storage: str) -> str:
-    """Ask the object store now whether the bucket exists and takes these credentials; write nothing.
-
-    Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, …), and
-    the endpoint from AWS_ENDPOINT_URL: neither is in any message.
-    """
-    try:
-        if storage.startswith("s3://"):
-            s3_client()  # boto3, for the champion pointer and the run lease: before any stage needs it
-        filesystem, path = remote_filesystem(storage)
-        bucket = path.split("/")[0]
-        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise ConfigError(f"bucket {bucket!r} does not exist")
-        filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # listing needs read access
-    except (OSError, ValueError, ImportError) as error:  # a ConfigError is a ValueError
-        raise ConfigError(f"storage {storage!r}: {' '.join(str(error).split())}") from None
-    return storage.rstrip("/")
-
-
-def _writable_root(storage: str) -> Path:
-    path = Path(storage.removeprefix("file://")).expanduser().resolve()
-    # The root may not exist yet: it will be created under its nearest existing ancestor.
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"storage {storage!r}: {existing} is not a directory")
-    _probe_write(storage, existing)
-    return path
-
-
-def _probe_write(storage: str, directory: Path) -> None:
-    """Create and remove a file: os.access says yes to root everywhere, even in /proc or on a read-only mount."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tapeline-probe-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"storage {storage!r}: cannot create files in {directory} ({error.strerror or error})") from None
 
 
 def parameters_markdown() -> str:

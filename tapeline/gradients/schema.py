@@ -46,9 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
-
-GRADIENT_DTYPES = {dtype: pa.type_for_alias(dtype) for dtype in STORED_DTYPES}  # --gradient-dtype's legal values
+GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}  # the stored gradients' dtypes: --gradient-dtype's legal values
 # Pyarrow refuses a column that is also a hive key, so the directory alone holds the
 # epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
 # or a category sorted as text (pandas).
