@@ -99,6 +99,13 @@ PerExampleNorms = Annotated[
 Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
+AcceptUnlockedStorage = Annotated[
+    bool,
+    Field(
+        description="train on a remote root other than s3:// although its store gives no conditional write "
+        "(the run lease and the champion pointer then do not keep writers apart)"
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class RunConfig:
     deterministic: Deterministic = False
     device: Device = "auto"
     devices: Devices = 1
+    accept_unlocked_storage: AcceptUnlockedStorage = False
 
     def validated(self) -> RunConfig:
         """Check every parameter against its rule, then resolve the storage root and check it can be used.

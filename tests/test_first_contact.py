@@ -160,3 +160,22 @@ def test_only_unexpected_errors_are_logged_with_a_traceback(prefect_api, failure
     failures = [text for text in failure_logs if "Task run failed" in text or "Encountered exception" in text]
     assert len(failures) == 2  # the task run's and the flow run's
     assert all(("Traceback" in text) == traceback for text in failures)
+
+
+def test_a_store_without_conditional_writes_is_refused_unless_the_risk_is_accepted(tmp_path, capsys):
+    import fsspec
+
+    from tapeline.cli import parse_train_args
+    from tapeline.flows.train import check_before_any_stage, main
+
+    fsspec.filesystem("memory").mkdir("/unlocked")  # a real fsspec store, in this process
+    flags = ["--storage", "memory://unlocked/root", "--train-limit", "64"]
+    assert main(parse_train_args(flags), "tapeline train") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tapeline train: error: storage 'memory://unlocked/root': memory:// has no conditional write here, so two writers of one run "
+        "or two promotions would not be kept apart; use a local directory or s3://, or pass --accept-unlocked-storage to take that risk"
+    ]
+    assert fsspec.filesystem("memory").ls("/unlocked") == []  # nothing written
+    accepted = RunConfig(**parse_train_args([*flags, "--accept-unlocked-storage"])).validated()
+    check_before_any_stage(accepted)  # passes, and run.json records the choice with the parameters
+    assert accepted.parameters()["accept_unlocked_storage"] is True
