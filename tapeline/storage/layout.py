@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
 RUN_JSON = "run.json"
 MODEL_CARD = "model.json"
-_LOCAL = pafs.LocalFileSystem()
+LOCAL = pafs.LocalFileSystem()  # the local filesystem, as pyarrow sees it
 
 
 def manifest_path(directory: PurePath) -> PurePath:
@@ -183,4 +183,4 @@ def locate_run(run: str | Path) -> tuple[pafs.FileSystem, RunPaths]:
     if is_remote(text):
         filesystem, directory = remote_filesystem(text)
         return filesystem, RunPaths(PurePosixPath(directory))
-    return _LOCAL, RunPaths(Path(text).expanduser().resolve())
+    return LOCAL, RunPaths(Path(text).expanduser().resolve())

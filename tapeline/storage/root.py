@@ -44,11 +44,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tapeline.storage.layout import Layout, is_remote, remote_filesystem
+from tapeline.storage.layout import LOCAL, Layout, is_remote, remote_filesystem
 
 TEMP_SUFFIX = ".tmp"  # every temporary name ends in this (the model's in TEMP_SUFFIX + ".keras")
 WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy lives on this machine
-_LOCAL = pafs.LocalFileSystem()
 
 
 def temporary_name(path: PurePath, suffix: str = "") -> str:
@@ -136,7 +135,7 @@ class Storage:
 
     def arrow(self, path: Path) -> tuple[pafs.FileSystem, str]:
         """Where a path of `root` is published, for Arrow to read in place: (filesystem, path)."""
-        return (self.fs, self._key(path)) if self.remote else (_LOCAL, str(path))
+        return (self.fs, self._key(path)) if self.remote else (LOCAL, str(path))
 
     def exists(self, path: Path) -> bool:
         if not self.remote:
@@ -147,7 +146,7 @@ class Storage:
         """The local copy of a file of the storage root (downloaded anew from an object store)."""
         if self.remote:
             with atomic_path(path) as temporary:
-                pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=_LOCAL)
+                pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=LOCAL)
             self._synced[path] = _stamp(path)
         return path
 
@@ -196,7 +195,7 @@ class Storage:
         for path in paths:
             key, stamp = self._key(path), _stamp(path)
             staging = f"{self._prefix}/{temporary_name(path)}"
-            pafs.copy_files(str(path), staging, source_filesystem=_LOCAL, destination_filesystem=self.fs)
+            pafs.copy_files(str(path), staging, source_filesystem=LOCAL, destination_filesystem=self.fs)
             self.fs.move(staging, key)
             self._synced[path] = stamp
 
