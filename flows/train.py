@@ -29,6 +29,7 @@ from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: 
 from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
 from tapeline.manifest import run_manifest_uri, write_run_manifest  # noqa: E402
 from tapeline.registry.champion import warm_start_champion  # noqa: E402
+from tapeline.registry.retention import drop_checkpoints  # noqa: E402
 from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tapeline.storage.root import Storage, utc_now  # noqa: E402
 from tapeline.storage.versioned import require_conditional_writes  # noqa: E402
@@ -66,6 +67,7 @@ def train_flow(
     gradient_dtype: param.GradientDtype = RunConfig.gradient_dtype,
     spike_factor: param.SpikeFactor = RunConfig.spike_factor,
     checkpoint_every: param.CheckpointEvery = RunConfig.checkpoint_every,
+    keep_checkpoints: param.KeepCheckpoints = RunConfig.keep_checkpoints,
     promotion_margin: param.PromotionMargin = RunConfig.promotion_margin,
     warm_start: param.WarmStart = RunConfig.warm_start,
     precision: param.Precision = RunConfig.precision,
@@ -113,6 +115,8 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     )
 
     manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
+    if not config.keep_checkpoints:  # a completed run is never resumed
+        print(f"dropped the run's checkpoints: {drop_checkpoints(Storage(storage), run_id):,} bytes")
     publish_model_registry(storage)  # after run.json: the registry lists this run too
     return manifest
 

@@ -1,4 +1,4 @@
-"""The command line: `tapeline train | models | verify | samples | worker`.
+"""The command line: `tapeline train | models | verify | samples | worker | gc`.
 
 Each command reads and checks its arguments before it imports anything heavy:
 `--help` and a bad flag answer at once, and `tapeline train` imports the flow (and
@@ -15,7 +15,15 @@ import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, run_parameters  # noqa: E402
+from tapeline.config import (  # noqa: E402
+    STORAGE_ENV,
+    RetentionPolicy,
+    RunConfig,
+    Yes,
+    retention_parameters,
+    run_parameters,
+    storage_root,
+)
 from tapeline.errors import ConfigError, TapelineError  # noqa: E402
 
 COMMANDS = {
@@ -24,7 +32,9 @@ COMMANDS = {
     "verify": "recompute a recorded snapshot's gradients from its weights and batch, and compare",
     "samples": "the training examples of a run ranked by mean per-example gradient norm: the hardest first",
     "worker": "join a multi-worker training run as a non-chief worker (TF_CONFIG)",
+    "gc": "delete the runs, cache entries and prepared datasets the retention policy does not keep (a dry run without --yes)",
 }
+GC_METAVARS = {"keep_last": "N", "older_than": "DAYS"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         usage = "usage: tapeline {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(f"  {c:8} {h}" for c, h in COMMANDS.items())
         print(usage, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    command = {"train": train, "models": models, "verify": verify, "samples": samples, "worker": worker}[argv[0]]
+    command = {"train": train, "models": models, "verify": verify, "samples": samples, "worker": worker, "gc": gc}[argv[0]]
     return command(argv[1:], prog=f"tapeline {argv[0]}")
 
 
@@ -70,7 +80,7 @@ def parse_train_args(argv: list[str] | None, prog: str = "tapeline train") -> di
 
 def models(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["models"])
-    parser.add_argument("storage", nargs="?", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE), help="the storage root")
+    parser.add_argument("storage", nargs="?", default=storage_root(None), help="the storage root")
     from tapeline.registry.listing import model_registry, registry_lines
     from tapeline.storage.root import Storage
 
@@ -142,7 +152,37 @@ def worker(argv: list[str], prog: str) -> int:
     return 0
 
 
-def _failed(prog: str, code: int, error: Exception) -> int:
+def gc(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["gc"] + "; never the champion, its lineage, or a run being written")
+    parser.add_argument("storage", nargs="?", default=storage_root(None), help="the storage root")
+    for p in retention_parameters():
+        default = f" (default: {p.default})" if p.default is not None else ""
+        parser.add_argument(p.flag, dest=p.name, type=p.kind, default=p.default, metavar=GC_METAVARS[p.name], help=p.help + default)
+    parser.add_argument("--yes", action="store_true", help=typing.get_args(Yes)[1].description)
+    args = parser.parse_args(argv)
+    from tapeline.registry.retention import collect, kept_lines, plan, removal_line, total_line
+    from tapeline.storage.access import existing_root
+    from tapeline.storage.root import Storage
+
+    try:
+        policy = RetentionPolicy(args.keep_last, args.older_than).validated()
+        storage = Storage(existing_root(args.storage))
+    except ConfigError as error:
+        return _failed(prog, 2, error)
+    try:
+        planned = plan(storage, policy)
+        print(*kept_lines(planned), sep="\n", flush=True)
+        if not args.yes:
+            print(*(removal_line(removal, "delete") for removal in planned.removals), total_line(planned.removals, dry_run=True), sep="\n")
+            return 0
+        removed = collect(storage, planned, on_removed=lambda removal: print(removal_line(removal, "deleted"), flush=True))
+    except (TapelineError, OSError) as error:  # OSError: an unreachable store, a file it refused to delete
+        return _failed(prog, 1, f"{' '.join(str(error).split())}; run it again to finish")
+    print(total_line(removed, dry_run=False))
+    return 0
+
+
+def _failed(prog: str, code: int, error: Exception | str) -> int:
     print(f"{prog}: error: {error}", file=sys.stderr)
     return code
 

@@ -79,6 +79,9 @@ SpikeFactor = Annotated[
     Field(gt=1, allow_inf_nan=False, description="also snapshot in full when the global gradient norm exceeds this many times its running median"),
 ]
 CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N steps (and at each epoch end)")]
+KeepCheckpoints = Annotated[
+    bool, Field(description="keep the run's checkpoints once it completes (by default they are deleted after run.json is written)")
+]
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
@@ -127,6 +130,7 @@ class RunConfig:
     gradient_dtype: GradientDtype = "float32"
     spike_factor: SpikeFactor = 10.0
     checkpoint_every: CheckpointEvery = 500
+    keep_checkpoints: KeepCheckpoints = False
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
     precision: Precision = "float32"
@@ -147,12 +151,42 @@ class RunConfig:
             parameter.check(getattr(self, parameter.name))
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
-        storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, source=source, storage=usable_root(storage))
+        return replace(self, source=source, storage=usable_root(storage_root(self.storage)))
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
         return asdict(self)
+
+
+def storage_root(storage: str | None) -> str:
+    """The storage root a command or flow was given, else $TAPELINE_STORAGE, else ./artifacts."""
+    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+# The retention policy of `tapeline gc` and gc-flow; tapeline/registry/retention.py applies it.
+KeepLast = Annotated[int, Field(ge=0, description="keep the N most recently finished runs")]
+OlderThan = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        allow_inf_nan=False,
+        description="delete only runs that finished more than DAYS days ago, and runs that never completed DAYS days after their last write",
+    ),
+]
+Yes = Annotated[bool, Field(description="delete; without it, only list what would be deleted and its bytes")]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which runs `tapeline gc` keeps besides the champion, its lineage and runs being written."""
+
+    keep_last: KeepLast = 7
+    older_than: OlderThan = None
+
+    def validated(self) -> RetentionPolicy:
+        for parameter in retention_parameters():
+            parameter.check(getattr(self, parameter.name))
+        return self
 
 
 @dataclass(frozen=True)
@@ -192,13 +226,23 @@ class Parameter:
 @functools.cache
 def run_parameters() -> tuple[Parameter, ...]:
     """The run parameters, in declaration order (the CLI builds its flags from these)."""
+    return _parameters(RunConfig)
+
+
+@functools.cache
+def retention_parameters() -> tuple[Parameter, ...]:
+    """The retention policy's parameters, the flags of `tapeline gc`."""
+    return _parameters(RetentionPolicy)
+
+
+def _parameters(declared: type) -> tuple[Parameter, ...]:
     annotations = _annotations()
-    return tuple(_parameter(f.name, annotations[f.name], f.default) for f in fields(RunConfig))
+    return tuple(_parameter(f.name, annotations[f.name], f.default) for f in fields(declared))
 
 
 def _annotations() -> dict:
-    """Each field's full annotation, constraints included."""
-    return typing.get_type_hints(RunConfig, include_extras=True)
+    """Each field's full annotation, constraints included (the two dataclasses share no field name)."""
+    return typing.get_type_hints(RunConfig, include_extras=True) | typing.get_type_hints(RetentionPolicy, include_extras=True)
 
 
 def _parameter(name: str, annotation, default) -> Parameter:

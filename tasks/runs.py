@@ -5,22 +5,23 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
+import typing
 from collections.abc import Callable
 
 from prefect import get_client
 from prefect.context import FlowRunContext
-
-from tapeline.config import run_parameters
+from pydantic.fields import FieldInfo
 
 
 def with_parameter_help(fn: Callable) -> Callable:
-    """`fn`, its docstring ending in an `Args:` section of its parameters' help (tapeline/config.py, as the CLI's).
+    """`fn`, its docstring ending in an `Args:` section of its parameters' help: the descriptions of their
+    annotations (the type aliases of tapeline/config.py, whose help the CLI shows too).
 
     Prefect's UI describes a parameter only from there: Prefect's own field overrides
     the description in the annotation. Apply it under `@flow`.
     """
-    help_of = {parameter.name: parameter.help for parameter in run_parameters()}
-    lines = [f"    {name}: {help_of[name]}" for name in inspect.signature(fn).parameters]
+    annotations = typing.get_type_hints(fn, include_extras=True)
+    lines = [f"    {name}: {FieldInfo.from_annotation(annotations[name]).description}" for name in inspect.signature(fn).parameters]
     fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join(lines)
     return fn
 

@@ -15,7 +15,8 @@ RUN_FILES = {
     "run_json": "run.json", "model": "model.keras", "model_card": "model.json", "gradients": "gradients",
     "gradients_manifest": "gradients.manifest.json", "steps": "steps", "stats": "stats", "checkpoints": "checkpoints",
     "tensorboard": "tensorboard", "norm_plot": "gradient_norms.png", "hardest_plot": "hardest_examples.png",
-    "noise_plot": "noise_scale.png", "cluster_job": "cluster.json", "lease": ".lease",
+    "noise_plot": "noise_scale.png", "cluster_job": "cluster.json", "lease": ".lease", "deleting": ".deleting",
+    "checkpoint_index": "checkpoints/checkpoint",
 }  # fmt: skip
 
 
@@ -32,6 +33,7 @@ def test_layout_names_every_place_under_the_root(tmp_path):
     assert run.directory == tmp_path / "runs" / "r1" and run.run_id == "r1"
     assert {name: getattr(run, name).relative_to(run.directory).as_posix() for name in RUN_FILES} == RUN_FILES
     assert layout.runs == tmp_path / "runs" and layout.champion == tmp_path / "models" / "current"
+    assert layout.cache == tmp_path / "cache" and layout.datasets == tmp_path / "datasets"
     assert layout.cache_file("mnist", "ab12") == tmp_path / "cache" / "mnist" / "ab12.gz"
     prepared = layout.dataset("mnist", "k1")
     assert prepared.directory == tmp_path / "datasets" / "mnist" / "k1"

@@ -1,4 +1,6 @@
-"""The model registry: every finished run of a storage root, its data, parameters and score, the champion marked."""
+"""The model registry: every finished run of a storage root, its data, parameters and score, the champion marked.
+
+Only runs that still exist are listed: gc deletes a run's run.json first (tapeline/registry/retention.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def model_registry(storage: Storage) -> list[dict]:
                 "batch_size": run["parameters"]["batch_size"],
                 "promoted": run.get("promotion", {}).get("promoted"),
                 "finished": run.get("finished"),
+                "checkpoints": "kept" if storage.exists(storage.layout.run(run_id).checkpoint_index) else "dropped",
             }
         )
     return rows
@@ -37,5 +40,6 @@ def registry_lines(rows: list[dict]) -> list[str]:
     return [
         f"{'*' if row['current'] else ' '} {row['run_id']:<28} {row['dataset']:<14} {row['train_images_sha256']}  "
         f"epochs {row['epochs']:<3} lr {row['learning_rate']:<8g} test accuracy {row['test_accuracy']:.4f}"
+        + ("  checkpoints dropped" if row["checkpoints"] == "dropped" else "")
         for row in rows
     ]

@@ -16,6 +16,16 @@ from tapeline.storage.versioned import s3_client
 def usable_root(storage: str) -> str:
     """The root as runs record it (an absolute path, or the URI without a trailing slash); ConfigError if unusable."""
     return _reachable_root(storage) if is_remote(storage) else str(_writable_root(storage))
+
+
+def existing_root(storage: str) -> str:
+    """A root to read and clean up: like `usable_root`, but a local one must exist already (ConfigError)."""
+    root = usable_root(storage)
+    if not is_remote(root) and not Path(root).is_dir():
+        raise ConfigError(f"storage {storage!r}: no such directory")
+    return root
+
+
 def _reachable_root(storage: str) -> str:
     """Ask the object store now whether the bucket exists and takes these credentials; write nothing.
 

@@ -17,6 +17,7 @@
     runs/<run_id>/noise_scale.png             the gradient noise scale per step (both by export_gradients)
     runs/<run_id>/cluster.json                multi-worker training: the job the chief hands the other workers
     runs/<run_id>/.lease                      who is writing the run (tapeline/storage/lease.py)
+    runs/<run_id>/.deleting                   a gc is deleting the run (tapeline/registry/retention.py)
 
 Every directory above holds only what its name says: a dataset directory's
 manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
@@ -94,6 +95,11 @@ class RunPaths:
         return self.directory / "checkpoints"
 
     @property
+    def checkpoint_index(self) -> PurePath:
+        """TensorFlow's index of the checkpoints, written after the files it names: a run with one can resume."""
+        return self.checkpoints / "checkpoint"
+
+    @property
     def tensorboard(self) -> PurePath:
         return self.directory / "tensorboard"
 
@@ -116,6 +122,10 @@ class RunPaths:
     @property
     def lease(self) -> PurePath:
         return self.directory / ".lease"
+
+    @property
+    def deleting(self) -> PurePath:
+        return self.directory / ".deleting"
 
     def dataset(self, name: str) -> PurePath:
         """One of the run's Parquet datasets by name: `gradients`, `steps`, `stats` or `samples`."""
@@ -153,11 +163,19 @@ class Layout:
     def run(self, run_id: str) -> RunPaths:
         return RunPaths(self.runs / run_id)
 
+    @property
+    def cache(self) -> PurePath:
+        return self.root / "cache"
+
+    @property
+    def datasets(self) -> PurePath:
+        return self.root / "datasets"
+
     def cache_file(self, dataset: str, idx_sha256: str) -> PurePath:
-        return self.root / "cache" / dataset / f"{idx_sha256}.gz"
+        return self.cache / dataset / f"{idx_sha256}.gz"
 
     def dataset(self, dataset: str, key: str) -> DatasetPaths:
-        return DatasetPaths(self.root / "datasets" / dataset / key)
+        return DatasetPaths(self.datasets / dataset / key)
 
 
 def is_remote(root: str) -> bool:

@@ -121,6 +121,28 @@ class RunLease:
         )
 
 
+def live_holder(storage: Storage, run_id: str) -> dict | None:
+    """Who holds the run's lease now (host, pid, since), or None; asked without taking it, and writing nothing.
+
+    Locally: a shared flock tried and released at once (it fails while a writer holds the lease).
+    On an object store: the lease object, if it has not expired."""
+    path = storage.layout.run(run_id).lease
+    if storage.remote:
+        holder, _ = VersionedObject(storage, path).read()
+        return holder if holder is not None and holder["expires"] > time.time() else None
+    try:
+        handle = path.open("r")
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _parse(handle.read())
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def _parse(text: str) -> dict:
     try:
         return json.loads(text)

@@ -38,7 +38,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path, PurePath
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -97,6 +98,15 @@ def utc_now() -> str:
 def content_key(value) -> str:
     """A short, stable key for a JSON-able value (used to name cache entries)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the storage root as its store lists it."""
+
+    path: Path  # its path under `Storage.root`
+    size: int  # bytes
+    modified: float  # seconds since the epoch
 
 
 class Storage:
@@ -199,10 +209,37 @@ class Storage:
             self.fs.move(staging, key)
             self._synced[path] = stamp
 
-    def delete(self, *paths: Path) -> None:
-        """Remove files from an object store (locally, whoever made them removes them)."""
-        for path in paths if self.remote else ():
-            self.fs.delete_file(self._key(path))
+    def files(self, directory: Path) -> list[StoredFile]:
+        """Every file under `directory` in the storage root, at any depth, as the store lists it (none if it is absent)."""
+        filesystem, base = self.arrow(directory)
+        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return [
+            StoredFile(directory / PurePosixPath(info.path).relative_to(base), info.size, info.mtime.timestamp())
+            for info in listing
+            if info.type == pafs.FileType.File
+        ]
+
+    def remove(self, *paths: Path) -> None:
+        """Delete files of the storage root, in the order given: in an object store, and in this machine's working
+        copy; a file already gone is no error (a deletion that was cut short is simply done again)."""
+        for path in paths:
+            if self.remote:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(self._key(path))
+            path.unlink(missing_ok=True)
+
+    def remove_directory(self, directory: Path) -> None:
+        """Remove `directory` once `remove` took its files: its empty local directories, and, from an object store,
+        the directory markers Arrow leaves there (with whatever else is left under its key) and this machine's
+        working copy of it."""
+        if self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_dir(self._key(directory))
+            shutil.rmtree(directory, ignore_errors=True)
+            return
+        for parent, _, _ in sorted(os.walk(directory), key=lambda entry: -len(entry[0])):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty: someone wrote there since
+                os.rmdir(parent)
 
     def listdir(self, directory: Path) -> list[str]:
         """Names of the entries of `directory` (none if it does not exist)."""

@@ -79,10 +79,8 @@ class VersionedObject:
         if self._s3:
             client, bucket, key = self._s3_object()
             client.delete_object(Bucket=bucket, Key=key)
-        elif self.storage.remote:
-            self.storage.delete(self.path)
         else:
-            self.path.unlink(missing_ok=True)
+            self.storage.remove(self.path)
 
     @contextlib.contextmanager
     def _lock(self):

@@ -154,7 +154,7 @@ class TrainingCheckpoint:
             saved = self._manager.save(checkpoint_number=step)
         for dropped in kept - set(self._manager.checkpoints):  # the manager deletes local files only
             stale = [name for name in self.storage.listdir(self.directory) if name.startswith(Path(dropped).name + ".")]
-            self.storage.delete(*(self.directory / name for name in stale))
+            self.storage.remove(*(self.directory / name for name in stale))
         self.latest_step = step
         return saved
 
