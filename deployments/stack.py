@@ -5,7 +5,7 @@
 
 `up` is idempotent. It uses the Prefect API at PREFECT_API_URL (environment or active
 profile) when it answers; otherwise it starts `prefect server start` on loopback in the
-background. Then it creates the process work pool `tapeline` with its work queue `gpu`
+background, with the database retention of SERVER_RETENTION. Then it creates the process work pool `tapeline` with its work queue `gpu`
 and the `gpu` tag concurrency limit when they are missing, deploys
 deployments/prefect.yaml, and starts a worker for the pool unless `--no-worker`.
 The deployments run the tapeline installed in this Python environment (module-path
@@ -42,6 +42,13 @@ PREFECT_FILE = "deployments/prefect.yaml"  # relative to REPO, where `prefect de
 POOL, QUEUES, GPU_TAG = "tapeline", ("gpu", "cpu"), "gpu"  # training on gpu; prepare-data/cpu on cpu
 DEFAULT_PORT = 4200  # Prefect's own default, so the usual URL works when it is free
 PREFECT = [sys.executable, "-m", "prefect"]  # the CLI of this very environment
+# What the database of the server `up` starts keeps (docs/deployments.md#what-the-prefect-database-keeps), as ISO 8601
+# durations; a variable already in the environment wins.
+SERVER_RETENTION = {
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",  # events: the event feed, automations' triggers
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",  # vacuum old events, and old flow runs
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": "P30D",  # a flow run, its logs and artifacts: 30 days after it ended
+}
 
 
 def state_dir() -> Path:
@@ -123,7 +130,7 @@ def ensure_server() -> str:
         port = urlparse(url).port if url else server_port()
         url = f"http://127.0.0.1:{port}/api"
         command = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        pid = start("server", command, child_env(url))
+        pid = start("server", command, {**SERVER_RETENTION, **child_env(url)})
         recorded.write_text(url + "\n")
         print(f"server     started {url} (pid {pid}, log {state_dir() / 'server.log'})")
     deadline = time.monotonic() + 180  # migrations on a new database take a while on a small machine
@@ -166,7 +173,7 @@ def deploy(url: str) -> None:
     result = subprocess.run(command, cwd=REPO, env=child_env(url), capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{result.stdout}{result.stderr}stack.py: error: `prefect deploy` failed (above)")
-    print("deployed   train-flow/on-demand, train-flow/scheduled-retraining, prepare-data/cpu")
+    print("deployed   train-flow/on-demand, train-flow/scheduled-retraining, prepare-data/cpu, gc-flow/storage-gc")
 
 
 def ensure_worker(url: str) -> None:

@@ -3,7 +3,7 @@
 Deletes what the retention policy does not keep (tapeline/registry/retention.py: never the
 champion, its lineage, or a run being written), then shows what went as the table artifact
 `storage-gc` and publishes the model registry anew, which lists only the runs that are left.
-Without `yes` it deletes nothing and the table lists what it would delete.
+Without `delete` it deletes nothing and the table lists what it would delete.
 """
 
 from __future__ import annotations
@@ -33,24 +33,24 @@ def gc_flow(
     storage: param.StorageRoot = None,
     keep_last: param.KeepLast = RetentionPolicy.keep_last,
     older_than: param.OlderThan = RetentionPolicy.older_than,
-    yes: param.Yes = False,
+    delete: param.Delete = False,
 ) -> dict:
     """Delete the runs, cache entries and prepared datasets the retention policy does not keep; returns what went."""
     policy = RetentionPolicy(keep_last, older_than).validated()
     root = Storage(existing_root(storage_root(storage)))
     planned = plan(root, policy)
     print("\n".join(kept_lines(planned)))
-    if yes:
+    if delete:
         removals = collect(root, planned, on_removed=lambda removal: print(removal_line(removal, "deleted")))
         publish_model_registry(root.uri)
     else:
         removals = list(planned.removals)
         print("\n".join(removal_line(removal, "delete") for removal in removals))
-    total = total_line(removals, dry_run=not yes)
+    total = total_line(removals, dry_run=not delete)
     print(total)
     rows = removal_rows(removals)
     create_table_artifact(key="storage-gc", table=rows, description=total)
-    return {"deleted": yes, "bytes": rows[-1]["bytes"], "removals": rows[:-1]}
+    return {"deleted": delete, "bytes": rows[-1]["bytes"], "removals": rows[:-1]}
 
 
 def removal_rows(removals: list[Removal]) -> list[dict]:

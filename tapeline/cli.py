@@ -17,9 +17,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 
 from tapeline.config import (  # noqa: E402
     STORAGE_ENV,
+    Delete,
     RetentionPolicy,
     RunConfig,
-    Yes,
     retention_parameters,
     run_parameters,
     storage_root,
@@ -158,7 +158,7 @@ def gc(argv: list[str], prog: str) -> int:
     for p in retention_parameters():
         default = f" (default: {p.default})" if p.default is not None else ""
         parser.add_argument(p.flag, dest=p.name, type=p.kind, default=p.default, metavar=GC_METAVARS[p.name], help=p.help + default)
-    parser.add_argument("--yes", action="store_true", help=typing.get_args(Yes)[1].description)
+    parser.add_argument("--yes", action="store_true", help=typing.get_args(Delete)[1].description)
     args = parser.parse_args(argv)
     from tapeline.registry.retention import collect, kept_lines, plan, removal_line, total_line
     from tapeline.storage.access import existing_root

@@ -173,7 +173,8 @@ OlderThan = Annotated[
         description="delete only runs that finished more than DAYS days ago, and runs that never completed DAYS days after their last write",
     ),
 ]
-Yes = Annotated[bool, Field(description="delete; without it, only list what would be deleted and its bytes")]
+# gc-flow's `delete` is `tapeline gc --yes` (a key `yes` is a boolean to YAML 1.1, and so in prefect.yaml).
+Delete = Annotated[bool, Field(description="delete; without it, only list what would be deleted and its bytes")]
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,26 @@ def test_up_starts_a_server_and_creates_what_the_deployments_need(up, env, api):
     assert (on_demand.work_pool_name, on_demand.work_queue_name) == ("tapeline", "gpu")
     assert on_demand.parameters == {} and on_demand.schedules == []
     # Nothing of the deploying machine: an installed module, no pull step, and the worker's own directory.
-    for deployment in (prepare, on_demand, api.read_deployment_by_name("train-flow/scheduled-retraining")):
+    scheduled, gc = api.read_deployment_by_name("train-flow/scheduled-retraining"), api.read_deployment_by_name("gc-flow/storage-gc")
+    for deployment in (prepare, on_demand, scheduled, gc):
         assert deployment.entrypoint.startswith("tapeline.flows.") and ":" not in deployment.entrypoint
         assert (deployment.pull_steps, deployment.path, deployment.job_variables) == ([], None, {"working_dir": "."})
+
+
+def test_the_server_up_started_keeps_a_week_of_events_and_vacuums_flow_runs_after_30_days(up, api):
+    settings = api._client.get("/admin/settings").json()["server"]  # the running server's own
+    assert settings["events"]["retention_period"] == "P7D"
+    vacuum = settings["services"]["db_vacuum"]
+    assert set(vacuum["enabled"]) == {"events", "flow_runs"} and vacuum["retention_period"] == "P30D"
+
+
+def test_storage_gc_runs_weekly_on_the_cpu_queue_and_deletes(api):
+    deployment = api.read_deployment_by_name("gc-flow/storage-gc")
+    (schedule,) = deployment.schedules
+    assert schedule.active and (schedule.schedule.cron, schedule.schedule.timezone) == ("0 5 * * 0", "UTC")
+    assert (deployment.work_pool_name, deployment.work_queue_name) == ("tapeline", "cpu")
+    assert deployment.parameters == {"keep_last": 7, "older_than": 14, "delete": True}
+    assert deployment.global_concurrency_limit.limit == 1
 
 
 def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):

@@ -39,6 +39,7 @@ def test_layout_names_every_place_under_the_root(tmp_path):
     assert prepared.directory == tmp_path / "datasets" / "mnist" / "k1"
     assert prepared.manifest == tmp_path / "datasets" / "mnist" / "k1.manifest.json"  # beside the directory
     assert prepared.split("train") == prepared.directory / "train.parquet"
+    assert prepared.deleting == tmp_path / "datasets" / "mnist" / "k1.deleting"
 
 
 @pytest.mark.parametrize("given", ["{run}", "{run}/", "{run}/run.json"])

@@ -23,7 +23,10 @@ and the drop) lose them.
 Deleting is safe to interrupt: a run is deleted under its lease, marked `.deleting`, its run.json
 first (from then on every reader treats what is left as incomplete), then its other files, then
 the mark. A run found marked and without its run.json is a deletion cut short, and the next gc
-finishes it whatever the policy; a prepared dataset loses its manifest first, for the same reason.
+finishes it whatever the policy. A prepared dataset is marked likewise (`<key>.deleting` beside it)
+and loses its manifest first, so that `prepare` makes it anew; one without its manifest and unmarked
+may be being written by prepare-data, which takes no run lease, and is left until it has been idle
+for an hour.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path, PurePosixPath
 
 from tapeline.config import RetentionPolicy
 from tapeline.registry.champion import current_champion
-from tapeline.storage.layout import MANIFEST_SUFFIX, DatasetPaths
+from tapeline.storage.layout import DELETING_SUFFIX, MANIFEST_SUFFIX, DatasetPaths
 from tapeline.storage.lease import RunLease, RunLeaseHeld, live_holder
 from tapeline.storage.root import Storage, StoredFile, utc_now
 
@@ -117,7 +120,7 @@ class Removal:
 class Plan:
     removals: tuple[Removal, ...]  # in the order `collect` deletes them: runs first
     kept: dict[str, str]  # run id -> why it stays
-    unmark: tuple[str, ...]  # runs marked `.deleting` by an earlier gc, still whole, that the policy now keeps
+    unmark: tuple[Path, ...]  # marks of deletions an earlier gc began on what is still whole and now kept
     data_left: str | None  # why cache/ and datasets/ were left alone, if they were
 
     @property
@@ -134,10 +137,11 @@ def plan(storage: Storage, policy: RetentionPolicy, now: float | None = None) ->
     removals += [removal for run_id in kept if (removal := _checkpoint_removal(storage, runs[run_id], now))]
     writing = sorted(run_id for run_id, state in runs.items() if state.holder)
     data_left = f"run {writing[0]} is being written, and records what it uses only at its end" if writing else None
+    unmark = [storage.layout.run(run_id).deleting for run_id in kept if runs[run_id].marked and runs[run_id].completed]
     if not writing:
-        removals += _data_removals(storage, [runs[run_id].manifest for run_id in kept if runs[run_id].completed], now)
-    unmark = tuple(run_id for run_id in kept if runs[run_id].marked and runs[run_id].completed)
-    return Plan(tuple(removals), kept, unmark, data_left)
+        data, stale = _data_removals(storage, [runs[run_id].manifest for run_id in kept if runs[run_id].completed], now)
+        removals, unmark = removals + data, unmark + stale
+    return Plan(tuple(removals), kept, tuple(unmark), data_left)
 
 
 def collect(storage: Storage, planned: Plan, on_removed: Callable[[Removal], None] = lambda removal: None) -> list[Removal]:
@@ -145,8 +149,7 @@ def collect(storage: Storage, planned: Plan, on_removed: Callable[[Removal], Non
 
     A run whose lease another process took since it was planned is left, and so are cache/ and
     datasets/ if a run is being written by then."""
-    for run_id in planned.unmark:
-        storage.remove(storage.layout.run(run_id).deleting)
+    storage.remove(*planned.unmark)
     removed = []
     for removal in planned.removals:
         if removal.kind in ("cache", "dataset") and _any_run_being_written(storage):
@@ -180,7 +183,8 @@ def _kept_runs(storage: Storage, runs: dict[str, RunState], policy: RetentionPol
     if champion in runs:
         kept.setdefault(champion, "the champion")
     kept.update({run_id: "its run.json cannot be read" for run_id, state in runs.items() if state.unreadable and run_id not in kept})
-    completed = sorted((state for state in runs.values() if state.completed), key=lambda state: state.age_days(now))
+    completed = sorted((state for state in runs.values() if state.completed), key=lambda state: (state.manifest["finished"], state.run_id))
+    completed.reverse()  # the last finished first; within a second, the greater run id
     for state in completed[: policy.keep_last]:
         kept.setdefault(state.run_id, f"one of the {policy.keep_last} last finished (--keep-last)")
     for state in runs.values():
@@ -220,8 +224,9 @@ def _checkpoint_removal(storage: Storage, state: RunState, now: float) -> Remova
     return Removal("checkpoints", state.run_id, directory, _size(files), state.age_days(now), "the run completed")
 
 
-def _data_removals(storage: Storage, manifests: list[dict], now: float) -> list[Removal]:
-    """The cache entries and prepared datasets that none of `manifests` (the kept runs') references."""
+def _data_removals(storage: Storage, manifests: list[dict], now: float) -> tuple[list[Removal], list[Path]]:
+    """The cache entries and prepared datasets that none of `manifests` (the kept runs') references; and the marks
+    of deletions begun on prepared datasets that are whole again and kept."""
     layout = storage.layout
     used_cache = {layout.cache_file(run["dataset"]["name"], sha) for run in manifests for sha in run["dataset"]["sha256"].values()}
     used_data = {_prepared(storage, run) for run in manifests}
@@ -230,14 +235,16 @@ def _data_removals(storage: Storage, manifests: list[dict], now: float) -> list[
         for file in storage.files(layout.cache)
         if file.path.suffix == ".gz" and not file.path.name.startswith(".") and file.path not in used_cache
     ]
+    stale = []
     for prepared, files in _prepared_datasets(storage).items():
-        complete = any(file.path == prepared.manifest for file in files)
-        idle = now - max(file.modified for file in files)
-        if prepared in used_data or (not complete and idle < UNFINISHED_DATASET_SECONDS):
+        paths, idle = {file.path for file in files}, (now - max(file.modified for file in files)) / DAY
+        complete, marked = prepared.manifest in paths, prepared.deleting in paths
+        if prepared in used_data or (not complete and not marked and idle * DAY < UNFINISHED_DATASET_SECONDS):
+            stale += [prepared.deleting] if marked and complete else []
             continue
-        why = "no kept run uses it" if complete else "unfinished (no manifest), idle"
-        removals.append(Removal("dataset", _relative(storage, prepared.directory), prepared.directory, _size(files), idle / DAY, why))
-    return removals
+        why = "no kept run uses it" if complete else "a deletion cut short" if marked else "unfinished (no manifest), idle"
+        removals.append(Removal("dataset", _relative(storage, prepared.directory), prepared.directory, _size(files), idle, why))
+    return removals, stale
 
 
 def _prepared(storage: Storage, run: dict) -> DatasetPaths:
@@ -246,12 +253,13 @@ def _prepared(storage: Storage, run: dict) -> DatasetPaths:
 
 
 def _prepared_datasets(storage: Storage) -> dict[DatasetPaths, list[StoredFile]]:
-    """Every prepared dataset under datasets/, with its files and its manifest; temporary files left out."""
+    """Every prepared dataset under datasets/, with its files, its manifest and its mark; temporary files left out."""
     found = defaultdict(list)
     for file in storage.files(storage.layout.datasets):
-        parts = file.path.relative_to(storage.layout.datasets).parts  # <dataset>/<key>/<split> or <dataset>/<key>.manifest.json
+        parts = file.path.relative_to(storage.layout.datasets).parts  # <dataset>/<key>/<split>, <dataset>/<key>.manifest.json
         if len(parts) >= 2 and not file.path.name.startswith("."):
-            found[storage.layout.dataset(parts[0], parts[1].removesuffix(MANIFEST_SUFFIX))].append(file)
+            key = parts[1].removesuffix(MANIFEST_SUFFIX).removesuffix(DELETING_SUFFIX)
+            found[storage.layout.dataset(parts[0], key)].append(file)
     return found
 
 
@@ -262,7 +270,7 @@ def _remove_run(storage: Storage, removal: Removal) -> bool:
         if not held:
             return False
         if storage.exists(run.run_json):
-            storage.write_json(run.deleting, {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()})
+            _mark(storage, run.deleting)
             storage.remove(run.run_json)  # from here on, every reader sees an incomplete run
         storage.remove(*(file.path for file in storage.files(run.directory) if file.path not in (run.deleting, run.lease)))
         storage.remove(run.deleting, run.lease)
@@ -297,12 +305,21 @@ def _remove_cache_entry(storage: Storage, removal: Removal) -> bool:
 
 
 def _remove_dataset(storage: Storage, removal: Removal) -> bool:
-    """The manifest first: from then on `prepare` and every reader treat the dataset as absent."""
+    """Mark it, delete the manifest (from then on `prepare` and every reader treat the dataset as absent), the splits,
+    then the mark."""
     prepared = DatasetPaths(removal.target)
-    storage.remove(prepared.manifest)
+    if storage.exists(prepared.manifest):
+        _mark(storage, prepared.deleting)
+        storage.remove(prepared.manifest)
     storage.remove(*(file.path for file in storage.files(prepared.directory)))
     storage.remove_directory(prepared.directory)
+    storage.remove(prepared.deleting)
     return True
+
+
+def _mark(storage: Storage, path: Path) -> None:
+    """A deletion begins: who deletes, since when; a gc that finds the mark finishes the deletion."""
+    storage.write_json(path, {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()})
 
 
 _REMOVE = {"run": _remove_run, "checkpoints": _remove_checkpoints, "cache": _remove_cache_entry, "dataset": _remove_dataset}

@@ -3,6 +3,7 @@
     cache/<dataset>/<idx sha256>.gz           verified dataset files, content-addressed
     datasets/<dataset>/<key>/                 preprocessed splits: train/validation/test.parquet
     datasets/<dataset>/<key>.manifest.json    their manifest, written last: the splits are complete
+    datasets/<dataset>/<key>.deleting         a gc is deleting them (tapeline/registry/retention.py)
     models/current                            the champion pointer (tapeline/registry/champion.py)
     runs/<run_id>/run.json                    the run manifest (tapeline/manifest.py)
     runs/<run_id>/model.keras                 the trained model
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 MANIFEST_SUFFIX = ".manifest.json"  # a dataset directory's manifest is <directory>.manifest.json, beside it
+DELETING_SUFFIX = ".deleting"  # a prepared dataset being deleted has <directory>.deleting beside it
 RUN_JSON = "run.json"
 MODEL_CARD = "model.json"
 LOCAL = pafs.LocalFileSystem()  # the local filesystem, as pyarrow sees it
@@ -134,13 +136,17 @@ class RunPaths:
 
 @dataclass(frozen=True)
 class DatasetPaths:
-    """A preprocessed dataset: its directory of split files, and its manifest beside it."""
+    """A preprocessed dataset: its directory of split files, and its manifest (and, while gc deletes it, a mark) beside it."""
 
     directory: PurePath
 
     @property
     def manifest(self) -> PurePath:
         return manifest_path(self.directory)
+
+    @property
+    def deleting(self) -> PurePath:
+        return self.directory.with_name(self.directory.name + DELETING_SUFFIX)
 
     def split(self, name: str) -> PurePath:
         return self.directory / f"{name}.parquet"
