@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,16 +54,20 @@ class History:
 
     def copy(self, name: str) -> str:
         """A new root holding what the five runs wrote, byte for byte."""
-        target = str(self.directory / name) if self.where == "local" else f"{self.root}-{name}"
-        filesystem, source = pafs.FileSystem.from_uri(self.root)
-        for path, _ in stored(self.root).items():
-            destination = f"{pafs.FileSystem.from_uri(target)[1]}/{path}"
-            filesystem.create_dir(destination.rsplit("/", 1)[0])
-            filesystem.copy_file(f"{source}/{path}", destination)
-        return target
+        return copy_root(self.root, str(self.directory / name) if self.where == "local" else f"{self.root}-{name}")
 
     def run(self, root: str, run_id: str) -> dict:
         return Storage(root).read_json(Storage(root).layout.run(run_id).run_json)
+
+
+def copy_root(root: str, target: str) -> str:
+    """Copy every file of a root to `target`, a directory or a prefix of the same bucket."""
+    filesystem, source = pafs.FileSystem.from_uri(root)
+    for path in stored(root):
+        destination = f"{pafs.FileSystem.from_uri(target)[1]}/{path}"
+        filesystem.create_dir(destination.rsplit("/", 1)[0])
+        filesystem.copy_file(f"{source}/{path}", destination)
+    return target
 
 
 def stored(root: str) -> dict[str, int]:
@@ -172,11 +175,13 @@ def test_gc_keeps_the_last_run_the_champion_and_its_warm_start_ancestors(history
 
 
 def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, capsys):
+    """Another process holds the leases of r4 (which gc would delete) and of r6, a run that has only begun."""
     root = history.copy("leased")
     before = stored(root)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, root], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "TAPELINE_LEASE_SECONDS": "60"}
-    )
+        [sys.executable, "-c", HOLD, root, "r4", "r6"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TAPELINE_LEASE_SECONDS": "60"},
+    )  # fmt: skip
     try:
         assert holder.stdout.readline() == "holding\n"
         assert main(["gc", root, "--keep-last", "1", "--yes"]) == 0
@@ -184,19 +189,23 @@ def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, cap
         holder.kill()
         holder.wait()
     out = capsys.readouterr().out
-    assert re.search(rf"^keep +run +r4 +being written by \S+ pid {holder.pid}$", out, re.MULTILINE), out
+    for run_id in ("r4", "r6"):
+        assert re.search(rf"^keep +run +{run_id} +being written by \S+ pid {holder.pid}$", out, re.MULTILINE), out
     after = stored(root)
-    assert runs_in(after) == KEPT | {"r4"}
+    assert runs_in(after) == KEPT | {"r4", "r6"}
     assert {path: size for path, size in before.items() if path.startswith("runs/r4/") and path != "runs/r4/.lease"}.items() <= after.items()
-    assert {path for path in before if path.startswith(("cache/", "datasets/"))} <= set(after)  # while a run is being written
-    assert "keep    cache/ and datasets/: run r4 is being written" in out
+    # r6 has no run.json yet to say what data it uses: all of it stays, r1's too.
+    assert "keep    cache/ and datasets/: run r6 is kept, and has no run.json to say what it uses" in out
+    assert {path for path in before if path.startswith(("cache/", "datasets/"))} <= set(after)
 
 
 HOLD = """
-import sys, time
+import contextlib, sys, time
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import Storage
-with RunLease(Storage(sys.argv[1]), "r4"):
+with contextlib.ExitStack() as leases:
+    for run_id in sys.argv[2:]:
+        leases.enter_context(RunLease(Storage(sys.argv[1]), run_id))
     print("holding", flush=True)
     time.sleep(600)
 """
@@ -296,36 +305,41 @@ def test_the_gc_flow_shows_what_it_removed_and_the_registry_that_is_left(history
     assert {row["run_id"] for row in artifacts["model-registry"]} == KEPT
 
 
-def test_a_killed_run_keeps_its_checkpoints_through_gc_and_resumes(tmp_path, prefect_api, capfd):
+@pytest.mark.parametrize("where", WHERE)
+def test_a_killed_run_keeps_its_checkpoints_through_gc_and_resumes(where, tmp_path, request, prefect_api, capsys, caplog):
     """A real `tapeline train` SIGKILLed after its first checkpoint: gc keeps it (and deletes it only under
     --older-than), and the rerun resumes from the checkpoint, completes, and drops it."""
     from prefect.settings import PREFECT_API_URL
 
-    write_idx_dir(tmp_path / "a", tiny_arrays(n_train=3000, n_test=100))
-    root = tmp_path / "store"
-    flags = dict(dataset="idx", source=str(tmp_path / "a"), storage=str(root), run_name="killed", epochs=2, validation_size=100, checkpoint_every=5)
-    command = [sys.executable, "-m", "tapeline.cli", "train", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
-    trainer = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdout=subprocess.DEVNULL)
-    index = root / "runs" / "killed" / "checkpoints" / "checkpoint"
-    while not index.exists() and trainer.poll() is None:
+    write_idx_dir(tmp_path / "a", tiny_arrays(n_train=2000, n_test=100))
+    root = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3").uri(f"killed-run-{tmp_path.name}")
+    flags = dict(
+        dataset="idx", source=str(tmp_path / "a"), storage=root, run_name="killed", epochs=1, validation_size=100, checkpoint_every=5,
+        jit_compile=False,
+    )  # fmt: skip
+    command = [sys.executable, "-m", "tapeline.cli", "train", "--no-jit-compile"]
+    command += [f"--{name.replace('_', '-')}={value}" for name, value in flags.items() if name != "jit_compile"]
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TAPELINE_LEASE_SECONDS": "2", "TAPELINE_WORKDIR": str(tmp_path / "trainer")}
+    trainer = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while "runs/killed/checkpoints/checkpoint" not in stored(root) and trainer.poll() is None:
         time.sleep(0.05)
     trainer.kill()
-    trainer.wait()
-    assert index.exists() and not (root / "runs" / "killed" / "run.json").exists()
-    capfd.readouterr()
+    assert trainer.wait() == -signal.SIGKILL
+    time.sleep(2 if where == "s3" else 0)  # the dead trainer's lease expires
+    files = stored(root)
+    assert "runs/killed/checkpoints/checkpoint" in files and "runs/killed/run.json" not in files
 
-    assert main(["gc", str(root), "--keep-last", "0", "--older-than", "1", "--yes"]) == 0
-    assert "keep    run         killed                               never completed: it can resume from its checkpoints" in capfd.readouterr().out
-    assert index.exists()
-    elsewhere = tmp_path / "copy"
-    shutil.copytree(root, elsewhere)
-    assert main(["gc", str(elsewhere), "--keep-last", "0", "--older-than", "0", "--yes"]) == 0
-    assert re.search(r"^deleted run +killed .* never completed, and too old$", capfd.readouterr().out, re.MULTILINE)
-    assert runs_in(stored(str(elsewhere))) == set()
+    assert main(["gc", root, "--keep-last", "0", "--older-than", "1", "--yes"]) == 0
+    assert "keep    run         killed                               never completed: it can resume from its checkpoints" in capsys.readouterr().out
+    assert stored(root) == files
+    elsewhere = copy_root(root, str(tmp_path / "copy") if where == "local" else f"{root}-copy")
+    assert main(["gc", elsewhere, "--keep-last", "0", "--older-than", "0", "--yes"]) == 0
+    assert re.search(r"^deleted run +killed .* never completed, and too old$", capsys.readouterr().out, re.MULTILINE)
+    assert runs_in(stored(elsewhere)) == set()
 
     manifest = train_flow(**flags)
-    assert "resuming from checkpoint" in capfd.readouterr().out
-    assert manifest["status"] == "completed" and not (root / "runs" / "killed" / "checkpoints").exists()
+    assert "resuming from checkpoint" in caplog.text  # the train task's print, in Prefect's log
+    assert manifest["status"] == "completed" and not [path for path in stored(root) if "/checkpoints/" in path]
 
 
 def test_an_unfinished_prepared_dataset_is_left_until_it_has_been_idle_an_hour(tmp_path, capsys):

@@ -15,8 +15,8 @@ run.json (`drop_checkpoints`), unless the run was asked to keep them (`keep_chec
   examples it left out, and so on up the chain.
 
 The cache entries and prepared datasets that a kept run references are kept; the others go,
-except while any run is being written (a run records what it uses only in its run.json, at its
-end): then gc leaves `cache/` and `datasets/` alone. Kept runs that completed without
+except while a kept run has no run.json (being written, or resumable): a run records what it uses
+only in its run.json, at its end, so then gc leaves `cache/` and `datasets/` alone. Kept runs that completed without
 `keep_checkpoints` and still hold checkpoints (older runs, or a run stopped between its run.json
 and the drop) lose them.
 
@@ -135,10 +135,10 @@ def plan(storage: Storage, policy: RetentionPolicy, now: float | None = None) ->
     kept = _kept_runs(storage, runs, policy, now)
     removals = [_run_removal(state, now) for run_id, state in runs.items() if run_id not in kept]
     removals += [removal for run_id in kept if (removal := _checkpoint_removal(storage, runs[run_id], now))]
-    writing = sorted(run_id for run_id, state in runs.items() if state.holder)
-    data_left = f"run {writing[0]} is being written, and records what it uses only at its end" if writing else None
+    unknown = sorted(run_id for run_id in kept if not runs[run_id].completed)  # being written, resumable or unreadable
+    data_left = f"run {unknown[0]} is kept, and has no run.json to say what it uses" if unknown else None
     unmark = [storage.layout.run(run_id).deleting for run_id in kept if runs[run_id].marked and runs[run_id].completed]
-    if not writing:
+    if not unknown:
         data, stale = _data_removals(storage, [runs[run_id].manifest for run_id in kept if runs[run_id].completed], now)
         removals, unmark = removals + data, unmark + stale
     return Plan(tuple(removals), kept, tuple(unmark), data_left)
