@@ -163,7 +163,8 @@ class TrainingCheckpoint:
         if not self.storage.remote or not self.storage.exists(self.directory / "checkpoint"):
             return
         self.storage.fetch(self.directory / "checkpoint")
-        latest = Path(tf.train.latest_checkpoint(str(self.directory))).name
+        # The index's own entry: `latest_checkpoint` answers None until the files it names are here, which they are not yet.
+        latest = Path(tf.train.get_checkpoint_state(str(self.directory)).model_checkpoint_path).name
         for name in self.storage.listdir(self.directory):
             if name.startswith(latest + "."):
                 self.storage.fetch(self.directory / name)
