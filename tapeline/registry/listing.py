@@ -15,7 +15,10 @@ def model_registry(storage: Storage) -> list[dict]:
     for run_id in reversed(storage.listdir(storage.layout.runs)):
         if not storage.exists(manifest_path := storage.layout.run(run_id).run_json):
             continue  # running, or failed
-        run = storage.read_json(manifest_path)
+        try:
+            run = storage.read_json(manifest_path)
+        except FileNotFoundError:  # a gc deleted the run since it was listed: run.json goes first
+            continue
         rows.append(
             {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
                 "run_id": run["run_id"],

@@ -48,6 +48,7 @@ from tapeline.storage.lease import RunLease, RunLeaseHeld, live_holder
 from tapeline.storage.root import Storage, StoredFile, utc_now
 
 DAY = 86400.0
+DATA = ("cache", "dataset")  # the kinds of Removal outside runs/
 # A prepared dataset without its manifest is being written, or was cut short. prepare-data takes no run lease,
 # so gc deletes such a directory only once nothing has been written to it for this long.
 UNFINISHED_DATASET_SECONDS = 3600.0
@@ -123,10 +124,6 @@ class Plan:
     unmark: tuple[Path, ...]  # marks of deletions an earlier gc began on what is still whole and now kept
     data_left: str | None  # why cache/ and datasets/ were left alone, if they were
 
-    @property
-    def bytes(self) -> int:
-        return sum(removal.bytes for removal in self.removals)
-
 
 def plan(storage: Storage, policy: RetentionPolicy, now: float | None = None) -> Plan:
     """What gc would delete under `policy`, and why everything else stays."""
@@ -136,7 +133,7 @@ def plan(storage: Storage, policy: RetentionPolicy, now: float | None = None) ->
     removals = [_run_removal(state, now) for run_id, state in runs.items() if run_id not in kept]
     removals += [removal for run_id in kept if (removal := _checkpoint_removal(storage, runs[run_id], now))]
     unknown = sorted(run_id for run_id in kept if not runs[run_id].completed)  # being written, resumable or unreadable
-    data_left = f"run {unknown[0]} is kept, and has no run.json to say what it uses" if unknown else None
+    data_left = f"run {unknown[0]} is kept, and has no readable run.json to say what it uses" if unknown else None
     unmark = [storage.layout.run(run_id).deleting for run_id in kept if runs[run_id].marked and runs[run_id].completed]
     if not unknown:
         data, stale = _data_removals(storage, [runs[run_id].manifest for run_id in kept if runs[run_id].completed], now)
@@ -150,15 +147,19 @@ def collect(storage: Storage, planned: Plan, on_removed: Callable[[Removal], Non
     A run whose lease another process took since it was planned is left, and so are cache/ and
     datasets/ if a run is being written by then."""
     storage.remove(*planned.unmark)
-    removed = []
-    for removal in planned.removals:
-        if removal.kind in ("cache", "dataset") and _any_run_being_written(storage):
-            break
-        if not _REMOVE[removal.kind](storage, removal):
-            continue
-        removed.append(removal)
-        on_removed(removal)
+    runs = [removal for removal in planned.removals if removal.kind not in DATA]
+    data = [removal for removal in planned.removals if removal.kind in DATA]
+    removed = [removal for removal in runs if _remove(storage, removal, on_removed)]
+    if data and not _any_run_being_written(storage):  # one may have begun since the plan
+        removed += [removal for removal in data if _remove(storage, removal, on_removed)]
     return removed
+
+
+def _remove(storage: Storage, removal: Removal, on_removed: Callable[[Removal], None]) -> bool:
+    if not _REMOVE[removal.kind](storage, removal):
+        return False
+    on_removed(removal)
+    return True
 
 
 def _run_state(storage: Storage, run_id: str) -> RunState:
@@ -167,11 +168,12 @@ def _run_state(storage: Storage, run_id: str) -> RunState:
     names = {file.path for file in files}
     manifest, unreadable = None, False
     if run.run_json in names:
-        try:
-            manifest = storage.read_json(run.run_json)
-            unreadable = not isinstance(manifest, dict) or "finished" not in manifest
-        except (ValueError, FileNotFoundError):  # FileNotFoundError: a gc deleted it since the listing
-            unreadable = True
+        with contextlib.suppress(FileNotFoundError):  # another gc deleted it since the listing
+            try:
+                manifest = storage.read_json(run.run_json)
+            except ValueError:
+                manifest = None
+            unreadable = not (isinstance(manifest, dict) and {"finished", "parameters", "dataset"} <= manifest.keys())
         manifest = None if unreadable else manifest
     return RunState(run_id, run.directory, files, manifest, unreadable, run.deleting in names, live_holder(storage, run_id))
 
