@@ -84,7 +84,7 @@ def test_flow_run_on_s3_storage(s3, tmp_path, monkeypatch, fashion_mnist_dir):
     monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
     manifest = train_flow(
         dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=root, run_name="on-s3", epochs=1,
-        train_limit=1000, validation_size=200, snapshot_every=20, snapshot_weights=True, checkpoint_every=5,
+        train_limit=1000, validation_size=200, snapshot_every=20, snapshot_weights=True, checkpoint_every=5, keep_checkpoints=True,
     )  # fmt: skip
     run = f"{root}/runs/on-s3"
     assert read_run_json(run) == manifest and manifest["parameters"]["storage"] == root

@@ -174,6 +174,17 @@ def test_gc_keeps_the_last_run_the_champion_and_its_warm_start_ancestors(history
     assert {line.split()[1] if line.startswith("*") else line.split()[0] for line in capsys.readouterr().out.splitlines()} == KEPT
 
 
+def test_older_than_keeps_the_young_and_without_keep_last_the_champion_and_its_ancestors_stay(history, capsys):
+    if history.where == "s3":
+        pytest.skip("the rule reads run.json alone: the local root shows it")
+    root = history.copy("older-than")
+    before = stored(root)
+    assert main(["gc", root, "--keep-last", "0", "--older-than", "1", "--yes"]) == 0  # every run finished minutes ago
+    assert "finished 0.0 days ago (--older-than)" in capsys.readouterr().out and stored(root) == before
+    assert main(["gc", root, "--keep-last", "0", "--older-than", "0", "--yes"]) == 0
+    assert runs_in(stored(root)) == {"r3", "r2"}  # the champion and its warm-start source: no rule deletes them
+
+
 def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, capsys):
     """Another process holds the leases of r4 (which gc would delete) and of r6, a run that has only begun."""
     root = history.copy("leased")
