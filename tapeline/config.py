@@ -12,6 +12,7 @@ docs/parameters.md is generated from here: `python -m tapeline.config > docs/par
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import types
@@ -41,9 +42,19 @@ class Rule:
     text: str
 
 
+class Role(enum.Enum):
+    """What a parameter is besides a flow parameter, marked in its annotation."""
+
+    RESUME = "a checkpoint trained under another value is not resumed"
+    HPARAM = "changes what is learned: runs are compared by it (TensorBoard's HParams)"
+
+
+RESUME, HPARAM = Role.RESUME, Role.HPARAM
+
 Dataset = Annotated[
     Literal[(*DATASETS, IDX)],
     Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
+    RESUME, HPARAM,
 ]
 Source = Annotated[
     str | None,
@@ -65,12 +76,12 @@ PrepareOn = Annotated[
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
 ]
 Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
-Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
-BatchSize = Annotated[int, Field(ge=1, description="samples per training step")]
-LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate")]
-Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights")]
-TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N training samples (smoke runs)")]
-ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation")]
+Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
+BatchSize = Annotated[int, Field(ge=1, description="samples per training step"), RESUME, HPARAM]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate"), RESUME, HPARAM]
+Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights"), RESUME, HPARAM]
+TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N training samples (smoke runs)"), RESUME, HPARAM]
+ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation"), RESUME, HPARAM]
 SnapshotEvery = Annotated[int, Field(ge=1, description="full gradient snapshot every N steps")]
 SnapshotWeights = Annotated[bool, Field(description="store each scheduled snapshot's weights (before the update) beside its gradients")]
 GradientDtype = Annotated[Literal[tuple(GRADIENT_DTYPES)], Field(description="dtype of stored gradient values (statistics are float32)")]
@@ -82,8 +93,8 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N ste
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
-WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones")]
-Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32")]
+WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones"), HPARAM]
+Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
     int,
@@ -96,7 +107,7 @@ StepsPerCall = Annotated[
 PerExampleNorms = Annotated[
     bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")
 ]
-Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
+Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients"), RESUME]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
 AcceptUnlockedStorage = Annotated[
@@ -165,6 +176,7 @@ class Parameter:
     help: str
     choices: tuple[str, ...] | None
     rule: str  # the constraint in words: "at least 1", "above 0", a Rule's text; "" when any value of its type goes
+    roles: frozenset[Role]
 
     @property
     def flag(self) -> str:
@@ -196,6 +208,11 @@ def run_parameters() -> tuple[Parameter, ...]:
     return tuple(_parameter(f.name, annotations[f.name], f.default) for f in fields(RunConfig))
 
 
+def parameters_with(role: Role) -> tuple[Parameter, ...]:
+    """The run parameters marked with `role`, in declaration order."""
+    return tuple(p for p in run_parameters() if role in p.roles)
+
+
 def _annotations() -> dict:
     """Each field's full annotation, constraints included."""
     return typing.get_type_hints(RunConfig, include_extras=True)
@@ -206,7 +223,8 @@ def _parameter(name: str, annotation, default) -> Parameter:
     kind = _without_none(info.annotation)
     choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
     rule = next((m.text for m in info.metadata if isinstance(m, Rule)), None)
-    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata))
+    roles = frozenset(m for m in info.metadata if isinstance(m, Role))
+    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata), roles)
 
 
 def _without_none(annotation):

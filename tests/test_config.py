@@ -114,3 +114,14 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     assert "argument --epochs: invalid int value: 'many'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not storage.exists()
+
+
+def test_roles_are_marked_on_the_declared_parameters():
+    from tapeline.config import HPARAM, RESUME, parameters_with
+    from tapeline.training.summaries import HPARAMS
+
+    resume = [p.name for p in parameters_with(RESUME)]
+    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic"]
+    assert [h.name for h in HPARAMS] == [p.name for p in parameters_with(HPARAM)]
+    assert {"epochs", "warm_start"} <= {h.name for h in HPARAMS} and "jit_compile" not in {h.name for h in HPARAMS}
+    assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, IDX}  # your own IDX files too

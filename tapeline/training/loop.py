@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tapeline.config import RunConfig
+from tapeline.config import RESUME, RunConfig, parameters_with
 from tapeline.data.splits import read_split
 from tapeline.errors import NonFiniteError
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
@@ -43,10 +43,6 @@ from tapeline.training.steps import host_arrays, make_distributed_train_step, ma
 from tapeline.training.summaries import RunSummaries
 
 EVAL_BATCH_SIZE = 1024
-# A checkpoint from another run must not be resumed under these changed.
-RESUME_PARAMETERS = (
-    "dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic",
-)
 
 
 class Training(NamedTuple):
@@ -166,8 +162,8 @@ def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizer
 
 
 def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
-    """What a checkpoint must have been trained with to be resumed: RESUME_PARAMETERS and the prepared data."""
-    return {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
+    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME and the prepared data."""
+    return {p.name: getattr(config, p.name) for p in parameters_with(RESUME)} | {"data": Path(data.directory).name}
 
 
 def _trained_model(

@@ -39,8 +39,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2
 
-from tapeline.config import PRECISIONS, RunConfig
-from tapeline.data.registry import DATASETS
+from tapeline.config import HPARAM, Parameter, RunConfig, parameters_with
 from tapeline.gradients.noise import NoiseSmoother
 from tapeline.reader import read_steps
 from tapeline.storage.root import Storage
@@ -63,24 +62,18 @@ class _Number(hp.Domain):
         hparam_info.type = api_pb2.DATA_TYPE_FLOAT64
 
 
-def _flag() -> hp.Discrete:
-    return hp.Discrete([False, True])
+def _hparam(parameter: Parameter) -> hp.HParam:
+    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, or a number."""
+    if parameter.choices:
+        domain = hp.Discrete(list(parameter.choices))
+    else:
+        domain = hp.Discrete([False, True]) if parameter.kind is bool else _Number()
+    return hp.HParam(parameter.name, domain, description=parameter.help)
 
 
-# The run parameters that change what is learned, to compare runs by (not deterministic, jit_compile or devices:
-# the same computation, differently run). TensorBoard lists them by name and shows the first five until a user
-# ticks more: batch_size, dataset, epochs, learning_rate, precision.
-HPARAMS = (
-    hp.HParam("dataset", hp.Discrete(list(DATASETS))),
-    hp.HParam("epochs", _Number()),
-    hp.HParam("batch_size", _Number()),
-    hp.HParam("learning_rate", _Number()),
-    hp.HParam("precision", hp.Discrete(list(PRECISIONS))),
-    hp.HParam("seed", _Number()),
-    hp.HParam("train_limit", _Number(), description="training samples used; empty: all of the training split"),
-    hp.HParam("validation_size", _Number()),
-    hp.HParam("warm_start", _flag(), description="started from the champion's weights"),
-)
+# The run parameters marked HPARAM (tapeline/config.py). TensorBoard lists them by name and shows the first five
+# until a user ticks more.
+HPARAMS = tuple(_hparam(parameter) for parameter in parameters_with(HPARAM))
 # In the order of the table's columns; it shows the first five until a user ticks more.
 METRICS = (
     hp.Metric("metrics/test_accuracy", display_name="test accuracy"),
