@@ -16,7 +16,7 @@ import pytest
 from tapeline.data.splits import read_split
 from tapeline.errors import ConfigError
 from tapeline.gradients.schema import NOISE_COLUMNS
-from tapeline.reader import read_samples, read_steps
+from tapeline.reader import read_samples, read_stats, read_steps
 from tapeline.training.devices import resolve_devices
 from tapeline.training.loop import train_model
 from tests.conftest import tiny_prepared
@@ -38,9 +38,8 @@ def test_gpu_without_a_gpu_is_an_error():
 @pytest.mark.parametrize(
     "train_limit",
     [
-        88,  # 2 × 32 + 24: the default data's shape (55,000 = 1,718 × 32 + 24)
-        103,  # 3 × 32 + 7: an odd remainder, one replica's slice partly padding
-        65,  # 2 × 32 + 1: replica 1's slice is all padding
+        88,  # 2 × 32 + 24: the default data's shape (55,000 = 1,718 × 32 + 24); replica 1 has 8 real rows of 16
+        103,  # 3 × 32 + 7: an odd remainder; replica 0 has 7 real rows, replica 1's slice is all padding
     ],
 )
 def test_two_devices_match_one(tmp_path, train_limit):
@@ -86,6 +85,9 @@ def test_two_devices_match_one(tmp_path, train_limit):
         for a, e in zip(actual.column("values").to_pylist(), expected.column("values").to_pylist()):
             np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-5)  # all-reduced sum vs one device: rounding only
     np.testing.assert_allclose(two_steps.column("loss").to_numpy(), one_steps.column("loss").to_numpy(), rtol=1e-3)
+    one_stats, two_stats = (read_stats(run).sort_by([("step", "ascending"), ("variable", "ascending")]) for run in (Path(one.steps_uri).parent, two))
+    for name in ("l2_norm", "max_abs"):  # every step's gradient statistics
+        np.testing.assert_allclose(two_stats.column(name).to_numpy(), one_stats.column(name).to_numpy(), rtol=1e-3, err_msg=name)
     weights = [keras.models.load_model(p, safe_mode=True).get_weights() for p in (one.model_uri, two / "model.keras")]
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
