@@ -95,9 +95,9 @@ def train_model(
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
-        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
+        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
-        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
+        steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
@@ -105,7 +105,7 @@ def train_model(
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
                     _reset(train_metrics)
                 order = epoch_order(len(images), config.seed, epoch)
-                clock = _EpochClock()
+                clock = EpochClock()
                 step = steps.epoch(epoch, step, order, clock, history)
 
                 # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
@@ -220,7 +220,7 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
     """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
 
     Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
@@ -232,7 +232,7 @@ def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, image
     return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
 
 
-class _StepLoop:
+class StepLoop:
     """An epoch's training steps, a call at a time, the recorder told of each step, checkpoints where they fall."""
 
     def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries=None):
@@ -240,7 +240,7 @@ class _StepLoop:
         self.model, self.trained, self.sample_ids, self.steps_per_epoch, self.on_progress = model, trained, sample_ids, steps_per_epoch, on_progress
         self.last_step, self.summaries = config.epochs * steps_per_epoch, summaries
 
-    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: _EpochClock, history: list[dict]) -> int:
+    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: EpochClock, history: list[dict]) -> int:
         """Run `epoch` from after `step` to its end; returns its last step. Raises NonFiniteError at a non-finite step."""
         config, end = self.config, epoch * self.steps_per_epoch
         self.calls.start_epoch(order, step - (epoch - 1) * self.steps_per_epoch)
@@ -269,7 +269,7 @@ class _StepLoop:
             self.on_progress(step, self.last_step, loss)
 
 
-class _EpochClock:
+class EpochClock:
     """An epoch's wall time, and its training speed without its first call (tracing, compiling)."""
 
     def __init__(self):

@@ -14,7 +14,6 @@ import tensorflow as tf
 from tapeline.data.splits import IMAGE_SHAPE
 from tapeline.gradients.per_example import TappedModel, packed
 from tapeline.gradients.schema import Examples
-from tapeline.gradients.stats import gradient_stats
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 
@@ -162,21 +161,6 @@ def _loss_scale(optimizer) -> tf.Tensor | None:
 
 def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
     return gradients if scale is None else [g / scale for g in gradients]
-
-
-def with_stats(train_step: Callable) -> Callable:
-    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats, examples).
-
-    Not the training path (calls.py runs k steps per call): the one-call-per-step loop
-    the benchmarks keep as their reference (benchmarks/train_speed.py, export_overhead.py).
-    """
-
-    @tf.function
-    def step_with_stats(x, y):
-        loss, gradients, examples = train_step(x, y)
-        return loss, gradients, gradient_stats(gradients), examples
-
-    return step_with_stats
 
 
 def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
