@@ -8,12 +8,11 @@ relative difference, ||recomputed - stored|| / ||stored||, is within the toleran
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import read_split
-from tapeline.model import build_model
+from tapeline.model import build_model, mean_loss
 from tapeline.reader import (
     NoGradientsError,
     gradient_arrays,
@@ -42,7 +41,7 @@ def verify_snapshot(run, step: int | None = None) -> dict:
         variable.assign(weights[variable.path])
     with tf.GradientTape() as tape:
         logits = model(images[rows], training=True)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[rows], logits)
+        loss = mean_loss(labels[rows], logits)
     recomputed = dict(zip((v.path for v in model.trainable_variables), tape.gradient(loss, model.trainable_variables)))
 
     differences = {}

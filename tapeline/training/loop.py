@@ -146,8 +146,7 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     if strategy:
         train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, config.per_example_norms)
     else:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile, config.per_example_norms)
+        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, config.per_example_norms)
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
 

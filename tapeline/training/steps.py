@@ -14,13 +14,12 @@ import tensorflow as tf
 from tapeline.data.splits import IMAGE_SHAPE
 from tapeline.gradients.per_example import TappedModel, packed
 from tapeline.gradients.schema import Examples
+from tapeline.model import mean_loss, per_example_loss
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 
 
-def make_train_step(
-    model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True
-) -> Callable:
+def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True) -> Callable:
     """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, examples or None).
 
     With XLA the step is one fused program; on CPU most of the gain is Adam, whose
@@ -38,7 +37,7 @@ def make_train_step(
         scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
             logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
-            loss = loss_fn(y, logits)
+            loss = mean_loss(y, logits)
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
@@ -82,15 +81,15 @@ def make_distributed_train_step(
         x, y, real = (_replica_slice(rows, slice_size) for rows in (x, y, real))
         with tf.GradientTape() as tape:
             logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
-            per_example_loss = PER_EXAMPLE_LOSS(y, logits)
-            loss = tf.reduce_sum(tf.where(real, per_example_loss, 0.0)) / tf.cast(n, per_example_loss.dtype)  # padding weighs 0
+            losses = per_example_loss(y, logits)
+            loss = tf.reduce_sum(tf.where(real, losses, 0.0)) / tf.cast(n, losses.dtype)  # padding weighs 0
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
         if not tapped:
-            return loss, scaled_gradients, logits, (per_example_loss,)
+            return loss, scaled_gradients, logits, (losses,)
         norms = tapped.squared_norms(taps, output_gradients, _unscaled([tf.cast(n, tf.float32)], scale)[0])
-        return loss, scaled_gradients, logits, (per_example_loss, norms)
+        return loss, scaled_gradients, logits, (losses, norms)
 
     @tf.function
     def train_step(x, y):
@@ -134,9 +133,6 @@ def _correct(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
 
 
-PER_EXAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-
 def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: list) -> tuple[list, list]:
     """(the variables' gradients, the gradients at the tapped layers' outputs), from one `tape.gradient`."""
     gradients = tape.gradient(loss, [*variables, *(output for _, output in taps)])
@@ -145,7 +141,7 @@ def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: li
 
 def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> tf.Tensor:
     """The step's per-example rows: each example's loss, whether it was predicted right, its label, its gradient norms."""
-    loss = tf.cast(PER_EXAMPLE_LOSS(y, logits), tf.float32)
+    loss = tf.cast(per_example_loss(y, logits), tf.float32)
     return packed(Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale)))
 
 
@@ -173,7 +169,7 @@ def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
     def eval_step(x, y):
         logits = model(x, training=False)
         # Per-example losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
-        loss_metric.update_state(PER_EXAMPLE_LOSS(y, logits))
+        loss_metric.update_state(per_example_loss(y, logits))
         accuracy_metric.update_state(y, logits)
 
     return eval_step
