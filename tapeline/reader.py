@@ -29,8 +29,7 @@ from tapeline.gradients.schema import (
     STATS_SCHEMA,
     STEP_SCHEMA,
 )
-from tapeline.storage.layout import MODEL_CARD, RUN_JSON, locate_run
-from tapeline.storage.root import Storage
+from tapeline.storage.layout import MODEL_CARD, RUN_JSON, locate_run, run_location
 
 
 class NoGradientsError(TapelineError):
@@ -52,8 +51,7 @@ def find_run(run: str, storage: str) -> str:
     if "/" in run or run in (".", "..", RUN_JSON):
         _require_run(run)
         return run
-    root = Storage(storage)
-    found = root.uri_of(root.layout.run(run).directory)
+    found = run_location(storage, run)
     if not _is_run(found):
         here = f" (for the directory {run} here, write ./{run})" if Path(run).is_dir() else ""
         raise NoRunError(f"no run {run} under {storage}{here}")
