@@ -89,6 +89,8 @@ def train_flow(
 def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageClock) -> dict:
     """The stages, in order, for one run whose lease is held."""
     storage = config.storage
+    if note := config.training_split().limit_note():
+        print(note)
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     champion = warm_start_champion(Storage(storage), config.dataset) if config.warm_start else None
     if config.warm_start and champion is None:

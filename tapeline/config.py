@@ -23,8 +23,9 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from tapeline.data.idx_source import IDX, check_idx_source
+from tapeline.data.idx_source import IDX, check_idx_source, idx_train_count
 from tapeline.data.registry import DATASETS
+from tapeline.data.splits import TrainingSplit, training_split
 from tapeline.errors import ConfigError
 from tapeline.gradients.schema import GRADIENT_DTYPES
 from tapeline.storage.access import usable_root
@@ -62,10 +63,13 @@ Source = Annotated[
 ]
 StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
+RUN_NAME_LENGTH = 128
 RunName = Annotated[
     str | None,
-    Field(pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=128, description="run id; default: a timestamp and a random suffix"),
-    Rule("must be one path segment of letters, digits, '.', '_' or '-' (no '..')"),
+    Field(
+        pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=RUN_NAME_LENGTH, description="run id; default: a timestamp and a random suffix"
+    ),
+    Rule(f"must be one path segment of letters, digits, '.', '_' or '-' (no '..'), at most {RUN_NAME_LENGTH} characters"),
 ]
 PrepareOn = Annotated[
     str | None,
@@ -77,10 +81,15 @@ PrepareOn = Annotated[
 ]
 Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
 Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
-BatchSize = Annotated[int, Field(ge=1, description="samples per training step"), RESUME, HPARAM]
+BatchSize = Annotated[int, Field(ge=1, description="samples per training step (at most the training samples used)"), RESUME, HPARAM]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate"), RESUME, HPARAM]
 Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights"), RESUME, HPARAM]
-TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N training samples (smoke runs)"), RESUME, HPARAM]
+TrainLimit = Annotated[
+    int | None,
+    Field(ge=1, description="use only the first N training samples (smoke runs); all of them when the split has fewer"),
+    RESUME,
+    HPARAM,
+]
 ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation"), RESUME, HPARAM]
 SnapshotEvery = Annotated[int, Field(ge=1, description="full gradient snapshot every N steps")]
 SnapshotWeights = Annotated[bool, Field(description="store each scheduled snapshot's weights (before the update) beside its gradients")]
@@ -150,7 +159,8 @@ class RunConfig:
     accept_unlocked_storage: AcceptUnlockedStorage = False
 
     def validated(self) -> RunConfig:
-        """Check every parameter against its rule, then resolve the storage root and check it can be used.
+        """Check every parameter against its rule and the batch size against the training split, then resolve the
+        storage root and check it can be used.
 
         Leaves nothing behind: a bad parameter must leave the storage root as it was.
         """
@@ -158,12 +168,25 @@ class RunConfig:
             parameter.check(getattr(self, parameter.name))
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
-        storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, source=source, storage=usable_root(storage))
+        checked = replace(self, source=source)
+        checked.training_split().check_batch_size(self.batch_size)  # the split's size: the registry's, or the headers'
+        return replace(checked, storage=usable_root(storage_root(self.storage)))
+
+    def training_split(self) -> TrainingSplit:
+        """The samples training will use, known before any stage: the training file's count is the registry's for a
+        built-in dataset (its files must match the registry's digests) and the IDX header's for your own files.
+        ConfigError when validation_size leaves none."""
+        count = idx_train_count(self.source) if self.dataset == IDX else DATASETS[self.dataset].train_count
+        return training_split(count, self.validation_size, self.train_limit)
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
         return asdict(self)
+
+
+def storage_root(storage: str | None) -> str:
+    """The storage root a run writes to, or a command reads from: `storage`, else $TAPELINE_STORAGE, else ./artifacts."""
+    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 @dataclass(frozen=True)
@@ -187,9 +210,13 @@ class Parameter:
         try:
             _adapter(self.name).validate_python(value, strict=True)  # strict: "3" is not an epoch count
         except ValidationError as error:
-            raise ConfigError(self.complaint(value, error.errors()[0]["type"])) from None
+            raise ConfigError(self.complaint(value, error.errors()[0])) from None
 
-    def complaint(self, value, error_type: str) -> str:
+    def complaint(self, value, error: dict) -> str:
+        """The one line for `value`, from pydantic's first error about it."""
+        error_type = error["type"]
+        if error_type == "string_too_long":
+            return f"{self.name} is {len(value)} characters; at most {error['ctx']['max_length']} are allowed"
         if self.choices:
             return f"unknown {self.name} {value!r}; choose one of: {', '.join(self.choices)}"
         if self.kind is bool:

@@ -43,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
         ({"spike_factor": float("inf")}, "spike_factor must be a number above 1, got inf"),
         ({"seed": -1}, "seed must be at least 0, got -1"),
         ({"run_name": "a..b"}, "must be one path segment"),
+        ({"run_name": "r" * 129}, "^run_name is 129 characters; at most 128 are allowed$"),
+        ({"batch_size": 55_001}, "^batch_size 55001 is larger than the training split's 55000 samples"),
+        ({"validation_size": 60_000}, "^validation_size 60000 leaves no training samples: the training file has 60000$"),
     ],
 )
 def test_bad_parameters(overrides, message, tmp_path):

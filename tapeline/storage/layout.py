@@ -191,6 +191,14 @@ def locate_run(run: str | Path) -> tuple[pafs.FileSystem, RunPaths]:
     return LOCAL, RunPaths(Path(text).expanduser().resolve())
 
 
+def run_location(storage: str, run_id: str) -> str:
+    """Where run `run_id` of the storage root `storage` (a directory or a URI) is, as `locate_run` takes it."""
+    if is_remote(storage):
+        scheme, path = storage.split("://", 1)
+        return f"{scheme}://{Layout(PurePosixPath(path)).run(run_id).directory}"
+    return str(Layout(Path(storage.removeprefix("file://")).expanduser()).run(run_id).directory)
+
+
 def layout_tree() -> str:
     """The tree of this module's docstring, under `<storage>/`, as docs/data-format.md shows it."""
     lines = [line.removeprefix("    ") for line in __doc__.splitlines() if line.startswith("    ") and line.strip()]

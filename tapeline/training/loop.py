@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.config import RESUME, RunConfig, parameters_with
-from tapeline.data.splits import read_split
+from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
@@ -76,6 +76,8 @@ def train_model(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
+    if (warning := single_label_warning(labels)) and writes:
+        print(warning)
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
