@@ -178,9 +178,11 @@ def _read(dataset: ds.Dataset, columns: list[str] | None, condition) -> pa.Table
     columns = columns or dataset.schema.names
     try:
         return dataset.to_table(columns=columns, filter=condition)
+    except FileNotFoundError:
+        raise
     except (pa.ArrowInvalid, OSError):  # pyarrow's errors name the file only sometimes
         _raise_for_unreadable_file(dataset, columns, condition)
-        raise  # no file fails on its own: not a corrupt file (a store out of reach)
+        raise  # no file fails on its own
 
 
 def _raise_for_unreadable_file(dataset: ds.Dataset, columns: list[str], condition) -> None:
@@ -189,6 +191,7 @@ def _raise_for_unreadable_file(dataset: ds.Dataset, columns: list[str], conditio
         try:
             fragment.to_table(schema=dataset.schema, columns=columns, filter=condition)
         except (pa.ArrowInvalid, OSError) as error:
+            fragment.filesystem.get_file_info(fragment.path)  # raises too when a store is out of reach: not the file's fault
             reason = " ".join(str(error).split()).removeprefix(f"Could not open Parquet input source '{fragment.path}': ")
             raise CorruptFileError(f"{fragment.path}: cannot read it, the file is truncated or corrupt ({reason})") from None
 
