@@ -58,6 +58,10 @@ def find_run(run: str, storage: str) -> str:
     return found
 
 
+class CorruptFileError(TapelineError):
+    """A file of the run is there but cannot be read: truncated or corrupt."""
+
+
 def read_run_json(run: str | Path, name: str | None = None) -> dict:
     """The run's run.json, or the JSON file `name` (a path relative to the run's directory)."""
     filesystem, paths = locate_run(run)
@@ -230,10 +234,30 @@ def _read_json(filesystem: pafs.FileSystem, path: PurePath, run: str | Path) -> 
             return json.loads(stream.read())
     except FileNotFoundError:
         raise NoGradientsError(f"{run} has no {path.name}") from None
+    except ValueError as error:  # not JSON, not UTF-8
+        raise CorruptFileError(f"{path}: cannot read it, the file is truncated or corrupt ({error})") from None
 
 
 def _read(dataset: ds.Dataset, columns: list[str] | None, condition) -> pa.Table:
-    return dataset.to_table(columns=columns or dataset.schema.names, filter=condition)
+    columns = columns or dataset.schema.names
+    try:
+        return dataset.to_table(columns=columns, filter=condition)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError):  # pyarrow's errors name the file only sometimes
+        _raise_for_unreadable_file(dataset, columns, condition)
+        raise  # no file fails on its own
+
+
+def _raise_for_unreadable_file(dataset: ds.Dataset, columns: list[str], condition) -> None:
+    """Read the dataset's files one at a time, as `_read` read them together: CorruptFileError names the first that fails."""
+    for fragment in dataset.get_fragments(filter=condition):
+        try:
+            fragment.to_table(schema=dataset.schema, columns=columns, filter=condition)
+        except (pa.ArrowInvalid, OSError) as error:
+            fragment.filesystem.get_file_info(fragment.path)  # raises too when a store is out of reach: not the file's fault
+            reason = " ".join(str(error).split()).removeprefix(f"Could not open Parquet input source '{fragment.path}': ")
+            raise CorruptFileError(f"{fragment.path}: cannot read it, the file is truncated or corrupt ({reason})") from None
 
 
 def _selection(variables: list[str] | None, steps: list[int] | None):

@@ -27,9 +27,10 @@ A worker that does not write (not the chief of multi-worker training) gets a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,8 @@ class RunSummaries:
 
     def __init__(self, storage: Storage, directory: Path, writes: bool):
         self.storage, self.directory = storage, directory
-        self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
+        with storage.writing(directory):  # TensorFlow writes the event file's first record at once
+            self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
         self._noise = NoiseSmoother()  # as noise.smoothed_noise_scale smooths a whole run
         self._example_norms: list[np.ndarray] = []  # this epoch's, a call at a time
 
@@ -112,7 +114,7 @@ class RunSummaries:
         """The HParams dashboard's experiment and this run's row (again on a resume: the same values)."""
         if self.writer is None:
             return
-        with self.writer.as_default():
+        with self._writing():
             hp.hparams_config(hparams=list(HPARAMS), metrics=list(METRICS))
             hp.hparams(run_hparams(config), trial_id=run_id, start_time_secs=int(time.time()))
 
@@ -147,7 +149,7 @@ class RunSummaries:
         smoothed = self._noise.update(_or_nan(grad_variance), _or_nan(grad_signal))
         if step % STEP_EVERY:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             tf.summary.scalar("step/loss", loss)
             tf.summary.scalar("step/grad_norm", grad_norm)
             if _finite(noise_scale):
@@ -159,7 +161,7 @@ class RunSummaries:
         """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
         if self.writer is None:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for variable, values in zip(variables, gradients):
                 _histogram("gradients/" + variable, values)
 
@@ -171,7 +173,7 @@ class RunSummaries:
         if example_norms is None and self._example_norms:
             example_norms = np.concatenate(self._example_norms)
         self._example_norms = []
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for name in EPOCH_METRICS:
                 if row[name] is not None:  # no validation split: no val_*
                     tf.summary.scalar("epoch/" + name, row[name])
@@ -187,7 +189,15 @@ class RunSummaries:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self.storage.writing(self.directory):
+                self.writer.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """The run's writer as the default, at `step`; TensorFlow writes to disk every few summaries, so a full disk
+        can show in any of them: `StorageFull` (tapeline/storage/root.py)."""
+        with self.storage.writing(self.directory), self.writer.as_default(step=step):
+            yield
 
     def __enter__(self) -> RunSummaries:
         return self
@@ -200,11 +210,11 @@ def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping
     """Final metrics of a finished run (test accuracy, …) as `metrics/<name>` scalars at its last `step`, in an
     event file of their own beside the training's: the HParams dashboard shows those METRICS declares."""
     directory = storage.layout.run(run_id).tensorboard
-    writer = tf.summary.create_file_writer(str(directory))
-    with writer.as_default(step=step):
-        for name, value in metrics.items():
-            tf.summary.scalar("metrics/" + name, value)
     with storage.publishing(directory):
+        writer = tf.summary.create_file_writer(str(directory))
+        with writer.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar("metrics/" + name, value)
         writer.close()
 
 
