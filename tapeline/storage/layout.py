@@ -16,7 +16,7 @@
     runs/<run_id>/hardest_examples.png        the examples with the highest mean gradient norm, and, beside it,
     runs/<run_id>/noise_scale.png             the gradient noise scale per step (both by export_gradients)
     runs/<run_id>/cluster.json                multi-worker training: the job the chief hands the other workers
-    runs/<run_id>/.lease                      who is writing the run (tapeline/storage/lease.py)
+    runs/<run_id>/.lease                      who is writing the run, while it is (tapeline/storage/lease.py)
 
 Every directory above holds only what its name says: a dataset directory's
 manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
