@@ -55,10 +55,12 @@ Source = Annotated[
 ]
 StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
+RUN_NAME_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+RUN_NAME_RULE = Rule("must be one path segment of letters, digits, '.', '_' or '-' (no '..')")
 RunName = Annotated[
     str | None,
-    Field(pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=128, description="run id; default: a timestamp and a random suffix"),
-    Rule("must be one path segment of letters, digits, '.', '_' or '-' (no '..')"),
+    Field(pattern=RUN_NAME_PATTERN, max_length=128, description="run id; default: a timestamp and a random suffix"),
+    RUN_NAME_RULE,
 ]
 PrepareOn = Annotated[
     str | None,
@@ -86,7 +88,18 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N ste
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
-WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones")]
+WarmStart = Annotated[
+    bool, Field(description="start from the current champion's weights if it was trained on the same training data, else from random ones")
+]
+WarmStartFrom = Annotated[
+    str | None,
+    Field(
+        pattern=RUN_NAME_PATTERN,
+        max_length=128,
+        description="start from the model of this completed run of the storage root, whatever data it was trained on (implies --warm-start)",
+    ),
+    RUN_NAME_RULE,
+]
 Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32")]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
@@ -126,6 +139,7 @@ class RunConfig:
     checkpoint_every: CheckpointEvery = 500
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
+    warm_start_from: WarmStartFrom = None
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50
@@ -144,11 +158,26 @@ class RunConfig:
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
         storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, source=source, storage=_usable_root(storage))
+        warm_start = self.warm_start or self.warm_start_from is not None  # a named run to start from is a warm start
+        return replace(self, source=source, storage=_usable_root(storage), warm_start=warm_start)
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
         return asdict(self)
+
+
+# Where a run's files are and how its data is fetched, not what the run is: a completed run is the same run whatever
+# these say. So is a registry dataset's `source`: whichever it is, the files are the registry's, verified.
+NOT_WHAT_A_RUN_IS = ("storage", "run_name", "refresh", "prepare_on")
+
+
+def run_identity(parameters: dict) -> dict:
+    """The parameters that make a run what it is, from `RunConfig.parameters()` or a run.json's `parameters`
+    (validated ones: storage and source resolved). A parameter the record predates counts as its default."""
+    defaults = {parameter.name: parameter.default for parameter in run_parameters()}
+    values = defaults | {name: value for name, value in parameters.items() if name in defaults}
+    ignored = NOT_WHAT_A_RUN_IS if values["dataset"] == IDX else (*NOT_WHAT_A_RUN_IS, "source")
+    return {name: value for name, value in values.items() if name not in ignored}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -124,6 +125,19 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / FILE_NAMES["train_images"]).exists():
         pytest.fail(f"{FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture
+def flow_log() -> list[str]:
+    """What the flow and its tasks print (log_prints: to their run loggers, bound to the session's stderr, not capsys)."""
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

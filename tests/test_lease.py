@@ -30,15 +30,15 @@ HOLD = """
 import sys, time
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import Storage
-with RunLease(Storage(sys.argv[1]), "same", seconds=float(sys.argv[2])):
+with RunLease(Storage(sys.argv[1]), sys.argv[3], seconds=float(sys.argv[2])):
     print("holding", flush=True)
     time.sleep(600)
 """
 
 
-def holder_process(root: str, seconds: float = 60) -> subprocess.Popen:
-    """Another process that takes the lease of run "same" and holds it until killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def holder_process(root: str, seconds: float = 60, run_id: str = "same") -> subprocess.Popen:
+    """Another process that takes the lease of run `run_id` and holds it until killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds), run_id], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "holding\n", "the holder never took the lease"
     return process
 

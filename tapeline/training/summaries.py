@@ -79,7 +79,7 @@ HPARAMS = (
     hp.HParam("seed", _Number()),
     hp.HParam("train_limit", _Number(), description="training samples used; empty: all of the training split"),
     hp.HParam("validation_size", _Number()),
-    hp.HParam("warm_start", _flag(), description="started from the champion's weights"),
+    hp.HParam("warm_start", _flag(), description="asked to start from another run's weights: run.json's warm_start says which, if any"),
 )
 # In the order of the table's columns; it shows the first five until a user ticks more.
 METRICS = (
