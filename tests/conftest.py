@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -20,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.data.fetch import fetch_dataset  # noqa: E402
 from tapeline.data.idx import encode_idx  # noqa: E402
+from tapeline.data.idx_source import FILE_NAMES as IDX_FILE_NAMES  # noqa: E402
 from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
 from tapeline.data.splits import prepare  # noqa: E402
 from tapeline.results import PreparedData  # noqa: E402
@@ -62,6 +65,20 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
     return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
 
 
+def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
+    """The four files under their standard names, raw except the splits in `gzipped`; their IDX digests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for split in SPLIT_FILES:
+        idx = encode_idx(arrays[split])
+        name = IDX_FILE_NAMES[split] + (".gz" if split in gzipped else "")
+        (directory / name).write_bytes(gzip.compress(idx, mtime=0) if split in gzipped else idx)
+        digests[split] = hashlib.sha256(idx).hexdigest()
+    if classes is not None:
+        (directory / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+    return digests
+
+
 def tiny_prepared(
     directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run
 ) -> tuple[RunConfig, PreparedData]:
@@ -73,6 +90,14 @@ def tiny_prepared(
     config = RunConfig(dataset="mnist", storage=storage or str(directory / "store"), **run).validated()
     root = Storage(config.storage)
     return config, prepare(fetch_dataset(dataset, root, str(source)), root, config.seed, config.validation_size)
+
+
+def stored_under(root: str, prefix: str) -> list[str]:
+    """Every file and directory under `root`/`prefix`, a local directory or an object store's, relative to the root:
+    a directory left empty is listed too (an object store has none but marker objects, which it lists)."""
+    filesystem, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+    listing = filesystem.get_file_info(pafs.FileSelector(f"{base}/{prefix}", recursive=True, allow_not_found=True))
+    return sorted(info.path.removeprefix(base + "/") for info in listing)
 
 
 def free_ports(count: int) -> list[int]:
@@ -100,6 +125,19 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / FILE_NAMES["train_images"]).exists():
         pytest.fail(f"{FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture
+def flow_log() -> list[str]:
+    """What the flow and its tasks print (log_prints: to their run loggers, bound to the session's stderr, not capsys)."""
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")
