@@ -20,7 +20,7 @@ from tapeline.data.fetch import SOURCE_HINT, ChecksumError
 from tapeline.data.idx import parse_header
 from tapeline.data.registry import DATASETS
 from tapeline.tasks.failures import PREFECT_FAILURE_LOGGERS, log_expected_failures_without_traceback
-from tests.conftest import stored_under, tiny_arrays, write_idx_dir
+from tests.helpers import stored_under, tiny_arrays, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"tensorflow", "keras", "prefect"}

@@ -17,7 +17,7 @@ from tapeline.errors import ConfigError
 from tapeline.flows import train  # noqa: F401  Prefect binds its log handlers to stderr on import: the session's, not a test's capsys
 from tapeline.registry.promotion import promote_if_better
 from tapeline.storage.root import Storage
-from tests.conftest import stored_under, tiny_arrays, write_own_dir
+from tests.helpers import stored_under, tiny_arrays, write_own_dir
 
 CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -16,7 +16,7 @@ from tapeline.registry.champion import current_champion
 from tapeline.storage.lease import RunLease, RunLeaseHeld
 from tapeline.storage.root import Storage
 from tapeline.storage.versioned import VersionedObject
-from tests.conftest import stored_under
+from tests.helpers import stored_under
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]

@@ -10,7 +10,7 @@ from tapeline.cli import main
 from tapeline.config import RunConfig, run_identity
 from tapeline.flows.train import train_flow
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays, write_own_dir
+from tests.helpers import tiny_arrays, write_own_dir
 from tests.test_lease import holder_process
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

@@ -33,7 +33,7 @@ EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import tiny_prepared
+    from tests.helpers import tiny_prepared
 
     root = tmp_path_factory.mktemp("train")
     config, data = tiny_prepared(root, epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY)

@@ -14,7 +14,7 @@ from tapeline.registry.champion import ChampionPointer, current_champion
 from tapeline.registry.warm_start import choose_warm_start
 from tapeline.results import split_identity
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays, write_own_dir
+from tests.helpers import tiny_arrays, write_own_dir
 
 RUN = {"epochs": 1, "validation_size": 50, "steps_per_call": 4, "snapshot_every": 4, "snapshot_weights": True}
 
