@@ -90,4 +90,5 @@ def test_what_makes_a_run_what_it_is(tmp_path):
     assert "source" not in run_identity(recorded) and "epochs" in run_identity(recorded)
     own = tmp_path / "own"
     write_own_dir(own, tiny_arrays())
-    assert run_identity(RunConfig(dataset="idx", source=str(own), storage=str(tmp_path)).validated().parameters())["source"] == str(own)
+    own_run = RunConfig(dataset="idx", source=str(own), storage=str(tmp_path), validation_size=50).validated()
+    assert run_identity(own_run.parameters())["source"] == str(own)
