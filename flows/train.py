@@ -27,7 +27,7 @@ from tapeline import config as param  # noqa: E402  (the parameters' types: cons
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: E402
 from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
-from tapeline.manifest import run_manifest_uri, write_run_manifest  # noqa: E402
+from tapeline.manifest import final_metrics, run_manifest_uri, write_run_manifest  # noqa: E402
 from tapeline.registry.champion import warm_start_champion  # noqa: E402
 from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tapeline.storage.root import Storage, utc_now  # noqa: E402
@@ -105,7 +105,7 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
-    write_run_metrics(Storage(storage), run_id, trained.steps, {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})  # TensorBoard
+    write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
     promotion = stages.run(
         promote, storage, run_id, config.dataset, files.test_set, trained.model_uri, scores["accuracy"], config.promotion_margin
     )

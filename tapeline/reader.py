@@ -110,7 +110,7 @@ def read_samples(run: str | Path, epochs: list[int] | None = None, columns: list
     return _read(dataset, columns, None if epochs is None else pc.field("epoch").isin(epochs))
 
 
-RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_correct", "latest_step")
+RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_step", "latest_predicted", "latest_correct")
 
 
 def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = None, label: int | None = None) -> pa.Table:
@@ -118,10 +118,14 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
 
     Per example: its label, its mean per-example gradient norm and loss over the
     steps it was in, how many those were (`seen`), and at the latest of them
-    (`latest_step`) whether the model predicted it right. `label` keeps one class.
+    (`latest_step`) the class the model predicted (`latest_predicted`: the argmax of
+    its logits at that step, before the step's update; null in files written before
+    the samples had a `predicted` column) and whether that was right
+    (`latest_correct`). `label` keeps one class.
     """
-    epoch = epoch if epoch is not None else _last_epoch(run)
-    table = read_samples(run, [epoch], ["step", "sample_id", "label", "loss", "correct", "grad_norm"]).sort_by("step")
+    epoch = epoch if epoch is not None else last_epoch(run)
+    columns = ["step", "sample_id", "label", "predicted", "loss", "correct", "grad_norm"]
+    table = read_samples(run, [epoch], columns).sort_by("step")
     if label is not None:
         table = table.filter(pc.field("label") == label)
     ids, inverse = np.unique(table.column("sample_id").to_numpy(), return_inverse=True)
@@ -138,8 +142,7 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
             pa.array(mean["grad_norm"][order]),
             pa.array(mean["loss"][order]),
             pa.array(seen[order], pa.int64()),
-            table.column("correct").take(latest),
-            table.column("step").take(latest),
+            *(table.column(name).take(latest) for name in ("step", "predicted", "correct")),
         ],
         names=list(RANKING_COLUMNS),
     )
@@ -153,7 +156,8 @@ def class_names(run: str | Path) -> list[str]:
         return [str(label) for label in range(256)]
 
 
-def _last_epoch(run: str | Path) -> int:
+def last_epoch(run: str | Path) -> int:
+    """The last epoch the run's samples dataset has rows of."""
     epochs = pc.unique(read_samples(run, columns=["epoch"]).column("epoch")).to_pylist()
     if not epochs:
         raise NoGradientsError(f"{run} has no per-example rows yet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tapeline.registry.listing import model_registry
+from tapeline.registry.listing import model_registry, registry_table
 from tapeline.registry.promotion import promote_if_better
 from tapeline.results import Promotion
 from tapeline.storage.root import Storage
@@ -49,5 +49,6 @@ def promotion_markdown(decision: Promotion) -> str:
 def publish_model_registry(storage: str) -> None:
     """The `model-registry` artifact of the current flow run: call it after this run's run.json is written, so it is listed."""
     create_table_artifact(
-        key="model-registry", table=model_registry(Storage(storage)), description="tapeline model versions; current: the champion"
+        key="model-registry", table=registry_table(model_registry(Storage(storage))),
+        description="tapeline model versions, newest first; the champion is the current model (`tapeline models` adds the data digests)",
     )

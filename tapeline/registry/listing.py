@@ -31,6 +31,29 @@ def model_registry(storage: Storage) -> list[dict]:
     return rows
 
 
+def registry_table(rows: list[dict]) -> list[dict]:
+    """The registry as a person compares versions, in a table narrow enough for Prefect's artifact page: the run
+    (newest first), whether it is the champion, its score to 4 decimals, and the parameters runs differ in. The
+    digests and times are run.json's and `tapeline models`'."""
+    return [
+        {
+            "run": row["run_id"],
+            "status": _status(row),
+            "test accuracy": round(row["test_accuracy"], 4),
+            "dataset": row["dataset"],
+            "epochs": row["epochs"],
+            "batch size": row["batch_size"],
+            "learning rate": row["learning_rate"],
+        }
+        for row in rows
+    ]
+
+
+def _status(row: dict) -> str:
+    if row["current"]:
+        return "champion"
+    return "was champion" if row["promoted"] else "not promoted"
+
 
 def registry_lines(rows: list[dict]) -> list[str]:
     """The registry for a terminal, one run a line; * marks the champion."""
