@@ -16,6 +16,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from tapeline.data.idx import read_idx_gz
 from tapeline.data.registry import FASHION_MNIST
 from tapeline.data.splits import split_table
+from tapeline.gradients.export import render_norms
 from tapeline.gradients.hardest import (
     UNKNOWN,
     HardestExamples,
@@ -26,6 +27,7 @@ from tapeline.gradients.hardest import (
 )
 from tapeline.gradients.noise import NOISE_SCALE_METRIC, smoothed_noise_scale
 from tapeline.gradients.noise_report import MEDIAN, NoiseHistory, NoiseReport, NoiseReportError, render_noise_scale
+from tapeline.gradients.plotting import DISTINCT
 from tapeline.storage.root import Storage
 from tapeline.tasks.export import hardest_markdown, noise_markdown
 
@@ -161,6 +163,28 @@ def test_the_noise_plot_draws_the_last_epochs_median_over_that_epoch():
 def test_the_noise_history_refuses_columns_of_different_lengths():
     with pytest.raises(NoiseReportError, match="3 steps"):
         NoiseHistory.of(np.arange(3), np.ones(3), np.ones(2), np.ones(3), np.ones(3), 64)
+
+
+def axes_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a plot's axes: its frame's long black lines."""
+    black = (pixels < 60).all(axis=2)
+    rows, columns = np.flatnonzero(black.sum(axis=1) > pixels.shape[1] // 2), np.flatnonzero(black.sum(axis=0) > pixels.shape[0] // 3)
+    return rows.min(), rows.max(), columns.min(), columns.max()
+
+
+def test_the_norm_plot_gives_each_variable_a_colour_of_its_own_and_its_key_sits_below_the_data():
+    names = ["cnn/conv/kernel", "cnn/conv/bias", "cnn/dense/kernel", "cnn/dense/bias", "cnn/logits/kernel", "cnn/logits/bias"]
+    steps = np.repeat(np.arange(1, 301), len(names))
+    levels = np.tile([1.0, 0.9, 0.3, 0.08, 1.1, 0.1], 300)  # the biases near each other, as a real run's
+    norms = levels * np.random.default_rng(0).lognormal(0, 0.3, len(steps))
+    png = render_norms(steps, np.tile(names, 300), norms)
+    pixels = decode(png)
+    top, bottom, left, right = axes_box(pixels)
+    for colour in DISTINCT[: len(names)]:
+        mask = coloured(pixels, colour, tolerance=30)
+        assert mask[top + 2 : bottom - 1, left + 2 : right - 1].sum() > 100, colour  # its line, on the data
+        assert mask[bottom + 25 :, left:right].any(), colour  # its key entry, below the axes and their tick labels
+    assert len(set(DISTINCT[: len(names)])) == len(names) and len(png) < SMALL
 
 
 def test_split_images_come_in_the_order_asked(tmp_path, fashion):

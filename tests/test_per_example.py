@@ -7,9 +7,11 @@ eager TensorFlow on the weights the run stored before each scheduled step.
 import keras
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
+from tapeline.cli import main
 from tapeline.data.splits import read_split
 from tapeline.gradients.export import publish_gradients
 from tapeline.model import build_model
@@ -112,3 +114,36 @@ def test_ranking_puts_the_largest_mean_norm_first(run):
     top = samples.filter(pc.field("sample_id") == ranking.column("sample_id")[0])
     assert norms[0] == pytest.approx(pc.mean(top.column("grad_norm")).as_py(), rel=1e-6)
     assert norms[0] == pytest.approx(pc.max(samples.column("grad_norm")).as_py(), rel=1e-6)  # one epoch: seen once each
+
+
+def cli_rows(capsys, run) -> list[list[str]]:
+    """`tapeline samples RUN --top 200`, its rows split into columns (the tiny run's class names are single digits)."""
+    assert main(["samples", str(run), "--top", "200"]) == 0
+    return [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+
+
+def test_samples_prints_the_predicted_class_beside_the_label(run, capsys):
+    directory, _, _ = run
+    ranking = rank_samples(directory, top=200).to_pylist()
+    rows = cli_rows(capsys, directory)
+    assert [row[1:5] for row in rows] == [
+        [str(r["sample_id"]), str(r["label"]), str(r["latest_predicted"]), str(r["latest_step"])] for r in ranking
+    ]
+    assert all(r["latest_correct"] == (r["latest_predicted"] == r["label"]) for r in ranking)
+    assert any(not r["latest_correct"] for r in ranking) and any(r["latest_correct"] for r in ranking)
+
+
+def test_a_run_written_before_the_predicted_column_still_ranks(run, tmp_path, capsys):
+    """An older run's samples (history: never rewritten) read back with `predicted` null; everything else as before,
+    and the CLI names the label of a right prediction, "?" for a wrong one."""
+    directory, _, _ = run
+    old = tmp_path / "old-run"
+    for path in (directory / "samples").rglob("*.parquet"):
+        target = old / path.relative_to(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(path).drop_columns(["predicted"]), target)
+    ranking, current = rank_samples(old, top=200), rank_samples(directory, top=200)
+    assert ranking.column("latest_predicted").null_count == ranking.num_rows > 0
+    assert ranking.drop_columns(["latest_predicted"]).equals(current.drop_columns(["latest_predicted"]))
+    expected = [str(r["label"]) if r["latest_correct"] else "?" for r in current.to_pylist()]
+    assert [row[3] for row in cli_rows(capsys, old)] == expected and "?" in expected

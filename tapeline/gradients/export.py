@@ -78,25 +78,32 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
 
 
 def plot_norms(storage: Storage, run_id: str) -> bytes:
-    """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run.
-
-    Each variable in a colour of its own (DISTINCT: no two biases alike), the key below
-    the plot, off the data, a layer per column: its kernel above its bias.
-    """
+    """`render_norms` of the run's stats, saved under the run."""
     run = storage.layout.run(run_id)
     stats = read_stats(storage.uri_of(run.directory), columns=["step", "variable", "l2_norm"])
-    variables = np.array(stats.column("variable").to_pylist())
-    steps, norms = stats.column("step").to_numpy(), stats.column("l2_norm").to_numpy()
-    figure, axes = pyplot().subplots(figsize=(8, 4.8), dpi=100, layout="constrained")
-    for index, variable in enumerate(dict.fromkeys(variables)):  # the model's order: each variable's first row
-        mine = variables == variable
-        axes.plot(steps[mine], norms[mine], label=variable, linewidth=0.8, color=DISTINCT[index % len(DISTINCT)])
-    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_id}")
-    axes.grid(True, which="major", linewidth=0.4, alpha=0.5)
-    figure.legend(loc="outside lower center", ncols=max(1, len(set(variables)) // 2), fontsize=8, frameon=False)
-    png = palette_png(figure)
+    png = render_norms(
+        stats.column("step").to_numpy(), np.array(stats.column("variable").to_pylist()), stats.column("l2_norm").to_numpy(),
+        title=f"Gradient norms, run {run_id}",
+    )  # fmt: skip
     save_png(storage, run.norm_plot, png)
     return png
+
+
+def render_norms(steps: np.ndarray, variables: np.ndarray, norms: np.ndarray, title: str = "Gradient norms") -> bytes:
+    """A PNG of each variable's gradient L2 norm at every step (a row per step and variable, as the stats have them).
+
+    Each variable in a colour of its own (DISTINCT: no two alike), the key below the
+    plot, off the data, a layer per column: its kernel above its bias.
+    """
+    figure, axes = pyplot().subplots(figsize=(8, 4.8), dpi=100, layout="constrained")
+    names = list(dict.fromkeys(variables))  # the model's order: each variable's first row
+    for index, variable in enumerate(names):
+        mine = variables == variable
+        axes.plot(steps[mine], norms[mine], label=variable, linewidth=0.8, color=DISTINCT[index % len(DISTINCT)])
+    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=title)
+    axes.grid(True, which="major", linewidth=0.4, alpha=0.5)
+    figure.legend(loc="outside lower center", ncols=max(1, len(names) // 2), fontsize=8, frameon=False)
+    return palette_png(figure)
 
 
 def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:

@@ -15,7 +15,7 @@ def model_registry(storage: Storage) -> list[dict]:
             continue  # running, or failed
         run = storage.read_json(manifest_path)
         rows.append(
-            {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
+            {  # what `tapeline models` prints and `registry_table` shows in Prefect are taken from these
                 "run_id": run["run_id"],
                 "current": run["run_id"] == champion.get("run_id"),
                 "test_accuracy": run["metrics"]["test_accuracy"],
@@ -28,6 +28,7 @@ def model_registry(storage: Storage) -> list[dict]:
                 "finished": run.get("finished"),
             }
         )
+    rows.sort(key=lambda row: row["finished"] or "", reverse=True)  # a run's name need not sort by time; ties keep it
     return rows
 
 
@@ -42,8 +43,8 @@ def registry_table(rows: list[dict]) -> list[dict]:
             "test accuracy": round(row["test_accuracy"], 4),
             "dataset": row["dataset"],
             "epochs": row["epochs"],
-            "batch size": row["batch_size"],
-            "learning rate": row["learning_rate"],
+            "batch": row["batch_size"],
+            "lr": row["learning_rate"],  # as `tapeline models` calls it
         }
         for row in rows
     ]
