@@ -31,6 +31,7 @@ from tapeline.manifest import final_metrics, run_manifest_uri, write_run_manifes
 from tapeline.registry.champion import warm_start_champion  # noqa: E402
 from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tapeline.storage.root import Storage, utc_now  # noqa: E402
+from tapeline.storage.versioned import require_conditional_writes  # noqa: E402
 from tapeline.tasks.download import download  # noqa: E402
 from tapeline.tasks.evaluate import evaluate  # noqa: E402
 from tapeline.tasks.export import export_gradients  # noqa: E402
@@ -74,10 +75,11 @@ def train_flow(
     deterministic: param.Deterministic = RunConfig.deterministic,
     device: param.Device = RunConfig.device,
     devices: param.Devices = RunConfig.devices,
+    accept_unlocked_storage: param.AcceptUnlockedStorage = RunConfig.accept_unlocked_storage,
 ) -> dict:
     """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
-    check_placement(config)  # devices and cluster: fail before any stage runs
+    check_before_any_stage(config)
     run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
@@ -87,6 +89,8 @@ def train_flow(
 def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageClock) -> dict:
     """The stages, in order, for one run whose lease is held."""
     storage = config.storage
+    if note := config.training_split().limit_note():
+        print(note)
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     champion = warm_start_champion(Storage(storage), config.dataset) if config.warm_start else None
     if config.warm_start and champion is None:
@@ -115,6 +119,12 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageCloc
     return manifest
 
 
+def check_before_any_stage(config: RunConfig) -> None:
+    """What a run needs beyond its parameters' own rules: devices and cluster, and a store that keeps writers apart."""
+    check_placement(config)
+    require_conditional_writes(config.storage, config.accept_unlocked_storage)
+
+
 def main(parameters: dict, prog: str) -> int:
     """`tapeline train`: run the flow with the parameters tapeline/cli.py read and checked.
 
@@ -122,7 +132,7 @@ def main(parameters: dict, prog: str) -> int:
     (devices, cluster, a run held by another process), 1 when a stage failed.
     """
     try:
-        check_placement(RunConfig(**parameters).validated())  # needs TensorFlow, so not in tapeline/cli.py
+        check_before_any_stage(RunConfig(**parameters).validated())  # needs TensorFlow, so not in tapeline/cli.py
         try:
             manifest = train_flow(**parameters)
         finally:

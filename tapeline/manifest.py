@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from tapeline.config import RunConfig
+from tapeline.data.splits import samples_used
 from tapeline.gradients.noise import NOISE_SCALE_METRIC
 from tapeline.model_card import write_model_card
 from tapeline.results import (
@@ -41,7 +42,13 @@ def write_run_manifest(
         "started": started,
         "finished": utc_now(),
         "parameters": config.parameters(),
-        "dataset": {"name": files.dataset, "sha256": files.sha256, "classes": list(files.classes), "preprocessed": data.directory},
+        "dataset": {
+            "name": files.dataset,
+            "sha256": files.sha256,
+            "classes": list(files.classes),
+            "preprocessed": data.directory,
+            "train_samples": samples_used(data.counts["train"], config.train_limit),
+        },
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,

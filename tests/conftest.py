@@ -59,7 +59,7 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
         files[split] = DatasetFile(
             FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
         )
-    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"))
+    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
 
 
 def tiny_prepared(

@@ -206,7 +206,7 @@ def test_the_flow_exits_2_on_a_file_the_header_check_passes(tmp_path, capsys):
     own = tmp_path / "own"
     write_own_dir(own, tiny_arrays())
     label_ten(own)
-    code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", str(tmp_path / "store"), "--run-name", "bad"])
+    code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", str(tmp_path / "store"), "--run-name", "bad", "--validation-size", "50"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: t10k-labels-idx1-ubyte: label 10"), err
     assert not (tmp_path / "store" / "runs" / "bad" / "steps").exists()

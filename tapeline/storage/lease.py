@@ -44,7 +44,7 @@ class RunLease:
     """`with RunLease(storage, run_id):` around everything that writes the run."""
 
     def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
-        self.run_id, self.path = run_id, storage.layout.run(run_id).lease
+        self.run_id, self.path, self._storage = run_id, storage.layout.run(run_id).lease, storage
         self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
         self._object = VersionedObject(storage, self.path) if storage.remote else None
@@ -54,7 +54,8 @@ class RunLease:
 
     def __enter__(self) -> RunLease:
         if self._object is None:
-            self._lock_file()
+            with self._storage.writing(self.path):  # a rerun on a disk still full: its one line
+                self._lock_file()
         else:
             self._take_object()
             self._heartbeat.start()

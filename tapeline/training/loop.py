@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tapeline.config import RunConfig
-from tapeline.data.splits import read_split
+from tapeline.config import RESUME, RunConfig, parameters_with
+from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
@@ -43,10 +43,6 @@ from tapeline.training.steps import host_arrays, make_distributed_train_step, ma
 from tapeline.training.summaries import RunSummaries
 
 EVAL_BATCH_SIZE = 1024
-# A checkpoint from another run must not be resumed under these changed.
-RESUME_PARAMETERS = (
-    "dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic",
-)
 
 
 class Training(NamedTuple):
@@ -80,6 +76,8 @@ def train_model(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
+    if (warning := single_label_warning(labels)) and writes:
+        print(warning)
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
@@ -99,9 +97,9 @@ def train_model(
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
-        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
+        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
-        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
+        steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
@@ -109,7 +107,7 @@ def train_model(
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
                     _reset(train_metrics)
                 order = epoch_order(len(images), config.seed, epoch)
-                clock = _EpochClock()
+                clock = EpochClock()
                 step = steps.epoch(epoch, step, order, clock, history)
 
                 # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
@@ -148,10 +146,9 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
-        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.per_example_norms)
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, config.per_example_norms)
     else:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile, config.per_example_norms)
+        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, config.per_example_norms)
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
 
@@ -166,8 +163,8 @@ def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizer
 
 
 def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
-    """What a checkpoint must have been trained with to be resumed: RESUME_PARAMETERS and the prepared data."""
-    return {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
+    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME and the prepared data."""
+    return {p.name: getattr(config, p.name) for p in parameters_with(RESUME)} | {"data": Path(data.directory).name}
 
 
 def _trained_model(
@@ -224,7 +221,7 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
     """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
 
     Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
@@ -236,7 +233,7 @@ def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, image
     return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
 
 
-class _StepLoop:
+class StepLoop:
     """An epoch's training steps, a call at a time, the recorder told of each step, checkpoints where they fall."""
 
     def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries=None):
@@ -244,7 +241,7 @@ class _StepLoop:
         self.model, self.trained, self.sample_ids, self.steps_per_epoch, self.on_progress = model, trained, sample_ids, steps_per_epoch, on_progress
         self.last_step, self.summaries = config.epochs * steps_per_epoch, summaries
 
-    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: _EpochClock, history: list[dict]) -> int:
+    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: EpochClock, history: list[dict]) -> int:
         """Run `epoch` from after `step` to its end; returns its last step. Raises NonFiniteError at a non-finite step."""
         config, end = self.config, epoch * self.steps_per_epoch
         self.calls.start_epoch(order, step - (epoch - 1) * self.steps_per_epoch)
@@ -273,7 +270,7 @@ class _StepLoop:
             self.on_progress(step, self.last_step, loss)
 
 
-class _EpochClock:
+class EpochClock:
     """An epoch's wall time, and its training speed without its first call (tracing, compiling)."""
 
     def __init__(self):
