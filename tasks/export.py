@@ -4,6 +4,7 @@ examples and the gradient noise scale, each an artifact of its own."""
 from __future__ import annotations
 
 import base64
+import math
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -106,10 +107,14 @@ def noise_markdown(root: Storage, run_id: str, report: NoiseReport) -> str:
         "(McCandlish et al. 2018), estimates the critical batch size. Three statistics of it, each named where it is shown:",
         "\n".join([
             median_line,
-            f"- {history.smoothed_last_step:.4g}: the smoothed value, EMA(tr Σ) / EMA(|G|²) with decay {history.decay:g}, "
+            f"- {_number(history.smoothed_last_step)}: the smoothed value, EMA(tr Σ) / EMA(|G|²) with decay {history.decay:g}, "
             "at the last step: the end of the dark line, and of TensorBoard's `step/noise_scale_smoothed`.",
             f"- the raw value of each step (faint dots; TensorBoard's `step/noise_scale_raw`): {history.raw_not_positive:,} of "
             f"{len(history.raw):,} steps are ≤ 0 or NaN. Both estimates are differences, either can come out negative.",
         ]),
         f"Saved as `{root.uri_of(report.path)}`.",
     ]) + "\n"  # fmt: skip
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else "none (the signal's average never came out positive)"

@@ -21,9 +21,9 @@ and validation metrics.
 
 B_simple is noisy from step to step (each step sees one batch, and its two
 estimates are differences that can come out negative); the smoothed curve is
-`NoiseSmoother` of tapeline/gradients/noise.py, as the steps come: the value
-run.json's `noise_scale_smoothed_median_last_epoch` is the median of over the last
-epoch, which is also the HParams dashboard's noise scale. Each scalar's description
+`NoiseSmoother` of tapeline/gradients/noise.py, as the steps come. Its median over the
+last epoch is run.json's `noise_scale_smoothed_median_last_epoch`, written again as a
+`metrics/` tag: the HParams dashboard's noise scale. Each scalar's description
 (TensorBoard shows it beside the chart) says which statistic it is.
 
 A worker that does not write (not the chief of multi-worker training) gets a
