@@ -31,7 +31,7 @@ class TrainingProgress:
             TextColumn("{task.fields[speed]:,.0f} samples/s"), TimeRemainingColumn(),
         )  # fmt: skip
         self._task = None
-        self._artifact = create_progress_artifact(0.0, key="training-progress", description=f"Training run `{run_id}`: starting")
+        self._artifact = create_progress_artifact(0.0, key="training-progress", description=f"Starting (run `{run_id}`)")
         self._started = self._reported_at = time.monotonic()
         self._speed_from: tuple[float, int] | None = None  # (when, step) of the first step seen: compiling is behind it
         self._seen: tuple[int, int] | None = None  # (step, last step) of the latest call
@@ -49,15 +49,16 @@ class TrainingProgress:
             self._reported_at = now
 
     def describe(self, now: float, step: int, last_step: int, loss: float) -> str:
-        """The artifact's line: where training is, how fast it goes, how long it has left (or took)."""
+        """The artifact's line: where training is, how fast it goes, how long it has left (or took); the run last, as
+        the flow run's page already names it and its card shows only the line's start."""
         epoch = min(self.epochs, math.ceil(step * self.epochs / last_step))
         speed = self._speed(now, step)
         rate = f"{speed:,.0f} samples/s on average since its first step" if speed else "measuring speed"
         if step == last_step:
-            return (f"Training run `{self.run_id}`: done, {last_step:,} steps ({self.epochs} epochs) in "
-                    f"{_duration(now - self._started)}, {rate}; last loss {loss:.4f}")  # fmt: skip
+            return (f"Done: {last_step:,} steps ({self.epochs} epochs) in {_duration(now - self._started)}, {rate}; "
+                    f"last loss {loss:.4f} (run `{self.run_id}`)")  # fmt: skip
         left = f", about {_duration((last_step - step) * self.batch_size / speed)} left" if speed else ""
-        return f"Training run `{self.run_id}`: step {step:,} of {last_step:,}, epoch {epoch} of {self.epochs}, loss {loss:.4f}, {rate}{left}"
+        return f"Step {step:,} of {last_step:,}, epoch {epoch} of {self.epochs}, loss {loss:.4f}, {rate}{left} (run `{self.run_id}`)"
 
     def close(self) -> None:
         """Stop the bar; a run that stopped before its last step says so in the artifact, not "about … left"."""
@@ -65,7 +66,7 @@ class TrainingProgress:
         if self._seen is not None and self._seen[0] != self._seen[1]:
             step, last_step = self._seen
             update_progress_artifact(self._artifact, 100.0 * step / last_step,
-                                     description=f"Training run `{self.run_id}`: stopped after step {step:,} of {last_step:,}")  # fmt: skip
+                                     description=f"Stopped after step {step:,} of {last_step:,} (run `{self.run_id}`)")  # fmt: skip
 
     def _speed(self, now: float, step: int) -> float:
         started, first = self._speed_from

@@ -35,8 +35,8 @@ def train_like(run_id: str, steps: int, last_step: int, epochs: int) -> str:
 def test_while_training_it_says_the_step_epoch_loss_speed_and_time_left():
     line = train_like("r", steps=3, last_step=10, epochs=2)
     assert re.fullmatch(
-        r"Training run `r`: step 6 of 10, epoch 2 of 2, loss 0\.2500, [\d,]+ samples/s on average since its first step, "
-        r"about \d+ (min \d+ )?s left",
+        r"Step 6 of 10, epoch 2 of 2, loss 0\.2500, [\d,]+ samples/s on average since its first step, "
+        r"about \d+ (min \d+ )?s left \(run `r`\)",
         line,
     ), line
 
@@ -46,8 +46,8 @@ def test_when_done_it_says_the_totals():
     artifact = progress_artifact(state.state_details.flow_run_id)
     assert float(artifact.data) == 100.0
     assert re.fullmatch(
-        r"Training run `done`: done, 10 steps \(2 epochs\) in \d+ s, [\d,]+ samples/s on average since its first step; "
-        r"last loss 0\.1000",
+        r"Done: 10 steps \(2 epochs\) in \d+ s, [\d,]+ samples/s on average since its first step; "
+        r"last loss 0\.1000 \(run `done`\)",
         artifact.description,
     ), artifact.description
 
@@ -56,4 +56,4 @@ def test_a_run_that_stops_early_says_where():
     state = train_like("stopped", steps=4, last_step=10, epochs=2, return_state=True)
     artifact = progress_artifact(state.state_details.flow_run_id)
     assert float(artifact.data) == 40.0
-    assert artifact.description == "Training run `stopped`: stopped after step 4 of 10"
+    assert artifact.description == "Stopped after step 4 of 10 (run `stopped`)"
