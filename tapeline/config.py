@@ -48,9 +48,10 @@ class Role(enum.Enum):
 
     RESUME = "a checkpoint trained under another value is not resumed"
     HPARAM = "changes what is learned: runs are compared by it (TensorBoard's HParams)"
+    PLACE = "says where files go or how data is fetched, not what the run is: a completed run is the same run whatever it says"
 
 
-RESUME, HPARAM = Role.RESUME, Role.HPARAM
+RESUME, HPARAM, PLACE = Role.RESUME, Role.HPARAM, Role.PLACE
 
 Dataset = Annotated[
     Literal[(*DATASETS, IDX)],
@@ -61,15 +62,18 @@ Source = Annotated[
     str | None,
     Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
 ]
-StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
+StorageRoot = Annotated[
+    str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE
+]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
 RUN_NAME_LENGTH = 128
+RUN_NAME_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+RUN_NAME_RULE = Rule(f"must be one path segment of letters, digits, '.', '_' or '-' (no '..'), at most {RUN_NAME_LENGTH} characters")
 RunName = Annotated[
     str | None,
-    Field(
-        pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=RUN_NAME_LENGTH, description="run id; default: a timestamp and a random suffix"
-    ),
-    Rule(f"must be one path segment of letters, digits, '.', '_' or '-' (no '..'), at most {RUN_NAME_LENGTH} characters"),
+    Field(pattern=RUN_NAME_PATTERN, max_length=RUN_NAME_LENGTH, description="run id; default: a timestamp and a random suffix"),
+    RUN_NAME_RULE,
+    PLACE,
 ]
 PrepareOn = Annotated[
     str | None,
@@ -78,8 +82,9 @@ PrepareOn = Annotated[
         description="download and preprocess first as this deployment of prepare-data (e.g. prepare-data/cpu), on its worker",
     ),
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
+    PLACE,
 ]
-Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
+Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result"), PLACE]
 Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
 BatchSize = Annotated[int, Field(ge=1, description="samples per training step (at most the training samples used)"), RESUME, HPARAM]
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate"), RESUME, HPARAM]
@@ -102,7 +107,20 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N ste
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
-WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones"), HPARAM]
+WarmStart = Annotated[
+    bool,
+    Field(description="start from the current champion's weights if it was trained on the same training data, else from random ones"),
+    HPARAM,
+]
+WarmStartFrom = Annotated[
+    str | None,
+    Field(
+        pattern=RUN_NAME_PATTERN,
+        max_length=RUN_NAME_LENGTH,
+        description="start from the model of this completed run of the storage root, whatever data it was trained on (implies --warm-start)",
+    ),
+    RUN_NAME_RULE,
+]
 Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
@@ -125,6 +143,7 @@ AcceptUnlockedStorage = Annotated[
         description="train on a remote root other than s3:// although its store gives no conditional write "
         "(the run lease and the champion pointer then do not keep writers apart)"
     ),
+    PLACE,
 ]
 
 
@@ -149,6 +168,7 @@ class RunConfig:
     checkpoint_every: CheckpointEvery = 500
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
+    warm_start_from: WarmStartFrom = None
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50
@@ -168,7 +188,8 @@ class RunConfig:
             parameter.check(getattr(self, parameter.name))
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
-        checked = replace(self, source=source)
+        warm_start = self.warm_start or self.warm_start_from is not None  # a named run to start from is a warm start
+        checked = replace(self, source=source, warm_start=warm_start)
         checked.training_split().check_batch_size(self.batch_size)  # the split's size: the registry's, or the headers'
         return replace(checked, storage=usable_root(storage_root(self.storage)))
 
@@ -187,6 +208,16 @@ class RunConfig:
 def storage_root(storage: str | None) -> str:
     """The storage root a run writes to, or a command reads from: `storage`, else $TAPELINE_STORAGE, else ./artifacts."""
     return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def run_identity(parameters: dict) -> dict:
+    """The parameters that make a run what it is, from `RunConfig.parameters()` or a run.json's `parameters`
+    (validated ones: storage and source resolved): all but those marked PLACE, and a registry dataset's `source`
+    (whichever it is, the files are the registry's, verified). A parameter the record predates counts as its default."""
+    defaults = {parameter.name: parameter.default for parameter in run_parameters()}
+    values = defaults | {name: value for name, value in parameters.items() if name in defaults}
+    ignored = {p.name for p in parameters_with(PLACE)} | (set() if values["dataset"] == IDX else {"source"})
+    return {name: value for name, value in values.items() if name not in ignored}
 
 
 @dataclass(frozen=True)

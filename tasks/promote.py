@@ -8,16 +8,18 @@ from prefect.logging import get_run_logger
 
 from tapeline.registry.listing import model_registry, registry_table
 from tapeline.registry.promotion import promote_if_better
-from tapeline.results import Promotion
+from tapeline.results import DatasetFiles, Promotion
 from tapeline.storage.root import Storage
 
 
 @task(name="promote")
 def promote(
-    storage: str, run_id: str, dataset: str, test_set: str, model_uri: str, test_accuracy: float, margin: float
+    storage: str, run_id: str, files: DatasetFiles, model_uri: str, test_accuracy: float, margin: float
 ) -> Promotion:
     """Make this run's model the current one if it beats the champion on the same test set; report the decision."""
-    decision = promote_if_better(Storage(storage), run_id, dataset, test_set, model_uri, test_accuracy, margin)
+    decision = promote_if_better(
+        Storage(storage), run_id, files.dataset, files.test_set, model_uri, test_accuracy, margin, train_set=files.train_set
+    )
     create_markdown_artifact(key="promotion", markdown=promotion_markdown(decision), description="champion and challenger")
     print(f"{verdict(decision)}: {decision.reason}")
     return decision

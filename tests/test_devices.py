@@ -19,7 +19,7 @@ from tapeline.gradients.schema import NOISE_COLUMNS
 from tapeline.reader import read_samples, read_stats, read_steps
 from tapeline.training.devices import resolve_devices
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_prepared
+from tests.helpers import tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 

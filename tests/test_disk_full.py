@@ -19,7 +19,7 @@ from tapeline.storage.layout import RunPaths
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import TEMP_SUFFIX, Storage, StorageFull
 from tapeline.training.summaries import RunSummaries
-from tests.conftest import tiny_arrays
+from tests.helpers import tiny_arrays
 from tests.test_idx_source import write_own_dir
 
 ROOT = Path(__file__).resolve().parent.parent

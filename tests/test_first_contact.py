@@ -20,7 +20,7 @@ from tapeline.data.fetch import SOURCE_HINT, ChecksumError
 from tapeline.data.idx import parse_header
 from tapeline.data.registry import DATASETS
 from tapeline.tasks.failures import PREFECT_FAILURE_LOGGERS, log_expected_failures_without_traceback
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.helpers import stored_under, tiny_arrays, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"tensorflow", "keras", "prefect"}
@@ -146,6 +146,7 @@ def test_checksum_mismatch_ends_in_one_line(tmp_path, prefect_home):
     assert lines[-1].startswith("flows/train.py: error: could not get mnist train-images-idx3-ubyte.gz from --source")
     assert "SHA-256 mismatch" in lines[-1]
     assert lines[-1].endswith("--source must be a directory or URL of the four files of --dataset mnist")
+    assert (tmp_path / "store").is_dir() and stored_under(str(tmp_path / "store"), "runs") == []  # no lease, no empty run
 
 
 class Records(logging.Handler):

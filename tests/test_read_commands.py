@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tapeline.storage.layout import remote_filesystem
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.helpers import tiny_arrays, write_idx_dir
 
 RUN = "r1"
 LABEL = 3  # every training label

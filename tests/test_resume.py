@@ -23,7 +23,7 @@ from tapeline.reader import read_gradients, read_steps
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_prepared
+from tests.helpers import tiny_prepared
 from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
 
 ROOT = Path(__file__).resolve().parent.parent

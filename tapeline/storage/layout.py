@@ -18,7 +18,7 @@
     runs/<run_id>/hardest_examples.png      the training examples with the highest mean gradient norm (last epoch)
     runs/<run_id>/noise_scale.png           the gradient noise scale at every step: raw, smoothed, its median
     runs/<run_id>/cluster.json              multi-worker training only: the chief's job for the other workers
-    runs/<run_id>/.lease                    who is writing the run (tapeline/storage/lease.py)
+    runs/<run_id>/.lease                    who is writing the run, while it is (tapeline/storage/lease.py)
 
 docs/data-format.md shows this tree as it is here (`python -m tapeline.storage.layout`
 prints it; a test checks the two agree), and describes every file in it.

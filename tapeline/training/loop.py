@@ -65,7 +65,8 @@ def train_model(
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
 
-    `warm_start`, a champion's pointer (see tapeline/registry/champion.py), starts from its model's weights instead of random ones.
+    `warm_start`, run.json's record of it (tapeline/registry/warm_start.py), names the model whose weights training starts
+    from instead of random ones (`from`, `model`; none when `from` is None).
     """
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
@@ -81,10 +82,10 @@ def train_model(
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
-        # Build, then restore: the champion's weights for a warm start, this run's checkpoint for a resume.
+        # Build, then restore: another run's weights for a warm start, this run's checkpoint for a resume.
         model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, strategy)
-        if warm_start:
-            _load_champion(model, storage, warm_start)
+        if warm_start and warm_start["from"]:
+            _load_warm_start(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data)
         shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
@@ -181,10 +182,10 @@ def _trained_model(
     )  # fmt: skip
 
 
-def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> None:
-    """The champion's weights; the optimizer starts fresh: its moments belong to the champion's data order."""
+def _load_warm_start(model: keras.Model, storage: Storage, warm_start: dict) -> None:
+    """The other run's weights; the optimizer starts fresh: its moments belong to that run's data order."""
     model.load_weights(storage.local(warm_start["model"]))
-    print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
+    print(f"warm start from run {warm_start['from']} ({warm_start['reason']})")
 
 
 def open_recorder(
