@@ -27,7 +27,7 @@ from tapeline import config as param  # noqa: E402  (the parameters' types: cons
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: E402
 from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
-from tapeline.manifest import completed_run, run_manifest_uri, write_run_manifest  # noqa: E402
+from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest  # noqa: E402
 from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start  # noqa: E402
 from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tapeline.storage.root import Storage, utc_now  # noqa: E402
@@ -122,7 +122,7 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartC
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
-    write_run_metrics(Storage(storage), run_id, trained.steps, {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})  # TensorBoard
+    write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
     promotion = stages.run(promote, storage, run_id, files, trained.model_uri, scores["accuracy"], config.promotion_margin)
 
     manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)

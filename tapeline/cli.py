@@ -127,12 +127,19 @@ def samples(argv: list[str], prog: str) -> int:
         ranking, classes = rank_samples(run, args.epoch, args.top, args.label), class_names(run)
     except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
-    print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}  latest prediction")
+    # predicted, at step: the model's class for the example at its latest step of the epoch, before that step's update
+    print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'predicted':14} {'at step':>7} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}")
     for rank, row in enumerate(ranking.to_pylist(), 1):
-        latest = f"{'right' if row['latest_correct'] else 'wrong'} (step {row['latest_step']})"
-        print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {row['mean_grad_norm']:>10.4f} "
-              f"{row['mean_loss']:>9.4f} {row['seen']:>4}  {latest}")  # fmt: skip
+        print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {predicted_name(row, classes):14.14} "
+              f"{row['latest_step']:>7} {row['mean_grad_norm']:>10.4f} {row['mean_loss']:>9.4f} {row['seen']:>4}")  # fmt: skip
     return 0
+
+
+def predicted_name(row: dict, classes: list[str]) -> str:
+    """The class a ranking row's example was predicted as, by name; "?" when wrong and the run did not record which."""
+    if row["latest_predicted"] is not None:
+        return classes[row["latest_predicted"]]
+    return classes[row["label"]] if row["latest_correct"] else "?"
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 from tapeline.config import RunConfig, run_identity
 from tapeline.data.splits import samples_used
 from tapeline.errors import ConfigError
+from tapeline.gradients.noise import NOISE_SCALE_METRIC
 from tapeline.model_card import write_model_card
 from tapeline.results import (
     DatasetFiles,
@@ -55,9 +56,9 @@ def write_run_manifest(
         "stages": stages,
         "metrics": {
             "epochs": trained.epochs,
-            "test_accuracy": scores["accuracy"],
-            "test_loss": scores["loss"],
-            **noise_metrics(exported.noise_scale, config.batch_size),
+            **final_metrics(scores, exported),
+            "suggested_batch_size": suggested_batch_size(exported.noise_scale_smoothed_median_last_epoch),
+            "batch_size": config.batch_size,
         },
         "promotion": dataclasses.asdict(promotion),
         "uris": {
@@ -75,14 +76,17 @@ def write_run_manifest(
     return manifest
 
 
-def noise_metrics(noise_scale: float | None, batch_size: int) -> dict:
-    """The gradient noise scale (median over the last epoch), the batch size it suggests, and the one used.
+def final_metrics(scores: dict, exported: GradientExport) -> dict[str, float | None]:
+    """What a finished run is compared by, under the names run.json's `metrics` and TensorBoard's `metrics/` tags give
+    them: the test accuracy and loss, and the gradient noise scale named for its statistic (NOISE_SCALE_METRIC: the
+    median over the last epoch of the smoothed B_simple; None without per-example norms)."""
+    return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"], NOISE_SCALE_METRIC: exported.noise_scale_smoothed_median_last_epoch}
 
-    B_simple estimates the critical batch size (McCandlish et al. 2018): below it a
-    larger batch trains in proportionally fewer steps, above it the gain fades.
-    """
-    suggested = max(1, round(noise_scale)) if noise_scale is not None and noise_scale > 0 else None
-    return {"noise_scale": noise_scale, "suggested_batch_size": suggested, "batch_size": batch_size}
+
+def suggested_batch_size(noise_scale: float | None) -> int | None:
+    """The noise scale, rounded: B_simple estimates the critical batch size (McCandlish et al. 2018), below which a
+    larger batch trains in proportionally fewer steps, and above which the gain fades."""
+    return max(1, round(noise_scale)) if noise_scale is not None and noise_scale > 0 else None
 
 
 def run_manifest_uri(storage: str, run_id: str) -> str:

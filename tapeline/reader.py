@@ -143,7 +143,7 @@ def _samples_dataset(run: str | Path) -> ds.Dataset:
         raise NoGradientsError(f"{error} (a run trained with --no-per-example-norms has none)") from None
 
 
-RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_correct", "latest_step")
+RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_step", "latest_predicted", "latest_correct")
 
 
 def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = None, label: int | None = None) -> pa.Table:
@@ -151,11 +151,15 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
 
     Per example: its label, its mean per-example gradient norm and loss over the
     steps it was in, how many those were (`seen`), and at the latest of them
-    (`latest_step`) whether the model predicted it right. `label` keeps one class.
+    (`latest_step`) the class the model predicted (`latest_predicted`: the argmax of
+    its logits at that step, before the step's update; null in files written before
+    the samples had a `predicted` column) and whether that was right
+    (`latest_correct`). `label` keeps one class.
     NotInRunError when the run has no such epoch, or no example of that label in it.
     """
     epoch = _epoch_of(run, epoch)
-    table = read_samples(run, [epoch], ["step", "sample_id", "label", "loss", "correct", "grad_norm"]).sort_by("step")
+    columns = ["step", "sample_id", "label", "predicted", "loss", "correct", "grad_norm"]
+    table = read_samples(run, [epoch], columns).sort_by("step")
     if label is not None:
         labels = pc.unique(table.column("label")).to_pylist()
         if label not in labels:
@@ -175,8 +179,7 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
             pa.array(mean["grad_norm"][order]),
             pa.array(mean["loss"][order]),
             pa.array(seen[order], pa.int64()),
-            table.column("correct").take(latest),
-            table.column("step").take(latest),
+            *(table.column(name).take(latest) for name in ("step", "predicted", "correct")),
         ],
         names=list(RANKING_COLUMNS),
     )
@@ -200,6 +203,11 @@ def class_names(run: str | Path) -> list[str]:
         return read_run_json(run, MODEL_CARD)["classes"]
     except NoGradientsError:
         return [str(label) for label in range(256)]
+
+
+def last_epoch(run: str | Path) -> int:
+    """The last epoch the run's samples dataset has rows of."""
+    return _epoch_of(run, None)
 
 
 def _epoch_of(run: str | Path, epoch: int | None) -> int:

@@ -72,7 +72,8 @@ class GradientExport:
     steps: list[int]
     variables: list[dict]  # per variable: name, shape, last, mean and max L2 norm
     anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
-    noise_scale: float | None = None  # median smoothed B_simple, last epoch (gradients/export.py); None without per-example norms
+    # The smoothed B_simple's median over the last epoch (gradients/noise.py); None without per-example norms
+    noise_scale_smoothed_median_last_epoch: float | None = None
 
 
 @dataclass(frozen=True)

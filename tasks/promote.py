@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from tapeline.registry.listing import model_registry
+from tapeline.registry.listing import model_registry, registry_table
 from tapeline.registry.promotion import promote_if_better
 from tapeline.results import DatasetFiles, Promotion
 from tapeline.storage.root import Storage
@@ -52,5 +52,8 @@ def promotion_markdown(decision: Promotion) -> str:
 def publish_model_registry(storage: str) -> None:
     """The `model-registry` artifact of the current flow run: call it after this run's run.json is written, so it is listed.
     A run.json that cannot be read is left out, with a warning in the flow run's log."""
-    table = model_registry(Storage(storage), skipped=get_run_logger().warning)
-    create_table_artifact(key="model-registry", table=table, description="tapeline model versions; current: the champion")
+    rows = model_registry(Storage(storage), skipped=get_run_logger().warning)
+    create_table_artifact(
+        key="model-registry", table=registry_table(rows),
+        description="tapeline model versions, newest first; the champion is the current model (`tapeline models` adds the data digests)",
+    )

@@ -82,7 +82,7 @@ def test_a_flow_run_lists_the_registry_past_a_truncated_run_json(source, storage
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     registry = next(artifact for artifact in artifacts if artifact.key == "model-registry")
-    assert [row["run_id"] for row in json.loads(registry.data)] == ["second", "first"]
+    assert [row["run"] for row in json.loads(registry.data)] == ["second", "first"]
     assert [log.level for log in logs if str(truncated_run_json) in log.message] == [30]  # one WARNING
 
 

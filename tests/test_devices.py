@@ -93,7 +93,7 @@ def test_two_devices_match_one(tmp_path, train_limit):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)
     # Each replica's examples: the same per-example rows as one device, in the batch's order.
     one_samples = read_samples(Path(one.steps_uri).parent).sort_by([("step", "ascending")])
-    for name in ("step", "sample_id", "label", "correct"):
+    for name in ("step", "sample_id", "label", "predicted", "correct"):
         assert two_samples.column(name).equals(one_samples.column(name)), name
     for name in ("loss", "grad_norm"):
         np.testing.assert_allclose(two_samples.column(name).to_numpy(), one_samples.column(name).to_numpy(), rtol=1e-3)

@@ -13,7 +13,7 @@ Files appear under their final name only when complete (see tapeline/storage/roo
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -59,32 +59,51 @@ STEP_SCHEMA = pa.schema(
     ]
 )
 NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in the order noise.noise_estimates returns them
+# One number per example, computed in the compiled step (per_example.example_columns), in the order the step packs
+# them (per_example.packed), with the numpy type each is stored as. A new per-example column is a line here, one in
+# example_columns, and its row in docs/data-format.md.
+EXAMPLE_COLUMNS = {
+    "label": np.uint8,
+    "predicted": np.uint8,  # the argmax of the example's logits at that step, before the update
+    "loss": np.float32,  # the example's own loss at that step
+    "correct": np.bool_,  # predicted == label
+}
 SAMPLE_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int32()),
-        ("sample_id", pa.int64()),
-        ("label", pa.uint8()),
-        ("loss", pa.float32()),
-        ("correct", pa.bool_()),
-        ("grad_norm", pa.float32()),
-        ("layer_norms", pa.list_(pa.float32())),
-    ]
+    [("step", pa.int64()), ("epoch", pa.int32()), ("sample_id", pa.int64())]
+    + [(name, pa.from_numpy_dtype(dtype)) for name, dtype in EXAMPLE_COLUMNS.items()]
+    + [("grad_norm", pa.float32()), ("layer_norms", pa.list_(pa.float32()))]
 )
 
 
-class Examples(NamedTuple):
-    """One step's (or call's) per-example results, one row per example: device tensors, or their numpy copies."""
+@dataclass(frozen=True)
+class Examples:
+    """One step's (or call's) per-example results on the host, one row per example."""
 
-    loss: Any  # [B] float32, the example's own loss
-    correct: Any  # [B] bool, the prediction at this step
-    label: Any  # [B] int32
-    squared_norms: Any  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
+    columns: dict[str, np.ndarray]  # EXAMPLE_COLUMNS by name, each [B]
+    squared_norms: np.ndarray  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
 
     @classmethod
     def from_rows(cls, rows: np.ndarray) -> Examples:
-        """numpy columns from the step's packed rows [B, 3 + variables] (per_example.packed)."""
-        return cls(rows[:, 0], rows[:, 1] > 0.5, rows[:, 2].astype(np.int32), rows[:, 3:])
+        """From the step's packed rows [B, len(EXAMPLE_COLUMNS) + variables] (per_example.packed)."""
+        columns = {name: rows[:, i].astype(dtype) for i, (name, dtype) in enumerate(EXAMPLE_COLUMNS.items())}
+        return cls(columns, rows[:, len(EXAMPLE_COLUMNS) :])
+
+    def split(self, sizes: list[int]) -> list[Examples]:
+        """A call's rows, concatenated over its steps, cut back into each step's (`sizes`: the steps' batch sizes)."""
+        bounds = np.cumsum(sizes)[:-1]
+        columns = {name: np.split(values, bounds) for name, values in self.columns.items()}
+        return [
+            Examples({name: parts[i] for name, parts in columns.items()}, norms)
+            for i, norms in enumerate(np.split(self.squared_norms, bounds))
+        ]
+
+    @staticmethod
+    def concatenate(examples: list[Examples]) -> Examples:
+        return Examples(
+            {name: np.concatenate([e.columns[name] for e in examples]) for name in EXAMPLE_COLUMNS},
+            np.concatenate([e.squared_norms for e in examples]),
+        )
+
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
 STATS_SCHEMA = pa.schema(

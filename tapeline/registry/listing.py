@@ -25,11 +25,12 @@ def model_registry(storage: Storage, skipped: Callable[[str], None] | None = Non
         except (ValueError, KeyError, TypeError) as error:  # not JSON (ValueError), or not a whole run manifest
             line = f"skipped {storage.uri_of(manifest_path)}: not a readable run manifest ({type(error).__name__}: {error})"
             (skipped or _to_stderr)(line)
+    rows.sort(key=lambda row: str(row["finished"] or ""), reverse=True)  # a run's name need not sort by time; ties keep it
     return rows
 
 
 def _registry_row(run: dict, champion: dict) -> dict:
-    return {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
+    return {  # what `tapeline models` prints and `registry_table` shows in Prefect are taken from these
         "run_id": run["run_id"],
         "current": run["run_id"] == champion.get("run_id"),
         "test_accuracy": run["metrics"]["test_accuracy"],
@@ -45,6 +46,30 @@ def _registry_row(run: dict, champion: dict) -> dict:
 
 def _to_stderr(line: str) -> None:
     print(f"tapeline: {line}", file=sys.stderr)
+
+
+def registry_table(rows: list[dict]) -> list[dict]:
+    """The registry as a person compares versions, in a table narrow enough for Prefect's artifact page: the run
+    (newest first), whether it is the champion, its score to 4 decimals, and the parameters runs differ in. The
+    digests and times are run.json's and `tapeline models`'."""
+    return [
+        {
+            "run": row["run_id"],
+            "status": _status(row),
+            "test accuracy": round(row["test_accuracy"], 4),
+            "dataset": row["dataset"],
+            "epochs": row["epochs"],
+            "batch": row["batch_size"],
+            "lr": row["learning_rate"],  # as `tapeline models` calls it
+        }
+        for row in rows
+    ]
+
+
+def _status(row: dict) -> str:
+    if row["current"]:
+        return "champion"
+    return "was champion" if row["promoted"] else "not promoted"
 
 
 def registry_lines(rows: list[dict]) -> list[str]:

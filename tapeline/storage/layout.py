@@ -16,7 +16,7 @@
     runs/<run_id>/tensorboard/              TensorBoard events: scalars, histograms, hparams
     runs/<run_id>/gradient_norms.png        every layer's gradient norm at every step (by export_gradients)
     runs/<run_id>/hardest_examples.png      the training examples with the highest mean gradient norm (last epoch)
-    runs/<run_id>/noise_scale.png           the gradient noise scale at every step, raw and smoothed
+    runs/<run_id>/noise_scale.png           the gradient noise scale at every step: raw, smoothed, its median
     runs/<run_id>/cluster.json              multi-worker training only: the chief's job for the other workers
     runs/<run_id>/.lease                    who is writing the run, while it is (tapeline/storage/lease.py)
 

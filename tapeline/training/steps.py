@@ -12,8 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import IMAGE_SHAPE
-from tapeline.gradients.per_example import TappedModel, packed
-from tapeline.gradients.schema import Examples
+from tapeline.gradients.per_example import TappedModel, example_columns, packed
 from tapeline.model import mean_loss, per_example_loss
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
@@ -44,9 +43,12 @@ def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile:
         gradients = _unscaled(scaled_gradients, scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
+        if not tapped:
+            return loss, gradients, None
         batch_size = tf.cast(tf.shape(y)[0], tf.float32)  # the loss is the batch's mean: each example's own is B times its share
-        examples = _examples(tapped, taps, output_gradients, y, logits, _unscaled([batch_size], scale)[0]) if tapped else None
-        return loss, gradients, examples
+        squared_norms = tapped.squared_norms(taps, output_gradients, _unscaled([batch_size], scale)[0])
+        losses = tf.cast(per_example_loss(y, logits), tf.float32)
+        return loss, gradients, packed(example_columns(y, logits, losses), squared_norms)
 
     return train_step
 
@@ -107,7 +109,7 @@ def make_distributed_train_step(
         accuracy_metric.update_state(y, logits)
         if not tapped:
             return loss, gradients, None
-        return loss, gradients, packed(Examples(per_example_loss[:, 0], _correct(y, logits), tf.cast(y, tf.int32), squared_norms))
+        return loss, gradients, packed(example_columns(y, logits, per_example_loss[:, 0]), squared_norms)
 
     return train_step
 
@@ -129,20 +131,10 @@ def _replica_slice(batch: tf.Tensor, size: int) -> tf.Tensor:
     return tf.reshape(batch, [-1, size, *batch.shape[1:]])[replica]
 
 
-def _correct(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
-
-
 def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: list) -> tuple[list, list]:
     """(the variables' gradients, the gradients at the tapped layers' outputs), from one `tape.gradient`."""
     gradients = tape.gradient(loss, [*variables, *(output for _, output in taps)])
     return gradients[: len(variables)], gradients[len(variables) :]
-
-
-def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> tf.Tensor:
-    """The step's per-example rows: each example's loss, whether it was predicted right, its label, its gradient norms."""
-    loss = tf.cast(per_example_loss(y, logits), tf.float32)
-    return packed(Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale)))
 
 
 def _loss_scale(optimizer) -> tf.Tensor | None:
