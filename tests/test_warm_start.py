@@ -66,6 +66,7 @@ def test_warm_start_takes_the_champion_only_on_its_training_data_or_a_named_run(
 
     # A name that is no completed run: one line, exit 2, before anything is written.
     flags = ["--dataset", "idx", "--source", str(tmp_path / "b"), "--storage", str(store), "--run-name", "d", "--warm-start-from", "nope"]
+    flags += ["--validation-size", str(RUN["validation_size"])]
     assert main(["train", *flags]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"tapeline train: error: warm_start_from 'nope': {store} has no completed run of that name (no runs/nope/run.json)"
