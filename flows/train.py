@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from prefect import flow  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 
 from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
@@ -53,6 +54,7 @@ def train_flow(
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
     prepare_on: param.PrepareOn = RunConfig.prepare_on,
+    prepare_timeout: param.PrepareTimeout = RunConfig.prepare_timeout,
     refresh: param.Refresh = RunConfig.refresh,
     epochs: param.Epochs = RunConfig.epochs,
     batch_size: param.BatchSize = RunConfig.batch_size,
@@ -81,7 +83,11 @@ def train_flow(
     run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
-        return run_pipeline(config, run_id, started, StageClock(before_each=lease.check))
+        try:
+            return run_pipeline(config, run_id, started, StageClock(before_each=lease.check))
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM, a cancel: the lease is released on the way out
+            print(f"run {run_id} stopped; run it again (--run-name {run_id}) to resume from its last checkpoint")
+            raise
 
 
 def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageClock) -> dict:

@@ -68,6 +68,14 @@ PrepareOn = Annotated[
     ),
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
 ]
+PrepareTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds to wait for a worker to pick up the --prepare-on run; then it is cancelled and the run fails",
+    ),
+]
 Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
 Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
 BatchSize = Annotated[int, Field(ge=1, description="samples per training step")]
@@ -112,6 +120,7 @@ class RunConfig:
     storage: StorageRoot = None
     run_name: RunName = None
     prepare_on: PrepareOn = None
+    prepare_timeout: PrepareTimeout = 600.0
     refresh: Refresh = False
     epochs: Epochs = 5
     batch_size: BatchSize = 32
