@@ -216,6 +216,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
         os.killpg(cpu_worker.pid, signal.SIGTERM)
         cpu_worker.wait(timeout=60)
     assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log
+    assert re.search(r"a worker picked up prepare-data/cpu run \S+; waiting for it to end", log), log  # then as long as it takes
     manifest = read_run_json(f"{root}/runs/split")
     assert manifest["uris"]["model"] == f"{root}/runs/split/model.keras"
     assert {"prepare-data", "download", "preprocess", "train", "export_gradients", "evaluate", "promote"} == set(manifest["stages"])

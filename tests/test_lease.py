@@ -116,7 +116,7 @@ def cli_env(prefect_api, s3, tmp_path) -> dict:
 
 
 def start(command: list[str], env: dict, **popen) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
 
 
 def model_accuracy(storage: Storage, run: dict) -> float:
@@ -201,21 +201,24 @@ def test_sigterm_releases_the_lease_and_the_temporary_api_and_a_rerun_resumes(wh
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a new database's migrations, on a busy machine
     }  # fmt: skip
     command = train_command(fashion_mnist_dir, root, "--train-limit", "2000", "--checkpoint-every", "20")
-    first = start(command, env, start_new_session=True)  # its own process group: the temporary API's is the same
+    out, err = tmp_path / "out", tmp_path / "err"  # files, not pipes: a leaked child holding a pipe open would hang the test
+    with out.open("w") as stdout, err.open("w") as stderr:
+        first = start(command, env, stdout=stdout, stderr=stderr, start_new_session=True)  # the temporary API joins its group
     try:
         deadline = time.monotonic() + 300
         while not checkpoint_written(storage) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         first.terminate()
-        out, err = first.communicate(timeout=300)
+        first.wait(timeout=300)
     finally:
         left = live_processes_in_group(first.pid)
         if left:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == "flows/train.py: stopped by SIGTERM"
-    assert "run same stopped; run it again (--run-name same) to resume from its last checkpoint" in err
-    assert "Traceback" not in out + err
+    log = err.read_text()
+    assert first.returncode == 143, log[-3000:]
+    assert log.strip().splitlines()[-1] == "flows/train.py: stopped by SIGTERM"
+    assert "run same stopped; run it again (--run-name same) to resume from its last checkpoint" in log
+    assert "Traceback" not in log + out.read_text()
     assert not left
     with RunLease(storage, "same"):  # free now: for S3, 120 s before an unreleased lease would expire
         pass
