@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, run_parameters  # noqa: E402
+from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, run_parameters, storage_root  # noqa: E402
 from tapeline.errors import ConfigError, Stopped, TapelineError  # noqa: E402
 
 COMMANDS = {
@@ -111,29 +112,36 @@ def parse_train_args(argv: list[str] | None, prog: str = "tapeline train") -> di
 
 def models(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["models"])
-    parser.add_argument("storage", nargs="?", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE), help="the storage root")
+    parser.add_argument("storage", nargs="?", help=f"the storage root (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+    storage = storage_root(parser.parse_args(argv).storage)
     from tapeline.registry.listing import model_registry, registry_lines
     from tapeline.storage.root import Storage
 
+    root = Storage(storage)
+    if not root.remote and not root.root.is_dir():
+        return _failed(prog, 2, f"no storage root at {storage}" if not root.root.exists() else f"{storage} is not a directory")
     try:
-        lines = registry_lines(model_registry(Storage(parser.parse_args(argv).storage)))
+        lines = registry_lines(model_registry(root))
     except (TapelineError, OSError) as error:
         return _failed(prog, 2, error)
-    for line in lines:
+    for line in lines or [f"no model versions under {storage} yet: a run is listed once it has finished"]:
         print(line)
     return 0
 
 
 def verify(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["verify"] + "; exit 0 when within the tolerance")
-    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    _add_run_arguments(parser)
     parser.add_argument("--step", type=int, help="snapshot step (default: the last one with weights)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference (default: 1e-4)")
     args = parser.parse_args(argv)
-    from tapeline.gradients.verify import verify_snapshot
-
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        parser.error(f"--tolerance must be a number of at least 0, got {args.tolerance:g}")
     try:
-        report = verify_snapshot(args.run, args.step)
+        run = _find_run(args)
+        from tapeline.gradients.verify import compare_snapshot, snapshot_step
+
+        report = compare_snapshot(run, snapshot_step(run, args.step))  # TensorFlow loads only for a snapshot that is there
     except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
     for name, d in report["variables"].items():
@@ -146,7 +154,7 @@ def verify(argv: list[str], prog: str) -> int:
 
 def samples(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["samples"] + " (then by mean loss)")
-    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    _add_run_arguments(parser)
     parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
     parser.add_argument("--label", type=int, help="only examples of this label")
     parser.add_argument("--epoch", type=int, help="the epoch to rank (default: the last)")
@@ -156,7 +164,8 @@ def samples(argv: list[str], prog: str) -> int:
     from tapeline.reader import class_names, rank_samples
 
     try:
-        ranking, classes = rank_samples(args.run, args.epoch, args.top, args.label), class_names(args.run)
+        run = _find_run(args)
+        ranking, classes = rank_samples(run, args.epoch, args.top, args.label), class_names(run)
     except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
     print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}  latest prediction")
@@ -165,6 +174,18 @@ def samples(argv: list[str], prog: str) -> int:
         print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {row['mean_grad_norm']:>10.4f} "
               f"{row['mean_loss']:>9.4f} {row['seen']:>4}  {latest}")  # fmt: skip
     return 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a run id, looked up under --storage; or a run directory, its run.json, or s3://…/runs/<id>")
+    parser.add_argument("--storage", help=f"the storage root to look a run id up in (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+
+
+def _find_run(args: argparse.Namespace) -> str:
+    """The run the command names, as a path or URI; NoRunError when it is not there."""
+    from tapeline.reader import find_run
+
+    return find_run(args.run, storage_root(args.storage))
 
 
 @stoppable

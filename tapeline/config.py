@@ -12,30 +12,28 @@ docs/parameters.md is generated from here: `python -m tapeline.config > docs/par
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Annotated, Literal
 
-import pyarrow.fs as pafs
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from tapeline.data.idx_source import IDX, check_idx_source
+from tapeline.data.idx_source import IDX, check_idx_source, idx_train_count
 from tapeline.data.registry import DATASETS
+from tapeline.data.splits import TrainingSplit, training_split
 from tapeline.errors import ConfigError
-from tapeline.storage.root import is_remote, remote_filesystem
-from tapeline.storage.versioned import s3_client
+from tapeline.gradients.schema import GRADIENT_DTYPES
+from tapeline.storage.access import usable_root
 
 DEFAULT_STORAGE = "./artifacts"
 STORAGE_ENV = "TAPELINE_STORAGE"
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-GRADIENT_DTYPES = ("float32", "float16")  # the gradient schema (tapeline/gradients/writers.py) maps each to its Arrow type
 
 
 @dataclass(frozen=True)
@@ -45,20 +43,37 @@ class Rule:
     text: str
 
 
+class Role(enum.Enum):
+    """What a parameter is besides a flow parameter, marked in its annotation."""
+
+    RESUME = "a checkpoint trained under another value is not resumed"
+    HPARAM = "changes what is learned: runs are compared by it (TensorBoard's HParams)"
+    PLACE = "says where files go or how data is fetched, not what the run is: a completed run is the same run whatever it says"
+
+
+RESUME, HPARAM, PLACE = Role.RESUME, Role.HPARAM, Role.PLACE
+
 Dataset = Annotated[
     Literal[(*DATASETS, IDX)],
     Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
+    RESUME, HPARAM,
 ]
 Source = Annotated[
     str | None,
     Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
 ]
-StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
+StorageRoot = Annotated[
+    str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE
+]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
+RUN_NAME_LENGTH = 128
+RUN_NAME_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+RUN_NAME_RULE = Rule(f"must be one path segment of letters, digits, '.', '_' or '-' (no '..'), at most {RUN_NAME_LENGTH} characters")
 RunName = Annotated[
     str | None,
-    Field(pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=128, description="run id; default: a timestamp and a random suffix"),
-    Rule("must be one path segment of letters, digits, '.', '_' or '-' (no '..')"),
+    Field(pattern=RUN_NAME_PATTERN, max_length=RUN_NAME_LENGTH, description="run id; default: a timestamp and a random suffix"),
+    RUN_NAME_RULE,
+    PLACE,
 ]
 PrepareOn = Annotated[
     str | None,
@@ -67,6 +82,7 @@ PrepareOn = Annotated[
         description="download and preprocess first as this deployment of prepare-data (e.g. prepare-data/cpu), on its worker",
     ),
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
+    PLACE,
 ]
 PrepareTimeout = Annotated[
     float,
@@ -75,17 +91,23 @@ PrepareTimeout = Annotated[
         allow_inf_nan=False,
         description="seconds to wait for a worker to pick up the --prepare-on run; then it is cancelled and the run fails",
     ),
+    PLACE,
 ]
-Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
-Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
-BatchSize = Annotated[int, Field(ge=1, description="samples per training step")]
-LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate")]
-Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights")]
-TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N training samples (smoke runs)")]
-ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation")]
+Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result"), PLACE]
+Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
+BatchSize = Annotated[int, Field(ge=1, description="samples per training step (at most the training samples used)"), RESUME, HPARAM]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate"), RESUME, HPARAM]
+Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights"), RESUME, HPARAM]
+TrainLimit = Annotated[
+    int | None,
+    Field(ge=1, description="use only the first N training samples (smoke runs); all of them when the split has fewer"),
+    RESUME,
+    HPARAM,
+]
+ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation"), RESUME, HPARAM]
 SnapshotEvery = Annotated[int, Field(ge=1, description="full gradient snapshot every N steps")]
 SnapshotWeights = Annotated[bool, Field(description="store each scheduled snapshot's weights (before the update) beside its gradients")]
-GradientDtype = Annotated[Literal[GRADIENT_DTYPES], Field(description="dtype of stored gradient values (statistics are float32)")]
+GradientDtype = Annotated[Literal[tuple(GRADIENT_DTYPES)], Field(description="dtype of stored gradient values (statistics are float32)")]
 SpikeFactor = Annotated[
     float,
     Field(gt=1, allow_inf_nan=False, description="also snapshot in full when the global gradient norm exceeds this many times its running median"),
@@ -94,8 +116,21 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N ste
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
-WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones")]
-Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32")]
+WarmStart = Annotated[
+    bool,
+    Field(description="start from the current champion's weights if it was trained on the same training data, else from random ones"),
+    HPARAM,
+]
+WarmStartFrom = Annotated[
+    str | None,
+    Field(
+        pattern=RUN_NAME_PATTERN,
+        max_length=RUN_NAME_LENGTH,
+        description="start from the model of this completed run of the storage root, whatever data it was trained on (implies --warm-start)",
+    ),
+    RUN_NAME_RULE,
+]
+Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
     int,
@@ -108,9 +143,17 @@ StepsPerCall = Annotated[
 PerExampleNorms = Annotated[
     bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")
 ]
-Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
+Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients"), RESUME]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
+AcceptUnlockedStorage = Annotated[
+    bool,
+    Field(
+        description="train on a remote root other than s3:// although its store gives no conditional write "
+        "(the run lease and the champion pointer then do not keep writers apart)"
+    ),
+    PLACE,
+]
 
 
 @dataclass(frozen=True)
@@ -135,6 +178,7 @@ class RunConfig:
     checkpoint_every: CheckpointEvery = 500
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
+    warm_start_from: WarmStartFrom = None
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50
@@ -142,9 +186,11 @@ class RunConfig:
     deterministic: Deterministic = False
     device: Device = "auto"
     devices: Devices = 1
+    accept_unlocked_storage: AcceptUnlockedStorage = False
 
     def validated(self) -> RunConfig:
-        """Check every parameter against its rule, then resolve the storage root and check it can be used.
+        """Check every parameter against its rule and the batch size against the training split, then resolve the
+        storage root and check it can be used.
 
         Leaves nothing behind: a bad parameter must leave the storage root as it was.
         """
@@ -152,12 +198,36 @@ class RunConfig:
             parameter.check(getattr(self, parameter.name))
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
-        storage = self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-        return replace(self, source=source, storage=_usable_root(storage))
+        warm_start = self.warm_start or self.warm_start_from is not None  # a named run to start from is a warm start
+        checked = replace(self, source=source, warm_start=warm_start)
+        checked.training_split().check_batch_size(self.batch_size)  # the split's size: the registry's, or the headers'
+        return replace(checked, storage=usable_root(storage_root(self.storage)))
+
+    def training_split(self) -> TrainingSplit:
+        """The samples training will use, known before any stage: the training file's count is the registry's for a
+        built-in dataset (its files must match the registry's digests) and the IDX header's for your own files.
+        ConfigError when validation_size leaves none."""
+        count = idx_train_count(self.source) if self.dataset == IDX else DATASETS[self.dataset].train_count
+        return training_split(count, self.validation_size, self.train_limit)
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
         return asdict(self)
+
+
+def storage_root(storage: str | None) -> str:
+    """The storage root a run writes to, or a command reads from: `storage`, else $TAPELINE_STORAGE, else ./artifacts."""
+    return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def run_identity(parameters: dict) -> dict:
+    """The parameters that make a run what it is, from `RunConfig.parameters()` or a run.json's `parameters`
+    (validated ones: storage and source resolved): all but those marked PLACE, and a registry dataset's `source`
+    (whichever it is, the files are the registry's, verified). A parameter the record predates counts as its default."""
+    defaults = {parameter.name: parameter.default for parameter in run_parameters()}
+    values = defaults | {name: value for name, value in parameters.items() if name in defaults}
+    ignored = {p.name for p in parameters_with(PLACE)} | (set() if values["dataset"] == IDX else {"source"})
+    return {name: value for name, value in values.items() if name not in ignored}
 
 
 @dataclass(frozen=True)
@@ -170,6 +240,7 @@ class Parameter:
     help: str
     choices: tuple[str, ...] | None
     rule: str  # the constraint in words: "at least 1", "above 0", a Rule's text; "" when any value of its type goes
+    roles: frozenset[Role]
 
     @property
     def flag(self) -> str:
@@ -180,9 +251,13 @@ class Parameter:
         try:
             _adapter(self.name).validate_python(value, strict=True)  # strict: "3" is not an epoch count
         except ValidationError as error:
-            raise ConfigError(self.complaint(value, error.errors()[0]["type"])) from None
+            raise ConfigError(self.complaint(value, error.errors()[0])) from None
 
-    def complaint(self, value, error_type: str) -> str:
+    def complaint(self, value, error: dict) -> str:
+        """The one line for `value`, from pydantic's first error about it."""
+        error_type = error["type"]
+        if error_type == "string_too_long":
+            return f"{self.name} is {len(value)} characters; at most {error['ctx']['max_length']} are allowed"
         if self.choices:
             return f"unknown {self.name} {value!r}; choose one of: {', '.join(self.choices)}"
         if self.kind is bool:
@@ -201,6 +276,11 @@ def run_parameters() -> tuple[Parameter, ...]:
     return tuple(_parameter(f.name, annotations[f.name], f.default) for f in fields(RunConfig))
 
 
+def parameters_with(role: Role) -> tuple[Parameter, ...]:
+    """The run parameters marked with `role`, in declaration order."""
+    return tuple(p for p in run_parameters() if role in p.roles)
+
+
 def _annotations() -> dict:
     """Each field's full annotation, constraints included."""
     return typing.get_type_hints(RunConfig, include_extras=True)
@@ -211,7 +291,8 @@ def _parameter(name: str, annotation, default) -> Parameter:
     kind = _without_none(info.annotation)
     choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
     rule = next((m.text for m in info.metadata if isinstance(m, Rule)), None)
-    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata))
+    roles = frozenset(m for m in info.metadata if isinstance(m, Role))
+    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata), roles)
 
 
 def _without_none(annotation):
@@ -232,48 +313,6 @@ def _bounds_in_words(metadata: list) -> str:
 @functools.cache
 def _adapter(name: str) -> TypeAdapter:
     return TypeAdapter(_annotations()[name])  # built on first use: `--help` never needs one
-
-
-def _usable_root(storage: str) -> str:
-    return _reachable_root(storage) if is_remote(storage) else str(_writable_root(storage))
-
-
-def _reachable_root(storage: str) -> str:
-    """Ask the object store now whether the bucket exists and takes these credentials; write nothing.
-
-    Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, …), and
-    the endpoint from AWS_ENDPOINT_URL: neither is in any message.
-    """
-    try:
-        if storage.startswith("s3://"):
-            s3_client()  # boto3, for the champion pointer and the run lease: before any stage needs it
-        filesystem, path = remote_filesystem(storage)
-        bucket = path.split("/")[0]
-        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise ConfigError(f"bucket {bucket!r} does not exist")
-        filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # listing needs read access
-    except (OSError, ValueError, ImportError) as error:  # a ConfigError is a ValueError
-        raise ConfigError(f"storage {storage!r}: {' '.join(str(error).split())}") from None
-    return storage.rstrip("/")
-
-
-def _writable_root(storage: str) -> Path:
-    path = Path(storage.removeprefix("file://")).expanduser().resolve()
-    # The root may not exist yet: it will be created under its nearest existing ancestor.
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"storage {storage!r}: {existing} is not a directory")
-    _probe_write(storage, existing)
-    return path
-
-
-def _probe_write(storage: str, directory: Path) -> None:
-    """Create and remove a file: os.access says yes to root everywhere, even in /proc or on a read-only mount."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tapeline-probe-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"storage {storage!r}: cannot create files in {directory} ({error.strerror or error})") from None
 
 
 def parameters_markdown() -> str:

@@ -1,13 +1,16 @@
 """The run manifest, `<storage>/runs/<run_id>/run.json`: what one run did, and where it put it.
 
-Its fields: docs/data-format.md#runjson.
+Its fields: docs/data-format.md#runjson. Written last, it makes the run complete, and a
+complete run is history: nothing writes under it again (`completed_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from tapeline.config import RunConfig
+from tapeline.config import RunConfig, run_identity
+from tapeline.data.splits import samples_used
+from tapeline.errors import ConfigError
 from tapeline.model_card import write_model_card
 from tapeline.results import (
     DatasetFiles,
@@ -40,7 +43,13 @@ def write_run_manifest(
         "started": started,
         "finished": utc_now(),
         "parameters": config.parameters(),
-        "dataset": {"name": files.dataset, "sha256": files.sha256, "classes": list(files.classes), "preprocessed": data.directory},
+        "dataset": {
+            "name": files.dataset,
+            "sha256": files.sha256,
+            "classes": list(files.classes),
+            "preprocessed": data.directory,
+            "train_samples": samples_used(data.counts["train"], config.train_limit),
+        },
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,
@@ -79,3 +88,25 @@ def noise_metrics(noise_scale: float | None, batch_size: int) -> dict:
 def run_manifest_uri(storage: str, run_id: str) -> str:
     storage = Storage(storage)
     return storage.uri_of(storage.layout.run(run_id).run_json)
+
+
+def completed_run(config: RunConfig, run_id: str) -> dict | None:
+    """The manifest of `run_id` if it is complete, None if not; ConfigError if it is complete with other
+    parameters (`run_identity`'s): a completed run is never written again, whatever the call asks of it."""
+    storage = Storage(config.storage)
+    path = storage.layout.run(run_id).run_json
+    if not storage.exists(path):
+        return None
+    manifest = storage.read_json(path)
+    recorded, asked = run_identity(manifest["parameters"]), run_identity(config.parameters())
+    differing = [name for name in asked if asked[name] != recorded[name]]
+    if differing:
+        raise ConfigError(
+            f"run {run_id!r} is complete with {_values(recorded, differing)}; "
+            f"this call has {_values(asked, differing)}: choose another --run-name"
+        )
+    return manifest
+
+
+def _values(parameters: dict, names: list[str]) -> str:
+    return ", ".join(f"{name}={parameters[name]!r}" for name in names)

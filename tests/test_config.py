@@ -10,7 +10,6 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 
 from tapeline.cli import parse_train_args as parse_args
-from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
 from tapeline.config import GradientDtype, RunConfig, parameters_markdown, run_parameters
 from tapeline.data.idx_source import IDX
 from tapeline.data.registry import DATASETS
@@ -44,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
         ({"spike_factor": float("inf")}, "spike_factor must be a number above 1, got inf"),
         ({"seed": -1}, "seed must be at least 0, got -1"),
         ({"run_name": "a..b"}, "must be one path segment"),
+        ({"run_name": "r" * 129}, "^run_name is 129 characters; at most 128 are allowed$"),
+        ({"batch_size": 55_001}, "^batch_size 55001 is larger than the training split's 55000 samples"),
+        ({"validation_size": 60_000}, "^validation_size 60000 leaves no training samples: the training file has 60000$"),
     ],
 )
 def test_bad_parameters(overrides, message, tmp_path):
@@ -85,8 +87,8 @@ def test_flows_annotate_their_parameters_as_the_config_does(flow):
 
 
 def test_one_list_of_gradient_dtypes():
-    assert tuple(GRADIENT_DTYPES) == typing.get_args(typing.get_args(GradientDtype)[0]) == STORED_DTYPES
-    assert [p.choices for p in run_parameters() if p.name == "gradient_dtype"] == [STORED_DTYPES]
+    assert typing.get_args(typing.get_args(GradientDtype)[0]) == tuple(GRADIENT_DTYPES)
+    assert [p.choices for p in run_parameters() if p.name == "gradient_dtype"] == [tuple(GRADIENT_DTYPES)]
 
 
 def test_parameters_doc_is_generated_from_the_config():
@@ -115,3 +117,14 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     assert "argument --epochs: invalid int value: 'many'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not storage.exists()
+
+
+def test_roles_are_marked_on_the_declared_parameters():
+    from tapeline.config import HPARAM, RESUME, parameters_with
+    from tapeline.training.summaries import HPARAMS
+
+    resume = [p.name for p in parameters_with(RESUME)]
+    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic"]
+    assert [h.name for h in HPARAMS] == [p.name for p in parameters_with(HPARAM)]
+    assert {"epochs", "warm_start"} <= {h.name for h in HPARAMS} and "jit_compile" not in {h.name for h in HPARAMS}
+    assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, IDX}  # your own IDX files too

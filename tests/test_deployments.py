@@ -28,7 +28,7 @@ from tapeline.cli import parse_train_args as parse_args
 from tapeline.reader import read_gradients, read_run_json
 from tapeline.registry.listing import model_registry
 from tapeline.storage.root import Storage
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(REPO / "deployments" / "stack.py")]

@@ -174,7 +174,8 @@ def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fa
         dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
         run_name="warm", epochs=1, train_limit=64, warm_start=True, refresh=True,
     )
-    assert warm["warm_start"]["run_id"] == "e2e" and warm["parameters"]["warm_start"]
+    assert warm["warm_start"] == {"from": "e2e", "model": first_run["uris"]["model"], "reason": "champion, same data"}
+    assert warm["parameters"]["warm_start"]
     assert not warm["stages"]["download"]["cached"] and not warm["stages"]["preprocess"]["cached"]
     assert warm["dataset"] == first_run["dataset"]
     # Two steps from random weights reach about 0.3; from the champion's, its accuracy.

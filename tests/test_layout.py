@@ -52,11 +52,15 @@ def test_a_run_in_an_object_store_is_located_there(s3):
     assert paths.gradients_manifest == PurePosixPath(pafs.FileSystem.from_uri(s3.uri("located"))[1], "runs/r1/gradients.manifest.json")
 
 
-def test_reading_gradients_imports_neither_prefect_nor_tensorflow():
+def test_reading_gradients_imports_neither_prefect_nor_tensorflow_nor_the_run_parameters():
     probe = "import sys; from tapeline.reader import read_gradients; print(' '.join(sorted(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    heavy = [name for name in loaded if name.split(".")[0] in ("prefect", "tensorflow", "keras", "matplotlib")]
-    assert "tapeline.reader" in loaded and heavy == []
+    heavy = [name for name in loaded if name.split(".")[0] in ("prefect", "tensorflow", "keras", "matplotlib", "pydantic")]
+    assert "tapeline.reader" in loaded and heavy == [] and "tapeline.config" not in loaded
+    packages = {"tapeline", "tapeline.gradients", "tapeline.storage"}
+    assert sorted(set(name for name in loaded if name.startswith("tapeline.")) - packages - {"tapeline.reader"}) == [
+        "tapeline.errors", "tapeline.gradients.schema", "tapeline.storage.layout"
+    ]
 
 
 def test_every_write_on_an_object_store_root_is_published_without_a_publish_call(s3, tmp_path, monkeypatch):

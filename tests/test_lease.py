@@ -17,6 +17,7 @@ from tapeline.registry.champion import current_champion
 from tapeline.storage.lease import RunLease, RunLeaseHeld
 from tapeline.storage.root import Storage
 from tapeline.storage.versioned import VersionedObject
+from tests.helpers import stored_under
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -30,15 +31,15 @@ HOLD = """
 import sys, time
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import Storage
-with RunLease(Storage(sys.argv[1]), "same", seconds=float(sys.argv[2])):
+with RunLease(Storage(sys.argv[1]), sys.argv[3], seconds=float(sys.argv[2])):
     print("holding", flush=True)
     time.sleep(600)
 """
 
 
-def holder_process(root: str, seconds: float = 60) -> subprocess.Popen:
-    """Another process that takes the lease of run "same" and holds it until killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def holder_process(root: str, seconds: float = 60, run_id: str = "same") -> subprocess.Popen:
+    """Another process that takes the lease of run `run_id` and holds it until killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds), run_id], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "holding\n", "the holder never took the lease"
     return process
 
@@ -95,6 +96,48 @@ def test_a_holder_that_lost_its_s3_lease_stops_at_the_next_stage(s3, tmp_path):
         with pytest.raises(RunLeaseHeld, match="lost its lease to elsewhere pid 7"):
             lease.check()
     assert lease_object.read()[0]["host"] == "elsewhere"  # the loser leaves the new holder's lease alone
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_a_run_that_wrote_nothing_leaves_nothing_and_one_with_checkpoints_keeps_them(where, tmp_path, request, monkeypatch):
+    root = storage_root(where, tmp_path, request)
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
+    storage = Storage(root)
+    with pytest.raises(ValueError), RunLease(storage, "refused"):
+        storage.layout.run("refused").tensorboard.mkdir(parents=True)  # a library may make a directory first (locally)
+        raise ValueError("a bad label")
+    assert stored_under(root, "runs") == []
+    checkpoint = storage.layout.run("kept").checkpoints / "checkpoint"
+    with pytest.raises(ValueError), RunLease(storage, "kept"):
+        with storage.atomic(checkpoint) as temporary:
+            temporary.write_text("model_checkpoint_path: 'ckpt-1'\n")
+        raise ValueError("a failure after the first checkpoint")
+    assert stored_under(root, "runs") == ["runs/kept", "runs/kept/checkpoints", "runs/kept/checkpoints/checkpoint"]
+
+
+TAKE_TURNS = """
+import os, sys
+from tapeline.storage.lease import RunLease, RunLeaseHeld
+from tapeline.storage.root import Storage
+storage, turns = Storage(sys.argv[1]), 0
+inside = storage.layout.run("same").directory / "inside"
+while turns < 200:
+    try:
+        with RunLease(storage, "same"):
+            os.close(os.open(inside, os.O_CREAT | os.O_EXCL))  # fails if another process holds the lease too
+            os.unlink(inside)
+            turns += 1
+    except RunLeaseHeld:
+        pass
+"""
+
+
+def test_local_leases_released_by_deletion_still_admit_one_holder_at_a_time(tmp_path):
+    """Every release deletes the lease file and the run directory: processes taking turns never hold it at once."""
+    racers = [subprocess.Popen([sys.executable, "-c", TAKE_TURNS, str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [racer.communicate(timeout=300)[1] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * 4, errors
+    assert stored_under(str(tmp_path), "runs") == []
 
 
 # Real runs of the CLI, racing and killed: Fashion-MNIST, a few hundred samples.

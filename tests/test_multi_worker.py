@@ -24,7 +24,7 @@ from tapeline.storage.layout import Layout, RunPaths
 from tapeline.storage.root import Storage
 from tapeline.training.cluster import check_cluster, cluster_from_env
 from tapeline.training.loop import train_model
-from tests.conftest import free_ports, tiny_prepared
+from tests.helpers import free_ports, tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for the whole two-process run: a hang fails the test instead of stalling the suite

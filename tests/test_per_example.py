@@ -22,7 +22,7 @@ BATCH, SNAPSHOT_EVERY, RTOL = 16, 4, 1e-3
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from tests.conftest import tiny_prepared
+    from tests.helpers import tiny_prepared
 
     root = tmp_path_factory.mktemp("per-example")
     config, data = tiny_prepared(

@@ -22,7 +22,7 @@ from tapeline.reader import read_samples, read_steps
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
 from tapeline.training.summaries import RunSummaries, write_run_metrics
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 16, 5
 TEST_ACCURACY = 0.875
@@ -31,7 +31,7 @@ TEST_ACCURACY = 0.875
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs side by side in one storage root, differing in learning rate; the first with a test accuracy."""
-    from tests.conftest import tiny_prepared
+    from tests.helpers import tiny_prepared
 
     config, data = tiny_prepared(
         tmp_path_factory.mktemp("tensorboard"), epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY

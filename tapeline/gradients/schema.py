@@ -1,39 +1,12 @@
-"""The gradient datasets: their schemas, partitioning, and the columns of a step's statistics.
+"""The gradient datasets' schemas, partitioning, and the columns of a step's statistics.
 
-Three Parquet datasets under a run, each hive-partitioned by epoch: a file lives
-in `<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name
-supplies it (declared int32 by PARTITIONING). The schemas below are the datasets'
-as read; `file_schema` is what a file holds.
-
-`gradients/` — full snapshots, one row per (step, variable), one file per step
-(`epoch=<N>/step-<step>.parquet`):
-    run_id string, epoch int32, step int64, variable string,
-    shape list<int32>, values large_list<float32> (flattened in C order),
-    l2_norm float32 (of the float32 gradient, the same as in `stats/`, so reports
-        never need to read `values`),
-    reason string (why this step was kept in full: first, scheduled, last,
-    non-finite, norm-spike; comma-separated when several).
-The values are the gradients exactly as `tape.gradient` returned them, before
-the optimizer applied them.
-
-`steps/` — one row per training step, `stats/` — one row per (step, variable),
-and `samples/` — one row per (step, example), computed on the device in each
-step; one file each per stretch between checkpoints
-(`epoch=<N>/steps-<first step>.parquet`, `stats-…`, `samples-…`):
-    steps: step int64, epoch int32, loss float32, global_norm float32,
-           learning_rate float32, sample_ids list<int64>,
-           grad_variance, grad_signal, grad_noise_scale float32
-    stats: step int64, epoch int32, variable string, l2_norm, mean, std,
-           max_abs, zero_fraction float32, nan_count, inf_count int64
-    samples: step int64, epoch int32, sample_id int64, label uint8,
-           loss float32, correct bool, grad_norm float32, layer_norms list<float32>
-`sample_ids` and `sample_id` are values of the training split's `sample_id`
-column. A NaN or Inf in a gradient shows in its float statistics too;
-`nan_count` and `inf_count` say how many there were. `samples` holds each
-example's own loss and gradient norm (over all variables, and per variable in
-run.json's order of variables); the noise columns are the estimates of
-tapeline/gradients/per_example.py (NaN for a batch of one). Both are written
-only with per-example norms on (the default).
+Four Parquet datasets under a run (where: tapeline/storage/layout.py): `gradients/`, full
+snapshots, one row per (step, variable), one file per step; `steps/`, one row per training
+step; `stats/`, one row per (step, variable); `samples/`, one row per (step, example), only
+with per-example norms on. Each is hive-partitioned by epoch: a file lives in
+`<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name supplies it
+(declared int32 by PARTITIONING). The schemas below are the datasets' as read; `file_schema`
+is what a file holds. docs/data-format.md describes every column.
 
 Files appear under their final name only when complete (see tapeline/storage/root.py).
 """
@@ -46,9 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from tapeline.config import GRADIENT_DTYPES as STORED_DTYPES
-
-GRADIENT_DTYPES = {dtype: pa.type_for_alias(dtype) for dtype in STORED_DTYPES}  # --gradient-dtype's legal values
+GRADIENT_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}  # the stored gradients' dtypes: --gradient-dtype's legal values
 # Pyarrow refuses a column that is also a hive key, so the directory alone holds the
 # epoch. Declared, not inferred: inference would make it a dictionary (pq.read_table)
 # or a category sorted as text (pandas).

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tapeline.errors import TapelineError
 from tapeline.gradients.schema import (
     NOISE_COLUMNS,
     SAMPLE_SCHEMA,
@@ -148,6 +149,8 @@ class SnapshotWriter:
                     self._error = error
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, TapelineError):  # the user can act on it (a full disk): its one line as it is
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"writing gradient snapshots failed: {self._error}") from self._error
 

@@ -2,34 +2,49 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 from tapeline.registry.champion import current_champion
 from tapeline.storage.root import Storage
 
 
-def model_registry(storage: Storage) -> list[dict]:
-    """Every run with a manifest, newest first: dataset digests, parameters, metrics, whether it is the champion."""
+def model_registry(storage: Storage, skipped: Callable[[str], None] | None = None) -> list[dict]:
+    """Every run with a manifest, newest first: dataset digests, parameters, metrics, whether it is the champion.
+
+    A run.json that cannot be read (truncated, corrupt) is left out, and the others listed: `skipped` gets one
+    line naming it (default: printed to stderr).
+    """
     champion = current_champion(storage) or {}
     rows = []
     for run_id in reversed(storage.listdir(storage.layout.runs)):
         if not storage.exists(manifest_path := storage.layout.run(run_id).run_json):
             continue  # running, or failed
-        run = storage.read_json(manifest_path)
-        rows.append(
-            {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
-                "run_id": run["run_id"],
-                "current": run["run_id"] == champion.get("run_id"),
-                "test_accuracy": run["metrics"]["test_accuracy"],
-                "dataset": run["dataset"]["name"],
-                "train_images_sha256": run["dataset"]["sha256"]["train_images"][:12],
-                "epochs": run["parameters"]["epochs"],
-                "learning_rate": run["parameters"]["learning_rate"],
-                "batch_size": run["parameters"]["batch_size"],
-                "promoted": run.get("promotion", {}).get("promoted"),
-                "finished": run.get("finished"),
-            }
-        )
+        try:
+            rows.append(_registry_row(storage.read_json(manifest_path), champion))
+        except (ValueError, KeyError, TypeError) as error:  # not JSON (ValueError), or not a whole run manifest
+            line = f"skipped {storage.uri_of(manifest_path)}: not a readable run manifest ({type(error).__name__}: {error})"
+            (skipped or _to_stderr)(line)
     return rows
 
+
+def _registry_row(run: dict, champion: dict) -> dict:
+    return {  # what tells versions apart first: Prefect's table shows the leading columns without scrolling
+        "run_id": run["run_id"],
+        "current": run["run_id"] == champion.get("run_id"),
+        "test_accuracy": run["metrics"]["test_accuracy"],
+        "dataset": run["dataset"]["name"],
+        "train_images_sha256": run["dataset"]["sha256"]["train_images"][:12],
+        "epochs": run["parameters"]["epochs"],
+        "learning_rate": run["parameters"]["learning_rate"],
+        "batch_size": run["parameters"]["batch_size"],
+        "promoted": run.get("promotion", {}).get("promoted"),
+        "finished": run.get("finished"),
+    }
+
+
+def _to_stderr(line: str) -> None:
+    print(f"tapeline: {line}", file=sys.stderr)
 
 
 def registry_lines(rows: list[dict]) -> list[str]:

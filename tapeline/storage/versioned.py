@@ -5,8 +5,9 @@ two processes that decide at once cannot both win, and nobody ever reads a torn
 object. On a local root a swap holds a lock file and renames a temporary file
 into place; on S3 it is a conditional write (If-Match on the version read,
 If-None-Match for a first write), which S3 and S3-compatible servers check
-atomically. Other object stores have no conditional write here: there the object
-is replaced whole but not serialised. The champion pointer (tapeline/registry/champion.py)
+atomically. Other object stores have no conditional write here: a run refuses them
+(`require_conditional_writes`) unless told to accept the risk, and there the object is
+replaced whole but not serialised. The champion pointer (tapeline/registry/champion.py)
 and the run lease (tapeline/storage/lease.py) are such objects.
 """
 
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 
 from tapeline.errors import ConfigError
+from tapeline.storage.layout import is_remote
 from tapeline.storage.root import Storage
 
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
@@ -30,6 +32,16 @@ def s3_client():
     except ImportError:
         raise ConfigError("S3 storage needs the s3 extra: pip install 'tapeline[s3]'") from None
     return boto3.client("s3")
+
+
+def require_conditional_writes(storage: str, accept_unlocked: bool) -> None:
+    """Refuse a root whose store gives no conditional write here, unless the run accepts that risk (ConfigError)."""
+    if is_remote(storage) and not storage.startswith("s3://") and not accept_unlocked:
+        scheme = storage.split("://")[0]
+        raise ConfigError(
+            f"storage {storage!r}: {scheme}:// has no conditional write here, so two writers of one run or two promotions "
+            "would not be kept apart; use a local directory or s3://, or pass --accept-unlocked-storage to take that risk"
+        )
 
 
 class VersionedObject:

@@ -27,9 +27,10 @@ A worker that does not write (not the chief of multi-worker training) gets a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2
 
-from tapeline.config import PRECISIONS, RunConfig
-from tapeline.data.registry import DATASETS
+from tapeline.config import HPARAM, Parameter, RunConfig, parameters_with
 from tapeline.gradients.noise import NoiseSmoother
 from tapeline.reader import read_steps
 from tapeline.storage.root import Storage
@@ -63,24 +63,18 @@ class _Number(hp.Domain):
         hparam_info.type = api_pb2.DATA_TYPE_FLOAT64
 
 
-def _flag() -> hp.Discrete:
-    return hp.Discrete([False, True])
+def _hparam(parameter: Parameter) -> hp.HParam:
+    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, or a number."""
+    if parameter.choices:
+        domain = hp.Discrete(list(parameter.choices))
+    else:
+        domain = hp.Discrete([False, True]) if parameter.kind is bool else _Number()
+    return hp.HParam(parameter.name, domain, description=parameter.help)
 
 
-# The run parameters that change what is learned, to compare runs by (not deterministic, jit_compile or devices:
-# the same computation, differently run). TensorBoard lists them by name and shows the first five until a user
-# ticks more: batch_size, dataset, epochs, learning_rate, precision.
-HPARAMS = (
-    hp.HParam("dataset", hp.Discrete(list(DATASETS))),
-    hp.HParam("epochs", _Number()),
-    hp.HParam("batch_size", _Number()),
-    hp.HParam("learning_rate", _Number()),
-    hp.HParam("precision", hp.Discrete(list(PRECISIONS))),
-    hp.HParam("seed", _Number()),
-    hp.HParam("train_limit", _Number(), description="training samples used; empty: all of the training split"),
-    hp.HParam("validation_size", _Number()),
-    hp.HParam("warm_start", _flag(), description="started from the champion's weights"),
-)
+# The run parameters marked HPARAM (tapeline/config.py). TensorBoard lists them by name and shows the first five
+# until a user ticks more.
+HPARAMS = tuple(_hparam(parameter) for parameter in parameters_with(HPARAM))
 # In the order of the table's columns; it shows the first five until a user ticks more.
 METRICS = (
     hp.Metric("metrics/test_accuracy", display_name="test accuracy"),
@@ -111,7 +105,8 @@ class RunSummaries:
 
     def __init__(self, storage: Storage, directory: Path, writes: bool):
         self.storage, self.directory = storage, directory
-        self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
+        with storage.writing(directory):  # TensorFlow writes the event file's first record at once
+            self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
         self._noise = NoiseSmoother()  # as noise.smoothed_noise_scale smooths a whole run
         self._example_norms: list[np.ndarray] = []  # this epoch's, a call at a time
 
@@ -119,7 +114,7 @@ class RunSummaries:
         """The HParams dashboard's experiment and this run's row (again on a resume: the same values)."""
         if self.writer is None:
             return
-        with self.writer.as_default():
+        with self._writing():
             hp.hparams_config(hparams=list(HPARAMS), metrics=list(METRICS))
             hp.hparams(run_hparams(config), trial_id=run_id, start_time_secs=int(time.time()))
 
@@ -154,7 +149,7 @@ class RunSummaries:
         smoothed = self._noise.update(_or_nan(grad_variance), _or_nan(grad_signal))
         if step % STEP_EVERY:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             tf.summary.scalar("step/loss", loss)
             tf.summary.scalar("step/grad_norm", grad_norm)
             if _finite(noise_scale):
@@ -166,7 +161,7 @@ class RunSummaries:
         """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
         if self.writer is None:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for variable, values in zip(variables, gradients):
                 _histogram("gradients/" + variable, values)
 
@@ -178,7 +173,7 @@ class RunSummaries:
         if example_norms is None and self._example_norms:
             example_norms = np.concatenate(self._example_norms)
         self._example_norms = []
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for name in EPOCH_METRICS:
                 if row[name] is not None:  # no validation split: no val_*
                     tf.summary.scalar("epoch/" + name, row[name])
@@ -194,7 +189,15 @@ class RunSummaries:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self.storage.writing(self.directory):
+                self.writer.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """The run's writer as the default, at `step`; TensorFlow writes to disk every few summaries, so a full disk
+        can show in any of them: `StorageFull` (tapeline/storage/root.py)."""
+        with self.storage.writing(self.directory), self.writer.as_default(step=step):
+            yield
 
     def __enter__(self) -> RunSummaries:
         return self
@@ -207,11 +210,11 @@ def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping
     """Final metrics of a finished run (test accuracy, …) as `metrics/<name>` scalars at its last `step`, in an
     event file of their own beside the training's: the HParams dashboard shows those METRICS declares."""
     directory = storage.layout.run(run_id).tensorboard
-    writer = tf.summary.create_file_writer(str(directory))
-    with writer.as_default(step=step):
-        for name, value in metrics.items():
-            tf.summary.scalar("metrics/" + name, value)
     with storage.publishing(directory):
+        writer = tf.summary.create_file_writer(str(directory))
+        with writer.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar("metrics/" + name, value)
         writer.close()
 
 
