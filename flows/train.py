@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from prefect import flow  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 
 from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
@@ -54,6 +55,7 @@ def train_flow(
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
     prepare_on: param.PrepareOn = RunConfig.prepare_on,
+    prepare_timeout: param.PrepareTimeout = RunConfig.prepare_timeout,
     refresh: param.Refresh = RunConfig.refresh,
     epochs: param.Epochs = RunConfig.epochs,
     batch_size: param.BatchSize = RunConfig.batch_size,
@@ -88,8 +90,11 @@ def train_flow(
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from)
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
-        # Again under the lease: the process that held it a moment ago may have completed the run.
-        return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check))
+        try:  # again under the lease: the process that held it a moment ago may have completed the run
+            return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check))
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM, a cancel: the lease is released on the way out
+            print(f"run {run_id} stopped; run it again (--run-name {run_id}) to resume from its last checkpoint")
+            raise
 
 
 def completed(config: RunConfig, run_id: str) -> dict | None:

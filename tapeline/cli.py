@@ -9,15 +9,18 @@ ends in one line, `<command>: error: …`, and exit code 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
+import signal
 import sys
 import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from tapeline.config import DEFAULT_STORAGE, STORAGE_ENV, RunConfig, run_parameters, storage_root  # noqa: E402
-from tapeline.errors import ConfigError, TapelineError  # noqa: E402
+from tapeline.errors import ConfigError, Stopped, TapelineError  # noqa: E402
 
 COMMANDS = {
     "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",
@@ -43,6 +46,44 @@ def main(argv: list[str] | None = None) -> int:
     return command(argv[1:], prog=f"tapeline {argv[0]}")
 
 
+def stoppable(command: typing.Callable[[list[str], str], int]) -> typing.Callable[[list[str], str], int]:
+    """`command`, stopped by SIGTERM (`kill`, `docker stop`, systemd) as by Ctrl-C: an exception unwinds it, so
+    what it holds is released on the way out (the run lease, Prefect's temporary API); then one line, and the
+    conventional exit status 128 + the signal's number (143, 130)."""
+
+    @functools.wraps(command)
+    def run(argv: list[str], prog: str) -> int:
+        try:
+            with _signals_raise_stopped():
+                return command(argv, prog)
+        except Stopped as stop:
+            print(f"{prog}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+            return 128 + stop.signum
+
+    return run
+
+
+@contextlib.contextmanager
+def _signals_raise_stopped():
+    """The first SIGINT or SIGTERM raises Stopped in the main thread; a later one is ignored, so the unwinding
+    completes (SIGKILL still ends it). A signal ignored on entry (`nohup`, a shell's `&`) stays ignored."""
+    stopped = []
+
+    def stop(signum: int, frame) -> None:
+        if not stopped:
+            stopped.append(signum)
+            raise Stopped(signum)
+
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, stop) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@stoppable
 def train(argv: list[str], prog: str) -> int:
     parameters = parse_train_args(argv, prog)
     from tapeline.flows import (
@@ -154,6 +195,7 @@ def _find_run(args: argparse.Namespace) -> str:
     return find_run(args.run, storage_root(args.storage))
 
 
+@stoppable
 def worker(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["worker"])
     parser.add_argument("--storage", default=None, help=f"the chief's storage root (default ${STORAGE_ENV})")

@@ -84,6 +84,15 @@ PrepareOn = Annotated[
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
     PLACE,
 ]
+PrepareTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds to wait for a worker to pick up the --prepare-on run; then it is cancelled and the run fails",
+    ),
+    PLACE,
+]
 Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result"), PLACE]
 Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
 BatchSize = Annotated[int, Field(ge=1, description="samples per training step (at most the training samples used)"), RESUME, HPARAM]
@@ -154,6 +163,7 @@ class RunConfig:
     storage: StorageRoot = None
     run_name: RunName = None
     prepare_on: PrepareOn = None
+    prepare_timeout: PrepareTimeout = 600.0
     refresh: Refresh = False
     epochs: Epochs = 5
     batch_size: BatchSize = 32

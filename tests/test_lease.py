@@ -1,6 +1,7 @@
 """One writer per run: the run lease, locally (flock) and on a real S3-compatible server (moto), with real processes."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,8 +158,8 @@ def cli_env(prefect_api, s3, tmp_path) -> dict:
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TAPELINE_WORKDIR": str(tmp_path / "workdir")}
 
 
-def start(command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(command: list[str], env: dict, **popen) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
 
 
 def model_accuracy(storage: Storage, run: dict) -> float:
@@ -213,3 +214,59 @@ def test_a_rerun_takes_over_from_a_killed_holder_and_resumes(where, tmp_path, re
     assert "resuming from checkpoint" in rerun.stdout + rerun.stderr  # Prefect logs the task's prints
     run = storage.read_json(storage.layout.run("same").run_json)
     assert current_champion(storage)["test_accuracy"] == run["metrics"]["test_accuracy"]
+
+
+def live_processes_in_group(pgid: int) -> list[str]:
+    """The command lines of the processes of process group `pgid` that have not exited (zombies left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # exited while we looked
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(command)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_sigterm_releases_the_lease_and_the_temporary_api_and_a_rerun_resumes(where, tmp_path, request, fashion_mnist_dir):
+    """`kill` (SIGTERM, as `docker stop` and systemd send) while training, with no PREFECT_API_URL, so Prefect runs a
+    temporary API for the run: exit status 143 and one line, nothing of the run's process group left running, the
+    lease free at once (an S3 lease released, not left to expire), and a rerun resumes from the checkpoint."""
+    root = storage_root(where, tmp_path, request)
+    storage = Storage(root)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "TAPELINE_WORKDIR": str(tmp_path / "workdir"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a new database's migrations, on a busy machine
+    }  # fmt: skip
+    command = train_command(fashion_mnist_dir, root, "--train-limit", "2000", "--checkpoint-every", "20")
+    out, err = tmp_path / "out", tmp_path / "err"  # files, not pipes: a leaked child holding a pipe open would hang the test
+    with out.open("w") as stdout, err.open("w") as stderr:
+        first = start(command, env, stdout=stdout, stderr=stderr, start_new_session=True)  # the temporary API joins its group
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint_written(storage) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first.terminate()
+        first.wait(timeout=300)
+    finally:
+        left = live_processes_in_group(first.pid)
+        if left:
+            os.killpg(first.pid, signal.SIGKILL)
+    log = err.read_text()
+    assert first.returncode == 143, log[-3000:]
+    assert log.strip().splitlines()[-1] == "flows/train.py: stopped by SIGTERM"
+    assert "run same stopped; run it again (--run-name same) to resume from its last checkpoint" in log
+    assert "Traceback" not in log + out.read_text()
+    assert not left
+    with RunLease(storage, "same"):  # free now: for S3, 120 s before an unreleased lease would expire
+        pass
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from checkpoint" in rerun.stdout + rerun.stderr
+    assert storage.read_json(storage.layout.run("same").run_json)["status"] == "completed"
