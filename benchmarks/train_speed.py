@@ -4,18 +4,12 @@ Every method trains the same model (`tapeline.model.build_model`, Adam 1e-3, spa
 cross-entropy from logits) at the same batch size on the same uint8 images
 (Fashion-MNIST from /usr/share/datasets/fashion-mnist, or random bytes of that shape):
 
-  product k=K  the run's own loop: `tapeline.training.loop._StepLoop.epoch` (calls of up to K
+  product k=K  the run's own loop: `tapeline.training.loop.StepLoop.epoch` (calls of up to K
                steps, batches gathered in the graph, per-step statistics, the run's
                gradient recorder writing the step log and the scheduled snapshots to a
                temporary directory), one epoch of `--steps` steps per turn
-  product k=K stats off  (with `--stats-off`) the same loop with the statistics off
-               (`StepCalls(..., stats=False)`: only the L2 norms the anomaly watch needs,
-               the other columns 0), to say what the statistics cost
   product k=K no per-example  (with `--per-example-off`) the same loop without per-example
                norms (`per_example_norms=False`), to say what they cost
-  before       the loop of issue 11 as it ran per step: the compiled step with its
-               statistics, fed by the autotuned `tf.data` pipeline (`batches`), the
-               recorder told of each step (a reference, to say what the new loop moved)
   fit          `model.compile(...)` + `model.fit(x, y, batch_size, epochs=1, verbose=0)`
 
 Each method runs a first turn (tracing, compiling: reported, not counted), then the methods take
@@ -23,10 +17,10 @@ turns, `--rounds` rounds of `--steps` steps each. Reported per method: the media
 samples/s of all turns with its spread (min-max), the turns that stalled (below
 `STALL` × the method's median: on this machine an autotuned input pipeline sometimes
 runs a whole turn at a fixed low rate), and per method the ratio to `fit` paired by
-round on rounds where neither stalled, and over all rounds; with `--stats-off` and
-`--per-example-off`, also on / off paired by round.
+round on rounds where neither stalled, and over all rounds; with `--per-example-off`,
+also on / off paired by round.
 
-    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--stats-off] [--per-example-off] [--device cpu|gpu]
+    python benchmarks/train_speed.py [--steps 150] [--rounds 15] [--batch-size 32] [--k 50] [--k 10] [--per-example-off] [--device cpu|gpu]
 """
 
 from __future__ import annotations
@@ -48,11 +42,9 @@ from tapeline.data.idx import read_idx_gz
 from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.model import build_model
 from tapeline.storage.root import Storage
-from tapeline.training.batches import batch_sample_ids, batches, epoch_order
-from tapeline.training.calls import AnomalyWatch, StepCalls
+from tapeline.training.batches import epoch_order
 from tapeline.training.checkpoints import TrainingCheckpoint
-from tapeline.training.loop import _EpochClock, _step_calls, _StepLoop, build_training, open_recorder
-from tapeline.training.steps import with_stats
+from tapeline.training.loop import EpochClock, StepLoop, build_training, open_recorder, step_calls
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 STALL = 0.75
@@ -69,9 +61,9 @@ def load(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Product:
-    """The run's loop (`_StepLoop`), one epoch of the turn's samples per turn, recording into a temporary run directory."""
+    """The run's loop (`StepLoop`), one epoch of the turn's samples per turn, recording into a temporary run directory."""
 
-    def __init__(self, images, labels, batch_size: int, k: int, directory: str, stats: bool = True, per_example: bool = True):
+    def __init__(self, images, labels, batch_size: int, k: int, directory: str, per_example: bool = True):
         keras.utils.set_random_seed(0)
         config = RunConfig(
             batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory, per_example_norms=per_example
@@ -82,46 +74,17 @@ class Product:
         run = storage.layout.run("bench")
         variables = [v.path for v in training.model.trainable_variables]
         self.recorder = open_recorder(config, storage, run, variables, training.optimizer, 10**9, writes=True)
-        on_device = tf.constant(images), tf.constant(labels)
-        if stats:
-            calls = _step_calls(config, training.train_step, training.model, training.optimizer, *on_device, False)
-        else:  # as _step_calls builds them on one device without loss scaling, statistics off
-            watch = AnomalyWatch(config.spike_factor, loss_scaled=False)
-            calls = StepCalls(training.train_step, training.model.trainable_variables, *on_device, batch_size, watch, k, config.per_example_norms, stats=False)
+        calls = step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), False)
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
         schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
-        self.loop = _StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
+        self.loop = StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
         self.epoch, self.steps_per_epoch = 0, steps_per_epoch
 
     def __call__(self) -> None:
         self.epoch += 1
         order = epoch_order(len(self.images), 0, self.epoch)
-        self.loop.epoch(self.epoch, (self.epoch - 1) * self.steps_per_epoch, order, _EpochClock(), [])
+        self.loop.epoch(self.epoch, (self.epoch - 1) * self.steps_per_epoch, order, EpochClock(), [])
         self.recorder.flush()  # as at an epoch's end
-
-
-class Before:
-    """Issue 11's loop: one call per step, `tf.data` batches, the recorder told of each step."""
-
-    def __init__(self, images, labels, batch_size: int, directory: str):
-        keras.utils.set_random_seed(0)
-        config = RunConfig(batch_size=batch_size, storage=directory)
-        training = build_training(config)
-        self.model, self.step_fn, self.batch_size = training.model, with_stats(training.train_step), batch_size
-        variables = [v.path for v in training.model.trainable_variables]
-        storage = Storage(directory)
-        self.recorder = open_recorder(config, storage, storage.layout.run("bench"), variables, training.optimizer, 10**9, writes=True)
-        self.images, self.labels, self.n, self.epoch, self.step = tf.constant(images), tf.constant(labels), len(images), 0, 0
-
-    def __call__(self) -> None:
-        self.epoch += 1
-        order = epoch_order(self.n, 0, self.epoch)
-        for i, (x, y) in enumerate(batches(self.images, self.labels, order, self.batch_size)):
-            self.recorder.before_step(self.step + 1, self.model.trainable_variables)
-            loss, gradients, stats, _ = self.step_fn(x, y)
-            self.step += 1
-            self.recorder.record(self.step, self.epoch, float(loss), batch_sample_ids(np.arange(self.n), order, i, self.batch_size), stats.numpy(), gradients)
-        self.recorder.flush()
 
 
 class Fit:
@@ -144,9 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k", type=int, action="append", help="steps per call of the product's loop (repeatable; default 50)")
-    parser.add_argument("--stats-off", action="store_true", help="also each product loop with the statistics off")
     parser.add_argument("--per-example-off", action="store_true", help="also each product loop without per-example norms")
-    parser.add_argument("--no-before", action="store_true", help="leave out issue 11's loop")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
 
@@ -154,15 +115,11 @@ def main() -> None:
     images, labels = load(samples)
     with tempfile.TemporaryDirectory() as directory, tf.device(f"/{args.device.upper()}:0"):
         methods = {f"product k={k}": Product(images, labels, args.batch_size, k, f"{directory}/k{k}") for k in args.k or [50]}
-        if args.stats_off:
-            methods |= {f"product k={k} stats off": Product(images, labels, args.batch_size, k, f"{directory}/k{k}off", stats=False) for k in args.k or [50]}
         if args.per_example_off:
             methods |= {
                 f"product k={k} no per-example": Product(images, labels, args.batch_size, k, f"{directory}/k{k}pe", per_example=False)
                 for k in args.k or [50]
             }
-        if not args.no_before:
-            methods["before"] = Before(images, labels, args.batch_size, f"{directory}/before")
         methods["fit"] = Fit(images, labels, args.batch_size)
         compile_seconds = {}
         for name, run in methods.items():  # a first turn: tracing, compiling, first-call allocation; not counted
@@ -196,9 +153,8 @@ def report(args, methods, rates, compile_seconds, load_before, load_after) -> No
         every = [a / b for a, b in zip(rates[name], rates["fit"])]
         print(f"{name} / fit: {median_spread(paired)} on {len(paired)} unstalled rounds; {median_spread(every)} over all rounds")
     for name in methods:
-        for off in ("stats off", "no per-example"):
-            if f"{name} {off}" in methods:
-                print(f"{name} / {name} {off}: {paired_ratios(rates, stalled, name, f'{name} {off}')}")
+        if f"{name} no per-example" in methods:
+            print(f"{name} / {name} no per-example: {paired_ratios(rates, stalled, name, f'{name} no per-example')}")
 
 
 def paired_ratios(rates, stalled, a: str, b: str) -> str:

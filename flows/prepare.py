@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, get_client, task  # noqa: E402
+from prefect.client.orchestration import SyncPrefectClient  # noqa: E402
+from prefect.client.schemas.objects import FlowRun  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
+from prefect.states import Cancelling  # noqa: E402
 
 from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
@@ -48,11 +52,64 @@ def prepare_data(
 
 @task(name="prepare-data")
 def prepare_elsewhere(config: RunConfig) -> None:
-    """Run the `config.prepare_on` deployment of prepare-data with this run's data parameters, and wait for it."""
+    """Run the `config.prepare_on` deployment of prepare-data with this run's data parameters, and wait for it.
+
+    A worker must pick the run up within `config.prepare_timeout` seconds; once one has, it
+    may take as long as it needs. A run that no worker picked up in time, or that this
+    process stops waiting for (Ctrl-C, SIGTERM, an error), is cancelled: nothing stays
+    queued for whichever worker starts next.
+    """
     parameters = {name: getattr(config, name) for name in inspect.signature(prepare_data.fn).parameters}
-    flow_run = run_deployment(config.prepare_on, parameters=parameters)
-    if not flow_run.state or not flow_run.state.is_completed():
-        raise TapelineError(f"{config.prepare_on} run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'without a state'}")
+    flow_run = run_deployment(config.prepare_on, parameters=parameters, timeout=0)
+    with get_client(sync_client=True) as client:
+        try:
+            _wait_for_a_worker(client, flow_run, config)
+            flow_run = _wait_for_the_end(client, flow_run)
+        except BaseException:
+            client.set_flow_run_state(flow_run.id, Cancelling(message="train-flow stopped waiting for it"))  # as `prefect flow-run cancel`
+            raise
+    if not flow_run.state.is_completed():
+        raise TapelineError(f"{config.prepare_on} run {flow_run.name} ended {flow_run.state.name}")
+
+
+POLL_SECONDS = 1.0
+REMINDER_SECONDS = 60.0
+
+
+def _wait_for_a_worker(client: SyncPrefectClient, flow_run: FlowRun, config: RunConfig) -> None:
+    """Until a worker picks the run up (it leaves Scheduled, Late included); TapelineError after config.prepare_timeout."""
+    queue = f"work queue {flow_run.work_queue_name!r} of pool {flow_run.work_pool_name!r}"
+    print(f"waiting for a worker of {queue} to pick up {config.prepare_on} run {flow_run.name}")
+    started = time.monotonic()
+    reminder = started + REMINDER_SECONDS
+    while client.read_flow_run(flow_run.id).state.is_scheduled():
+        now = time.monotonic()
+        if now >= started + config.prepare_timeout:
+            raise TapelineError(_not_picked_up(client, flow_run, config))
+        if now >= reminder:
+            print(f"still waiting for a worker of {queue}: {now - started:.0f} s of {config.prepare_timeout:g}")
+            reminder += REMINDER_SECONDS
+        time.sleep(min(POLL_SECONDS, started + config.prepare_timeout - now))
+    print(f"a worker picked up {config.prepare_on} run {flow_run.name}; waiting for it to end")
+
+
+def _not_picked_up(client: SyncPrefectClient, flow_run: FlowRun, config: RunConfig) -> str:
+    pool, queue = flow_run.work_pool_name, flow_run.work_queue_name
+    polled = client.read_work_queue_by_name(queue, work_pool_name=pool).last_polled
+    polls = f"a worker last polled work queue {queue!r} of pool {pool!r} at {polled:%H:%M:%S} UTC" if polled else (
+        f"no worker has ever polled work queue {queue!r} of pool {pool!r}"
+    )  # fmt: skip
+    return (
+        f"no worker picked up {config.prepare_on} run {flow_run.name} within {config.prepare_timeout:g} s, so it is cancelled; "
+        f"{polls}: start one (prefect worker start --pool {pool} --work-queue {queue}) or allow longer (--prepare-timeout)"
+    )
+
+
+def _wait_for_the_end(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
+    """Until the run, which a worker picked up, ends; as long as it takes."""
+    while not (flow_run := client.read_flow_run(flow_run.id)).state.is_final():
+        time.sleep(POLL_SECONDS)
+    return flow_run
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from prefect import flow  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 
 from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: E402
 from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
-from tapeline.manifest import run_manifest_uri, write_run_manifest  # noqa: E402
-from tapeline.registry.champion import warm_start_champion  # noqa: E402
+from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest  # noqa: E402
 from tapeline.registry.retention import drop_checkpoints  # noqa: E402
+from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start  # noqa: E402
 from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
 from tapeline.storage.root import Storage, utc_now  # noqa: E402
 from tapeline.storage.versioned import require_conditional_writes  # noqa: E402
@@ -55,6 +56,7 @@ def train_flow(
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
     prepare_on: param.PrepareOn = RunConfig.prepare_on,
+    prepare_timeout: param.PrepareTimeout = RunConfig.prepare_timeout,
     refresh: param.Refresh = RunConfig.refresh,
     epochs: param.Epochs = RunConfig.epochs,
     batch_size: param.BatchSize = RunConfig.batch_size,
@@ -70,6 +72,7 @@ def train_flow(
     keep_checkpoints: param.KeepCheckpoints = RunConfig.keep_checkpoints,
     promotion_margin: param.PromotionMargin = RunConfig.promotion_margin,
     warm_start: param.WarmStart = RunConfig.warm_start,
+    warm_start_from: param.WarmStartFrom = RunConfig.warm_start_from,
     precision: param.Precision = RunConfig.precision,
     jit_compile: param.JitCompile = RunConfig.jit_compile,
     steps_per_call: param.StepsPerCall = RunConfig.steps_per_call,
@@ -84,35 +87,50 @@ def train_flow(
     check_before_any_stage(config)
     run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
-    with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
-        return run_pipeline(config, run_id, started, StageClock(before_each=lease.check))
-
-
-def run_pipeline(config: RunConfig, run_id: str, started: str, stages: StageClock) -> dict:
-    """The stages, in order, for one run whose lease is held."""
-    storage = config.storage
+    if (done := completed(config, run_id)) is not None:  # history: before anything is written, the lease included
+        return done
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
-    champion = warm_start_champion(Storage(storage), config.dataset) if config.warm_start else None
-    if config.warm_start and champion is None:
-        print(f"warm start: no champion trained on {config.dataset} yet; starting from random weights")
+    start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from)
+    with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
+        try:  # again under the lease: the process that held it a moment ago may have completed the run
+            return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check))
+        except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM, a cancel: the lease is released on the way out
+            print(f"run {run_id} stopped; run it again (--run-name {run_id}) to resume from its last checkpoint")
+            raise
+
+
+def completed(config: RunConfig, run_id: str) -> dict | None:
+    """The manifest of the run if it is complete, said in one line; refused (ConfigError) if with other parameters."""
+    manifest = completed_run(config, run_id)
+    if manifest is not None:
+        print(f"run {run_id!r} is complete (finished {manifest['finished']}): nothing trained or written")
+    return manifest
+
+
+def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartChoice | None, stages: StageClock) -> dict:
+    """The stages, in order, for one run whose lease is held; `start`: what a warm start may start from."""
+    storage = config.storage
+    if note := config.training_split().limit_note():
+        print(note)
     if config.prepare_on:  # on another worker; the two stages below then find its results in storage
         stages.run(prepare_elsewhere, config)
     refresh = config.refresh and not config.prepare_on  # a refresh there is not repeated here
 
     files = stages.run(download, config.dataset, config.source, storage, refresh)
     data = stages.run(preprocess, files, storage, config.seed, config.validation_size, refresh)
+    warm_start = start.record(files.train_set) if start else None  # the training data is known now
+    if warm_start and warm_start["from"] is None:
+        print(f"warm start: {warm_start['reason']}; starting from random weights")
     try:
-        trained = stages.run(train, config, data, run_id, champion)
+        trained = stages.run(train, config, data, run_id, warm_start)
     except NonFiniteError as error:
         stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
-    write_run_metrics(Storage(storage), run_id, trained.steps, {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})  # TensorBoard
-    promotion = stages.run(
-        promote, storage, run_id, config.dataset, files.test_set, trained.model_uri, scores["accuracy"], config.promotion_margin
-    )
+    write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
+    promotion = stages.run(promote, storage, run_id, files, trained.model_uri, scores["accuracy"], config.promotion_margin)
 
     manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
     if not config.keep_checkpoints:  # a completed run is never resumed
@@ -130,11 +148,13 @@ def check_before_any_stage(config: RunConfig) -> None:
 def main(parameters: dict, prog: str) -> int:
     """`tapeline train`: run the flow with the parameters tapeline/cli.py read and checked.
 
-    An expected failure ends in one line saying what to do: exit 2 when nothing was done
-    (devices, cluster, a run held by another process), 1 when a stage failed.
+    The last line is the run's run.json (a completed run's, rerun with its parameters: nothing is done). An
+    expected failure ends in one line saying what to do: exit 2 when nothing was done (devices, cluster, a run held
+    by another process, a completed run asked for with other parameters, bad data), 1 when a stage failed.
     """
     try:
-        check_before_any_stage(RunConfig(**parameters).validated())  # needs TensorFlow, so not in tapeline/cli.py
+        config = RunConfig(**parameters).validated()
+        check_before_any_stage(config)  # needs TensorFlow, so not in tapeline/cli.py
         try:
             manifest = train_flow(**parameters)
         finally:
@@ -143,7 +163,7 @@ def main(parameters: dict, prog: str) -> int:
         return _failed(prog, 2, error)
     except TapelineError as error:
         return _failed(prog, 1, error)
-    print(run_manifest_uri(manifest["parameters"]["storage"], manifest["run_id"]))
+    print(run_manifest_uri(config.storage, manifest["run_id"]))
     return 0
 
 

@@ -9,13 +9,18 @@ ends in one line, `<command>: error: …`, and exit code 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import math
 import os
+import signal
 import sys
 import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from tapeline.config import (  # noqa: E402
+    DEFAULT_STORAGE,
     STORAGE_ENV,
     Delete,
     RetentionPolicy,
@@ -24,7 +29,7 @@ from tapeline.config import (  # noqa: E402
     run_parameters,
     storage_root,
 )
-from tapeline.errors import ConfigError, TapelineError  # noqa: E402
+from tapeline.errors import ConfigError, Stopped, TapelineError  # noqa: E402
 
 COMMANDS = {
     "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",
@@ -52,6 +57,44 @@ def main(argv: list[str] | None = None) -> int:
     return command(argv[1:], prog=f"tapeline {argv[0]}")
 
 
+def stoppable(command: typing.Callable[[list[str], str], int]) -> typing.Callable[[list[str], str], int]:
+    """`command`, stopped by SIGTERM (`kill`, `docker stop`, systemd) as by Ctrl-C: an exception unwinds it, so
+    what it holds is released on the way out (the run lease, Prefect's temporary API); then one line, and the
+    conventional exit status 128 + the signal's number (143, 130)."""
+
+    @functools.wraps(command)
+    def run(argv: list[str], prog: str) -> int:
+        try:
+            with _signals_raise_stopped():
+                return command(argv, prog)
+        except Stopped as stop:
+            print(f"{prog}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+            return 128 + stop.signum
+
+    return run
+
+
+@contextlib.contextmanager
+def _signals_raise_stopped():
+    """The first SIGINT or SIGTERM raises Stopped in the main thread; a later one is ignored, so the unwinding
+    completes (SIGKILL still ends it). A signal ignored on entry (`nohup`, a shell's `&`) stays ignored."""
+    stopped = []
+
+    def stop(signum: int, frame) -> None:
+        if not stopped:
+            stopped.append(signum)
+            raise Stopped(signum)
+
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, stop) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@stoppable
 def train(argv: list[str], prog: str) -> int:
     parameters = parse_train_args(argv, prog)
     from tapeline.flows import (
@@ -80,29 +123,36 @@ def parse_train_args(argv: list[str] | None, prog: str = "tapeline train") -> di
 
 def models(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["models"])
-    parser.add_argument("storage", nargs="?", default=storage_root(None), help="the storage root")
+    parser.add_argument("storage", nargs="?", help=f"the storage root (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+    storage = storage_root(parser.parse_args(argv).storage)
     from tapeline.registry.listing import model_registry, registry_lines
     from tapeline.storage.root import Storage
 
+    root = Storage(storage)
+    if not root.remote and not root.root.is_dir():
+        return _failed(prog, 2, f"no storage root at {storage}" if not root.root.exists() else f"{storage} is not a directory")
     try:
-        lines = registry_lines(model_registry(Storage(parser.parse_args(argv).storage)))
+        lines = registry_lines(model_registry(root))
     except (TapelineError, OSError) as error:
         return _failed(prog, 2, error)
-    for line in lines:
+    for line in lines or [f"no model versions under {storage} yet: a run is listed once it has finished"]:
         print(line)
     return 0
 
 
 def verify(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["verify"] + "; exit 0 when within the tolerance")
-    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    _add_run_arguments(parser)
     parser.add_argument("--step", type=int, help="snapshot step (default: the last one with weights)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted relative difference (default: 1e-4)")
     args = parser.parse_args(argv)
-    from tapeline.gradients.verify import verify_snapshot
-
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        parser.error(f"--tolerance must be a number of at least 0, got {args.tolerance:g}")
     try:
-        report = verify_snapshot(args.run, args.step)
+        run = _find_run(args)
+        from tapeline.gradients.verify import compare_snapshot, snapshot_step
+
+        report = compare_snapshot(run, snapshot_step(run, args.step))  # TensorFlow loads only for a snapshot that is there
     except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
     for name, d in report["variables"].items():
@@ -115,7 +165,7 @@ def verify(argv: list[str], prog: str) -> int:
 
 def samples(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["samples"] + " (then by mean loss)")
-    parser.add_argument("run", help="run directory, its run.json, or s3://…/runs/<id>")
+    _add_run_arguments(parser)
     parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
     parser.add_argument("--label", type=int, help="only examples of this label")
     parser.add_argument("--epoch", type=int, help="the epoch to rank (default: the last)")
@@ -125,17 +175,38 @@ def samples(argv: list[str], prog: str) -> int:
     from tapeline.reader import class_names, rank_samples
 
     try:
-        ranking, classes = rank_samples(args.run, args.epoch, args.top, args.label), class_names(args.run)
+        run = _find_run(args)
+        ranking, classes = rank_samples(run, args.epoch, args.top, args.label), class_names(run)
     except (TapelineError, OSError) as error:  # OSError: a missing file, an unreachable store
         return _failed(prog, 2, error)
-    print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}  latest prediction")
+    # predicted, at step: the model's class for the example at its latest step of the epoch, before that step's update
+    print(f"{'rank':>4} {'sample_id':>9}  {'label':14} {'predicted':14} {'at step':>7} {'mean |g_i|':>10} {'mean loss':>9} {'seen':>4}")
     for rank, row in enumerate(ranking.to_pylist(), 1):
-        latest = f"{'right' if row['latest_correct'] else 'wrong'} (step {row['latest_step']})"
-        print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {row['mean_grad_norm']:>10.4f} "
-              f"{row['mean_loss']:>9.4f} {row['seen']:>4}  {latest}")  # fmt: skip
+        print(f"{rank:>4} {row['sample_id']:>9}  {classes[row['label']]:14.14} {predicted_name(row, classes):14.14} "
+              f"{row['latest_step']:>7} {row['mean_grad_norm']:>10.4f} {row['mean_loss']:>9.4f} {row['seen']:>4}")  # fmt: skip
     return 0
 
 
+def predicted_name(row: dict, classes: list[str]) -> str:
+    """The class a ranking row's example was predicted as, by name; "?" when wrong and the run did not record which."""
+    if row["latest_predicted"] is not None:
+        return classes[row["latest_predicted"]]
+    return classes[row["label"]] if row["latest_correct"] else "?"
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="a run id, looked up under --storage; or a run directory, its run.json, or s3://…/runs/<id>")
+    parser.add_argument("--storage", help=f"the storage root to look a run id up in (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+
+
+def _find_run(args: argparse.Namespace) -> str:
+    """The run the command names, as a path or URI; NoRunError when it is not there."""
+    from tapeline.reader import find_run
+
+    return find_run(args.run, storage_root(args.storage))
+
+
+@stoppable
 def worker(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["worker"])
     parser.add_argument("--storage", default=None, help=f"the chief's storage root (default ${STORAGE_ENV})")
@@ -154,7 +225,7 @@ def worker(argv: list[str], prog: str) -> int:
 
 def gc(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["gc"] + "; never the champion, its lineage, or a run being written")
-    parser.add_argument("storage", nargs="?", default=storage_root(None), help="the storage root")
+    parser.add_argument("storage", nargs="?", help=f"the storage root (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
     for p in retention_parameters():
         default = f" (default: {p.default})" if p.default is not None else ""
         parser.add_argument(p.flag, dest=p.name, type=p.kind, default=p.default, metavar=GC_METAVARS[p.name], help=p.help + default)
@@ -166,7 +237,7 @@ def gc(argv: list[str], prog: str) -> int:
 
     try:
         policy = RetentionPolicy(args.keep_last, args.older_than).validated()
-        storage = Storage(existing_root(args.storage))
+        storage = Storage(existing_root(storage_root(args.storage)))
     except ConfigError as error:
         return _failed(prog, 2, error)
     try:

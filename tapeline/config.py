@@ -12,6 +12,7 @@ docs/parameters.md is generated from here: `python -m tapeline.config > docs/par
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import types
@@ -22,8 +23,9 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from tapeline.data.idx_source import IDX, check_idx_source
+from tapeline.data.idx_source import IDX, check_idx_source, idx_train_count
 from tapeline.data.registry import DATASETS
+from tapeline.data.splits import TrainingSplit, training_split
 from tapeline.errors import ConfigError
 from tapeline.gradients.schema import GRADIENT_DTYPES
 from tapeline.storage.access import usable_root
@@ -41,20 +43,37 @@ class Rule:
     text: str
 
 
+class Role(enum.Enum):
+    """What a parameter is besides a flow parameter, marked in its annotation."""
+
+    RESUME = "a checkpoint trained under another value is not resumed"
+    HPARAM = "changes what is learned: runs are compared by it (TensorBoard's HParams)"
+    PLACE = "says where files go or how data is fetched, not what the run is: a completed run is the same run whatever it says"
+
+
+RESUME, HPARAM, PLACE = Role.RESUME, Role.HPARAM, Role.PLACE
+
 Dataset = Annotated[
     Literal[(*DATASETS, IDX)],
     Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
+    RESUME, HPARAM,
 ]
 Source = Annotated[
     str | None,
     Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
 ]
-StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")]
+StorageRoot = Annotated[
+    str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE
+]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
+RUN_NAME_LENGTH = 128
+RUN_NAME_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+RUN_NAME_RULE = Rule(f"must be one path segment of letters, digits, '.', '_' or '-' (no '..'), at most {RUN_NAME_LENGTH} characters")
 RunName = Annotated[
     str | None,
-    Field(pattern=r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$", max_length=128, description="run id; default: a timestamp and a random suffix"),
-    Rule("must be one path segment of letters, digits, '.', '_' or '-' (no '..')"),
+    Field(pattern=RUN_NAME_PATTERN, max_length=RUN_NAME_LENGTH, description="run id; default: a timestamp and a random suffix"),
+    RUN_NAME_RULE,
+    PLACE,
 ]
 PrepareOn = Annotated[
     str | None,
@@ -63,14 +82,29 @@ PrepareOn = Annotated[
         description="download and preprocess first as this deployment of prepare-data (e.g. prepare-data/cpu), on its worker",
     ),
     Rule("must name a deployment of prepare-data, like prepare-data/cpu"),
+    PLACE,
 ]
-Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result")]
-Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
-BatchSize = Annotated[int, Field(ge=1, description="samples per training step")]
-LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate")]
-Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights")]
-TrainLimit = Annotated[int | None, Field(ge=1, description="use only the first N training samples (smoke runs)")]
-ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation")]
+PrepareTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds to wait for a worker to pick up the --prepare-on run; then it is cancelled and the run fails",
+    ),
+    PLACE,
+]
+Refresh = Annotated[bool, Field(description="download and preprocess again even when the storage root already has the result"), PLACE]
+Epochs = Annotated[int, Field(ge=1, description="passes over the training split"), HPARAM]
+BatchSize = Annotated[int, Field(ge=1, description="samples per training step (at most the training samples used)"), RESUME, HPARAM]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False, description="Adam learning rate"), RESUME, HPARAM]
+Seed = Annotated[int, Field(ge=0, description="seed for the validation split, data order and initial weights"), RESUME, HPARAM]
+TrainLimit = Annotated[
+    int | None,
+    Field(ge=1, description="use only the first N training samples (smoke runs); all of them when the split has fewer"),
+    RESUME,
+    HPARAM,
+]
+ValidationSize = Annotated[int, Field(ge=0, description="training samples held out for validation"), RESUME, HPARAM]
 SnapshotEvery = Annotated[int, Field(ge=1, description="full gradient snapshot every N steps")]
 SnapshotWeights = Annotated[bool, Field(description="store each scheduled snapshot's weights (before the update) beside its gradients")]
 GradientDtype = Annotated[Literal[tuple(GRADIENT_DTYPES)], Field(description="dtype of stored gradient values (statistics are float32)")]
@@ -80,13 +114,26 @@ SpikeFactor = Annotated[
 ]
 CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N steps (and at each epoch end)")]
 KeepCheckpoints = Annotated[
-    bool, Field(description="keep the run's checkpoints once it completes (by default they are deleted after run.json is written)")
+    bool, Field(description="keep the run's checkpoints once it completes (by default they are deleted after run.json is written)"), PLACE
 ]
 PromotionMargin = Annotated[
     float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
 ]
-WarmStart = Annotated[bool, Field(description="start from the current champion's weights (a champion of the same dataset), not random ones")]
-Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32")]
+WarmStart = Annotated[
+    bool,
+    Field(description="start from the current champion's weights if it was trained on the same training data, else from random ones"),
+    HPARAM,
+]
+WarmStartFrom = Annotated[
+    str | None,
+    Field(
+        pattern=RUN_NAME_PATTERN,
+        max_length=RUN_NAME_LENGTH,
+        description="start from the model of this completed run of the storage root, whatever data it was trained on (implies --warm-start)",
+    ),
+    RUN_NAME_RULE,
+]
+Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
     int,
@@ -99,7 +146,7 @@ StepsPerCall = Annotated[
 PerExampleNorms = Annotated[
     bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")
 ]
-Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients")]
+Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients"), RESUME]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]
 AcceptUnlockedStorage = Annotated[
@@ -108,6 +155,7 @@ AcceptUnlockedStorage = Annotated[
         description="train on a remote root other than s3:// although its store gives no conditional write "
         "(the run lease and the champion pointer then do not keep writers apart)"
     ),
+    PLACE,
 ]
 
 
@@ -118,6 +166,7 @@ class RunConfig:
     storage: StorageRoot = None
     run_name: RunName = None
     prepare_on: PrepareOn = None
+    prepare_timeout: PrepareTimeout = 600.0
     refresh: Refresh = False
     epochs: Epochs = 5
     batch_size: BatchSize = 32
@@ -133,6 +182,7 @@ class RunConfig:
     keep_checkpoints: KeepCheckpoints = False
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
+    warm_start_from: WarmStartFrom = None
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50
@@ -143,7 +193,8 @@ class RunConfig:
     accept_unlocked_storage: AcceptUnlockedStorage = False
 
     def validated(self) -> RunConfig:
-        """Check every parameter against its rule, then resolve the storage root and check it can be used.
+        """Check every parameter against its rule and the batch size against the training split, then resolve the
+        storage root and check it can be used.
 
         Leaves nothing behind: a bad parameter must leave the storage root as it was.
         """
@@ -151,7 +202,17 @@ class RunConfig:
             parameter.check(getattr(self, parameter.name))
         # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
         source = check_idx_source(self.source) if self.dataset == IDX else self.source
-        return replace(self, source=source, storage=usable_root(storage_root(self.storage)))
+        warm_start = self.warm_start or self.warm_start_from is not None  # a named run to start from is a warm start
+        checked = replace(self, source=source, warm_start=warm_start)
+        checked.training_split().check_batch_size(self.batch_size)  # the split's size: the registry's, or the headers'
+        return replace(checked, storage=usable_root(storage_root(self.storage)))
+
+    def training_split(self) -> TrainingSplit:
+        """The samples training will use, known before any stage: the training file's count is the registry's for a
+        built-in dataset (its files must match the registry's digests) and the IDX header's for your own files.
+        ConfigError when validation_size leaves none."""
+        count = idx_train_count(self.source) if self.dataset == IDX else DATASETS[self.dataset].train_count
+        return training_split(count, self.validation_size, self.train_limit)
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
@@ -159,8 +220,18 @@ class RunConfig:
 
 
 def storage_root(storage: str | None) -> str:
-    """The storage root a command or flow was given, else $TAPELINE_STORAGE, else ./artifacts."""
+    """The storage root a run writes to, or a command reads from: `storage`, else $TAPELINE_STORAGE, else ./artifacts."""
     return storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def run_identity(parameters: dict) -> dict:
+    """The parameters that make a run what it is, from `RunConfig.parameters()` or a run.json's `parameters`
+    (validated ones: storage and source resolved): all but those marked PLACE, and a registry dataset's `source`
+    (whichever it is, the files are the registry's, verified). A parameter the record predates counts as its default."""
+    defaults = {parameter.name: parameter.default for parameter in run_parameters()}
+    values = defaults | {name: value for name, value in parameters.items() if name in defaults}
+    ignored = {p.name for p in parameters_with(PLACE)} | (set() if values["dataset"] == IDX else {"source"})
+    return {name: value for name, value in values.items() if name not in ignored}
 
 
 # The retention policy of `tapeline gc` and gc-flow; tapeline/registry/retention.py applies it.
@@ -200,6 +271,7 @@ class Parameter:
     help: str
     choices: tuple[str, ...] | None
     rule: str  # the constraint in words: "at least 1", "above 0", a Rule's text; "" when any value of its type goes
+    roles: frozenset[Role]
 
     @property
     def flag(self) -> str:
@@ -210,9 +282,13 @@ class Parameter:
         try:
             _adapter(self.name).validate_python(value, strict=True)  # strict: "3" is not an epoch count
         except ValidationError as error:
-            raise ConfigError(self.complaint(value, error.errors()[0]["type"])) from None
+            raise ConfigError(self.complaint(value, error.errors()[0])) from None
 
-    def complaint(self, value, error_type: str) -> str:
+    def complaint(self, value, error: dict) -> str:
+        """The one line for `value`, from pydantic's first error about it."""
+        error_type = error["type"]
+        if error_type == "string_too_long":
+            return f"{self.name} is {len(value)} characters; at most {error['ctx']['max_length']} are allowed"
         if self.choices:
             return f"unknown {self.name} {value!r}; choose one of: {', '.join(self.choices)}"
         if self.kind is bool:
@@ -241,6 +317,11 @@ def _parameters(declared: type) -> tuple[Parameter, ...]:
     return tuple(_parameter(f.name, annotations[f.name], f.default) for f in fields(declared))
 
 
+def parameters_with(role: Role) -> tuple[Parameter, ...]:
+    """The run parameters marked with `role`, in declaration order."""
+    return tuple(p for p in run_parameters() if role in p.roles)
+
+
 def _annotations() -> dict:
     """Each field's full annotation, constraints included (the two dataclasses share no field name)."""
     return typing.get_type_hints(RunConfig, include_extras=True) | typing.get_type_hints(RetentionPolicy, include_extras=True)
@@ -251,7 +332,8 @@ def _parameter(name: str, annotation, default) -> Parameter:
     kind = _without_none(info.annotation)
     choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
     rule = next((m.text for m in info.metadata if isinstance(m, Rule)), None)
-    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata))
+    roles = frozenset(m for m in info.metadata if isinstance(m, Role))
+    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata), roles)
 
 
 def _without_none(annotation):

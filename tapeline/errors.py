@@ -11,6 +11,14 @@ class ConfigError(TapelineError, ValueError):
     """A run parameter is invalid."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C, raised in the main thread (tapeline/cli.py): a KeyboardInterrupt, so everything that
+    unwinds on Ctrl-C (Prefect's crash report, `finally`, context managers) unwinds on SIGTERM too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
 
 class NonFiniteError(TapelineError):
     """Training produced a NaN or Inf; `trained` (a TrainedModel) says where that step's gradients are."""

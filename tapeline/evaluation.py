@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from tapeline.data.splits import read_split
+from tapeline.model import mean_loss
 
 BATCH_SIZE = 1024
 
@@ -20,7 +21,7 @@ def evaluate_model(model_path: Path, split_uri: str) -> dict:
     model = keras.models.load_model(model_path, safe_mode=True)
     images, labels, _ = read_split(split_uri)
     logits = model.predict(images, batch_size=BATCH_SIZE, verbose=0)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
+    loss = mean_loss(labels, logits)
     return {"accuracy": float(np.mean(np.argmax(logits, axis=1) == labels)), "loss": float(loss), "samples": len(labels)}
 
 

@@ -1,13 +1,17 @@
 """The run manifest, `<storage>/runs/<run_id>/run.json`: what one run did, and where it put it.
 
-Its fields: docs/data-format.md#runjson.
+Its fields: docs/data-format.md#runjson. Written last, it makes the run complete, and a
+complete run is history: nothing writes under it again (`completed_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from tapeline.config import RunConfig
+from tapeline.config import RunConfig, run_identity
+from tapeline.data.splits import samples_used
+from tapeline.errors import ConfigError
+from tapeline.gradients.noise import NOISE_SCALE_METRIC
 from tapeline.model_card import write_model_card
 from tapeline.results import (
     DatasetFiles,
@@ -40,15 +44,21 @@ def write_run_manifest(
         "started": started,
         "finished": utc_now(),
         "parameters": config.parameters(),
-        "dataset": {"name": files.dataset, "sha256": files.sha256, "classes": list(files.classes), "preprocessed": data.directory},
+        "dataset": {
+            "name": files.dataset,
+            "sha256": files.sha256,
+            "classes": list(files.classes),
+            "preprocessed": data.directory,
+            "train_samples": samples_used(data.counts["train"], config.train_limit),
+        },
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,
         "metrics": {
             "epochs": trained.epochs,
-            "test_accuracy": scores["accuracy"],
-            "test_loss": scores["loss"],
-            **noise_metrics(exported.noise_scale, config.batch_size),
+            **final_metrics(scores, exported),
+            "suggested_batch_size": suggested_batch_size(exported.noise_scale_smoothed_median_last_epoch),
+            "batch_size": config.batch_size,
         },
         "promotion": dataclasses.asdict(promotion),
         "uris": {
@@ -66,16 +76,41 @@ def write_run_manifest(
     return manifest
 
 
-def noise_metrics(noise_scale: float | None, batch_size: int) -> dict:
-    """The gradient noise scale (median over the last epoch), the batch size it suggests, and the one used.
+def final_metrics(scores: dict, exported: GradientExport) -> dict[str, float | None]:
+    """What a finished run is compared by, under the names run.json's `metrics` and TensorBoard's `metrics/` tags give
+    them: the test accuracy and loss, and the gradient noise scale named for its statistic (NOISE_SCALE_METRIC: the
+    median over the last epoch of the smoothed B_simple; None without per-example norms)."""
+    return {"test_accuracy": scores["accuracy"], "test_loss": scores["loss"], NOISE_SCALE_METRIC: exported.noise_scale_smoothed_median_last_epoch}
 
-    B_simple estimates the critical batch size (McCandlish et al. 2018): below it a
-    larger batch trains in proportionally fewer steps, above it the gain fades.
-    """
-    suggested = max(1, round(noise_scale)) if noise_scale is not None and noise_scale > 0 else None
-    return {"noise_scale": noise_scale, "suggested_batch_size": suggested, "batch_size": batch_size}
+
+def suggested_batch_size(noise_scale: float | None) -> int | None:
+    """The noise scale, rounded: B_simple estimates the critical batch size (McCandlish et al. 2018), below which a
+    larger batch trains in proportionally fewer steps, and above which the gain fades."""
+    return max(1, round(noise_scale)) if noise_scale is not None and noise_scale > 0 else None
 
 
 def run_manifest_uri(storage: str, run_id: str) -> str:
     storage = Storage(storage)
     return storage.uri_of(storage.layout.run(run_id).run_json)
+
+
+def completed_run(config: RunConfig, run_id: str) -> dict | None:
+    """The manifest of `run_id` if it is complete, None if not; ConfigError if it is complete with other
+    parameters (`run_identity`'s): a completed run is never written again, whatever the call asks of it."""
+    storage = Storage(config.storage)
+    path = storage.layout.run(run_id).run_json
+    if not storage.exists(path):
+        return None
+    manifest = storage.read_json(path)
+    recorded, asked = run_identity(manifest["parameters"]), run_identity(config.parameters())
+    differing = [name for name in asked if asked[name] != recorded[name]]
+    if differing:
+        raise ConfigError(
+            f"run {run_id!r} is complete with {_values(recorded, differing)}; "
+            f"this call has {_values(asked, differing)}: choose another --run-name"
+        )
+    return manifest
+
+
+def _values(parameters: dict, names: list[str]) -> str:
+    return ", ".join(f"{name}={parameters[name]!r}" for name in names)

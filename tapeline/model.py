@@ -1,4 +1,4 @@
-"""The model of the tf.GradientTape example."""
+"""The model of the tf.GradientTape example, and its loss: the one definition training, verify and evaluation use."""
 
 from __future__ import annotations
 
@@ -36,3 +36,13 @@ def build_model(precision: str = "float32") -> keras.Model:
         ],
         name="cnn",
     )
+
+
+def per_example_loss(labels, logits):
+    """Each example's loss: the cross-entropy of its label under the softmax of its logits."""
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def mean_loss(labels, logits):
+    """A batch's loss: the mean of its examples' (what the optimizer minimises, and what evaluation reports)."""
+    return keras.ops.mean(per_example_loss(labels, logits))

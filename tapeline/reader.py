@@ -29,11 +29,37 @@ from tapeline.gradients.schema import (
     STATS_SCHEMA,
     STEP_SCHEMA,
 )
-from tapeline.storage.layout import MODEL_CARD, locate_run
+from tapeline.storage.layout import MODEL_CARD, RUN_JSON, locate_run, run_location
 
 
 class NoGradientsError(TapelineError):
     """The run has no published gradient snapshots."""
+
+
+class NoRunError(NoGradientsError):
+    """There is no run at the place given, or by the id given (so no gradients either)."""
+
+
+class NotInRunError(TapelineError):
+    """The run exists but has nothing for what was asked: an epoch, a label, a step it does not have."""
+
+
+def find_run(run: str, storage: str) -> str:
+    """The run's directory or URI, once it is there. `run` is a run id, looked up under the storage root `storage`,
+    when it is one path segment (a run id never has a '/'); else the run's directory, its run.json or its
+    `s3://…/runs/<id>`."""
+    if "/" in run or run in (".", "..", RUN_JSON):
+        _require_run(run)
+        return run
+    found = run_location(storage, run)
+    if not _is_run(found):
+        here = f" (for the directory {run} here, write ./{run})" if Path(run).is_dir() else ""
+        raise NoRunError(f"no run {run} under {storage}{here}")
+    return found
+
+
+class CorruptFileError(TapelineError):
+    """A file of the run is there but cannot be read: truncated or corrupt."""
 
 
 def read_run_json(run: str | Path, name: str | None = None) -> dict:
@@ -55,6 +81,7 @@ def published_files(run: str | Path) -> list[str]:
 def open_dataset(run: str | Path, name: str) -> ds.Dataset:
     """One of the run's Parquet datasets, `gradients` (only its published files), `stats`, `steps` or `samples`, as an
     Arrow dataset: what DuckDB and Polars can query in place, in a bucket too."""
+    _require_run(run)
     filesystem, paths = locate_run(run)
     base = str(paths.dataset(name))
     source = published_files(run) if name == "gradients" else base
@@ -103,14 +130,20 @@ def read_steps(run: str | Path, steps: list[int] | None = None, columns: list[st
 
 def read_samples(run: str | Path, epochs: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """One row per (step, example): each example's own loss, prediction and gradient norms (docs/data-format.md)."""
+    return _read(_samples_dataset(run), columns, None if epochs is None else pc.field("epoch").isin(epochs))
+
+
+def _samples_dataset(run: str | Path) -> ds.Dataset:
+    """The run's samples dataset; NoGradientsError naming the likely reason when it has none."""
     try:
-        dataset = open_dataset(run, "samples")
+        return open_dataset(run, "samples")
+    except NoRunError:
+        raise
     except NoGradientsError as error:
         raise NoGradientsError(f"{error} (a run trained with --no-per-example-norms has none)") from None
-    return _read(dataset, columns, None if epochs is None else pc.field("epoch").isin(epochs))
 
 
-RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_correct", "latest_step")
+RANKING_COLUMNS = ("sample_id", "label", "mean_grad_norm", "mean_loss", "seen", "latest_step", "latest_predicted", "latest_correct")
 
 
 def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = None, label: int | None = None) -> pa.Table:
@@ -118,11 +151,19 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
 
     Per example: its label, its mean per-example gradient norm and loss over the
     steps it was in, how many those were (`seen`), and at the latest of them
-    (`latest_step`) whether the model predicted it right. `label` keeps one class.
+    (`latest_step`) the class the model predicted (`latest_predicted`: the argmax of
+    its logits at that step, before the step's update; null in files written before
+    the samples had a `predicted` column) and whether that was right
+    (`latest_correct`). `label` keeps one class.
+    NotInRunError when the run has no such epoch, or no example of that label in it.
     """
-    epoch = epoch if epoch is not None else _last_epoch(run)
-    table = read_samples(run, [epoch], ["step", "sample_id", "label", "loss", "correct", "grad_norm"]).sort_by("step")
+    epoch = _epoch_of(run, epoch)
+    columns = ["step", "sample_id", "label", "predicted", "loss", "correct", "grad_norm"]
+    table = read_samples(run, [epoch], columns).sort_by("step")
     if label is not None:
+        labels = pc.unique(table.column("label")).to_pylist()
+        if label not in labels:
+            raise NotInRunError(f"run {_run_id(run)} has no example of label {label} in epoch {epoch}; its labels there are {spans(labels)}")
         table = table.filter(pc.field("label") == label)
     ids, inverse = np.unique(table.column("sample_id").to_numpy(), return_inverse=True)
     seen = np.bincount(inverse, minlength=len(ids))
@@ -138,11 +179,22 @@ def rank_samples(run: str | Path, epoch: int | None = None, top: int | None = No
             pa.array(mean["grad_norm"][order]),
             pa.array(mean["loss"][order]),
             pa.array(seen[order], pa.int64()),
-            table.column("correct").take(latest),
-            table.column("step").take(latest),
+            *(table.column(name).take(latest) for name in ("step", "predicted", "correct")),
         ],
         names=list(RANKING_COLUMNS),
     )
+
+
+def spans(values: list[int], most: int = 12) -> str:
+    """Whole numbers as runs, for a message: [0, 1, 2, 5] -> "0–2, 5"; of more than `most` runs the first and last few."""
+    runs = []
+    for value in sorted(set(values)):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    text = [str(a) if a == b else f"{a}–{b}" for a, b in runs]
+    return ", ".join(text if len(text) <= most else [*text[: most // 2], "…", *text[-most // 2 + 1 :]])
 
 
 def class_names(run: str | Path) -> list[str]:
@@ -153,11 +205,35 @@ def class_names(run: str | Path) -> list[str]:
         return [str(label) for label in range(256)]
 
 
-def _last_epoch(run: str | Path) -> int:
-    epochs = pc.unique(read_samples(run, columns=["epoch"]).column("epoch")).to_pylist()
+def last_epoch(run: str | Path) -> int:
+    """The last epoch the run's samples dataset has rows of."""
+    return _epoch_of(run, None)
+
+
+def _epoch_of(run: str | Path, epoch: int | None) -> int:
+    """`epoch`, or the run's last; NotInRunError when the run has no such epoch."""
+    dataset = _samples_dataset(run)
+    epochs = sorted({ds.get_partition_keys(f.partition_expression)["epoch"] for f in dataset.get_fragments()})  # no rows read
     if not epochs:
         raise NoGradientsError(f"{run} has no per-example rows yet")
-    return max(epochs)
+    if epoch is not None and epoch not in epochs:
+        raise NotInRunError(f"run {_run_id(run)} has no epoch {epoch}; its epochs are {spans(epochs)}")
+    return epochs[-1] if epoch is None else epoch
+
+
+def _run_id(run: str | Path) -> str:
+    return locate_run(run)[1].run_id
+
+
+def _require_run(run: str | Path) -> None:
+    if not _is_run(run):
+        raise NoRunError(f"no run at {run}")
+
+
+def _is_run(run: str | Path) -> bool:
+    """Whether the run's directory is there (a run still training has no run.json yet)."""
+    filesystem, paths = locate_run(run)
+    return filesystem.get_file_info(str(paths.directory)).type == pafs.FileType.Directory
 
 
 def _read_json(filesystem: pafs.FileSystem, path: PurePath, run: str | Path) -> dict:
@@ -166,10 +242,30 @@ def _read_json(filesystem: pafs.FileSystem, path: PurePath, run: str | Path) -> 
             return json.loads(stream.read())
     except FileNotFoundError:
         raise NoGradientsError(f"{run} has no {path.name}") from None
+    except ValueError as error:  # not JSON, not UTF-8
+        raise CorruptFileError(f"{path}: cannot read it, the file is truncated or corrupt ({error})") from None
 
 
 def _read(dataset: ds.Dataset, columns: list[str] | None, condition) -> pa.Table:
-    return dataset.to_table(columns=columns or dataset.schema.names, filter=condition)
+    columns = columns or dataset.schema.names
+    try:
+        return dataset.to_table(columns=columns, filter=condition)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError):  # pyarrow's errors name the file only sometimes
+        _raise_for_unreadable_file(dataset, columns, condition)
+        raise  # no file fails on its own
+
+
+def _raise_for_unreadable_file(dataset: ds.Dataset, columns: list[str], condition) -> None:
+    """Read the dataset's files one at a time, as `_read` read them together: CorruptFileError names the first that fails."""
+    for fragment in dataset.get_fragments(filter=condition):
+        try:
+            fragment.to_table(schema=dataset.schema, columns=columns, filter=condition)
+        except (pa.ArrowInvalid, OSError) as error:
+            fragment.filesystem.get_file_info(fragment.path)  # raises too when a store is out of reach: not the file's fault
+            reason = " ".join(str(error).split()).removeprefix(f"Could not open Parquet input source '{fragment.path}': ")
+            raise CorruptFileError(f"{fragment.path}: cannot read it, the file is truncated or corrupt ({reason})") from None
 
 
 def _selection(variables: list[str] | None, steps: list[int] | None):

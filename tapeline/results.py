@@ -21,8 +21,19 @@ class DatasetFiles:
 
     @property
     def test_set(self) -> str:
-        """The test split's identity, from its images' and labels' digests: accuracies compare only on the same one."""
-        return hashlib.sha256((self.sha256["test_images"] + self.sha256["test_labels"]).encode()).hexdigest()[:16]
+        """The test split's identity: accuracies compare only on the same one."""
+        return split_identity(self.sha256, "test")
+
+    @property
+    def train_set(self) -> str:
+        """The training data's identity: a warm start takes only a champion trained on the same."""
+        return split_identity(self.sha256, "train")
+
+
+def split_identity(sha256: dict[str, str], split: str) -> str:
+    """A split's identity (`train` or `test`), from its images' and labels' IDX digests (`DatasetFiles.sha256`,
+    run.json's `dataset.sha256`): the first 16 hex digits of the SHA-256 of the two digests, images' first."""
+    return hashlib.sha256((sha256[f"{split}_images"] + sha256[f"{split}_labels"]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class TrainedModel:
     variables: list[str]
     steps: int
     resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
-    warm_start: dict | None  # the champion (models/current) whose weights training started from
+    warm_start: dict | None  # run.json's `warm_start`: the run whose weights training started from, and why (registry/warm_start.py)
     epochs: list[dict]
     role: str = "single"  # multi-worker training (TF_CONFIG): "chief", or e.g. "worker 1" (which writes nothing)
 
@@ -61,7 +72,8 @@ class GradientExport:
     steps: list[int]
     variables: list[dict]  # per variable: name, shape, last, mean and max L2 norm
     anomalies: list[dict]  # snapshot steps kept for a non-finite value or a norm spike: step, reason
-    noise_scale: float | None = None  # median smoothed B_simple, last epoch (gradients/export.py); None without per-example norms
+    # The smoothed B_simple's median over the last epoch (gradients/noise.py); None without per-example norms
+    noise_scale_smoothed_median_last_epoch: float | None = None
 
 
 @dataclass(frozen=True)

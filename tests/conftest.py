@@ -1,91 +1,21 @@
-"""Shared fixtures: small real IDX datasets, the real Fashion-MNIST files, one Prefect harness, free ports."""
+"""Shared fixtures: a tiny IDX dataset, the real Fashion-MNIST files, one Prefect harness, the S3 test server.
+The helpers they and the tests use are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import hashlib
+import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tapeline.config import RunConfig  # noqa: E402
-from tapeline.data.fetch import fetch_dataset  # noqa: E402
-from tapeline.data.idx import encode_idx  # noqa: E402
-from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile  # noqa: E402
-from tapeline.data.splits import prepare  # noqa: E402
-from tapeline.results import PreparedData  # noqa: E402
-from tapeline.storage.root import Storage  # noqa: E402
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
-FILE_NAMES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
-
-
-def tiny_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
-    """A learnable toy set: each class is a bright square at its own place."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            row, col = divmod(int(label), 5)
-            images[i, 2 + row * 12 : 10 + row * 12, 1 + col * 5 : 5 + col * 5] = 230
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
-    return arrays
-
-
-def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
-    """Write arrays as the four IDX gz files and return a registry entry that matches them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split in SPLIT_FILES:
-        idx = encode_idx(arrays[split])
-        archive = gzip.compress(idx, mtime=0)
-        (directory / FILE_NAMES[split]).write_bytes(archive)
-        files[split] = DatasetFile(
-            FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
-        )
-    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"))
-
-
-def tiny_prepared(
-    directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run
-) -> tuple[RunConfig, PreparedData]:
-    """A tiny dataset written to `directory`/source, fetched and preprocessed into `storage` (default
-    `directory`/store): the validated config of a run on it (`run` are its fields besides dataset and storage)
-    and the prepared splits, as the flow's first two stages would hand them to train."""
-    source = directory / "source"
-    dataset = write_idx_dir(source, tiny_arrays(n_train=n_train, n_test=n_test))
-    config = RunConfig(dataset="mnist", storage=storage or str(directory / "store"), **run).validated()
-    root = Storage(config.storage)
-    return config, prepare(fetch_dataset(dataset, root, str(source)), root, config.seed, config.validation_size)
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` different loopback ports that nothing listens on (each probe holds its port until all are chosen)."""
-    with contextlib.ExitStack() as probes:
-        sockets = [probes.enter_context(socket.socket()) for _ in range(count)]
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
+from tapeline.data.registry import Dataset  # noqa: E402
+from tests.helpers import FASHION_MNIST_DIR, FILE_NAMES, tiny_arrays, write_idx_dir  # noqa: E402
 
 
 @pytest.fixture
@@ -100,6 +30,19 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / FILE_NAMES["train_images"]).exists():
         pytest.fail(f"{FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture
+def flow_log() -> list[str]:
+    """What the flow and its tasks print (log_prints: to their run loggers, bound to the session's stderr, not capsys)."""
+    lines, handler = [], logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
         ({"spike_factor": float("inf")}, "spike_factor must be a number above 1, got inf"),
         ({"seed": -1}, "seed must be at least 0, got -1"),
         ({"run_name": "a..b"}, "must be one path segment"),
+        ({"run_name": "r" * 129}, "^run_name is 129 characters; at most 128 are allowed$"),
+        ({"batch_size": 55_001}, "^batch_size 55001 is larger than the training split's 55000 samples"),
+        ({"validation_size": 60_000}, "^validation_size 60000 leaves no training samples: the training file has 60000$"),
     ],
 )
 def test_bad_parameters(overrides, message, tmp_path):
@@ -114,3 +117,14 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     assert "argument --epochs: invalid int value: 'many'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not storage.exists()
+
+
+def test_roles_are_marked_on_the_declared_parameters():
+    from tapeline.config import HPARAM, RESUME, parameters_with
+    from tapeline.training.summaries import HPARAMS
+
+    resume = [p.name for p in parameters_with(RESUME)]
+    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic"]
+    assert [h.name for h in HPARAMS] == [p.name for p in parameters_with(HPARAM)]
+    assert {"epochs", "warm_start"} <= {h.name for h in HPARAMS} and "jit_compile" not in {h.name for h in HPARAMS}
+    assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, IDX}  # your own IDX files too

@@ -28,7 +28,7 @@ from tapeline.cli import parse_train_args as parse_args
 from tapeline.reader import read_gradients, read_run_json
 from tapeline.registry.listing import model_registry
 from tapeline.storage.root import Storage
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(REPO / "deployments" / "stack.py")]
@@ -135,6 +135,60 @@ def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
     assert deployment.parameters["warm_start"] is True
 
 
+def _prepare_runs(api) -> dict:
+    """The flow runs of prepare-data/cpu, by id."""
+    deployment = api.read_deployment_by_name("prepare-data/cpu")
+    return {run.id: run for run in api.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))}
+
+
+def _train_preparing_on_cpu(fashion_mnist_dir: Path, storage: Path, *flags: str) -> list[str]:
+    """`tapeline train --prepare-on prepare-data/cpu`, run against the stack's server (PREFECT_API_URL)."""
+    return [
+        sys.executable, "-m", "tapeline.cli", "train", "--prepare-on", "prepare-data/cpu", "--dataset", "fashion-mnist",
+        "--source", str(fashion_mnist_dir), "--storage", str(storage), "--epochs", "1", "--train-limit", "500", *flags,
+    ]  # fmt: skip
+
+
+def test_prepare_on_a_queue_no_worker_polls_gives_up_and_cancels_its_run(env, api, tmp_path, fashion_mnist_dir):
+    """No worker serves the `cpu` queue: train-flow says so, waits --prepare-timeout seconds for one to pick its
+    prepare-data run up, then fails with one line saying what to do, and cancels that run: no worker started later
+    runs it."""
+    assert api.read_work_queue_by_name("cpu", work_pool_name="tapeline").last_polled is None  # no worker, ever
+    before = set(_prepare_runs(api))
+    result = _run(_train_preparing_on_cpu(fashion_mnist_dir, tmp_path / "store", "--prepare-timeout", "2"), env)
+    (run,) = [run for run_id, run in _prepare_runs(api).items() if run_id not in before]
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"waiting for a worker of work queue 'cpu' of pool 'tapeline' to pick up prepare-data/cpu run {run.name}" in output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tapeline train: error: no worker picked up prepare-data/cpu run {run.name} within 2 s, so it is cancelled; "
+        "no worker has ever polled work queue 'cpu' of pool 'tapeline': "
+        "start one (prefect worker start --pool tapeline --work-queue cpu) or allow longer (--prepare-timeout)"
+    )
+    assert "Traceback" not in output
+    assert run.state.type == StateType.CANCELLED
+    assert not list((tmp_path / "store").rglob("*.parquet"))  # nothing was prepared here instead
+
+
+def test_sigterm_while_waiting_for_a_worker_cancels_the_prepare_run(env, api, tmp_path, fashion_mnist_dir):
+    """`kill` while train-flow waits for its prepare-data run: exit 143, and that run is cancelled, not left queued."""
+    before = set(_prepare_runs(api))
+    command = _train_preparing_on_cpu(fashion_mnist_dir, tmp_path / "store")  # the default timeout: minutes
+    waiting = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("waiting for a worker of work queue 'cpu'" in line for line in lines) and waiting.poll() is None:
+            lines.append(waiting.stderr.readline())
+        waiting.send_signal(signal.SIGTERM)
+        _, err = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
+    (run,) = [run for run_id, run in _prepare_runs(api).items() if run_id not in before]
+    assert waiting.returncode == 143, "".join(lines) + err
+    assert err.strip().splitlines()[-1] == "tapeline train: stopped by SIGTERM"
+    assert run.state.type == StateType.CANCELLED
+
+
 @pytest.mark.slow
 def test_a_plain_worker_outside_the_checkout_runs_on_demand_and_registers_a_model(env, api, tmp_path, fashion_mnist_dir):
     """`prefect worker start --pool tapeline`, as a user types it, in a directory of its own: no clone, no TAPELINE_REPO,
@@ -179,6 +233,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
         os.killpg(cpu_worker.pid, signal.SIGTERM)
         cpu_worker.wait(timeout=60)
     assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log
+    assert re.search(r"a worker picked up prepare-data/cpu run \S+; waiting for it to end", log), log  # then as long as it takes
     manifest = read_run_json(f"{root}/runs/split")
     assert manifest["uris"]["model"] == f"{root}/runs/split/model.keras"
     assert {"prepare-data", "download", "preprocess", "train", "export_gradients", "evaluate", "promote"} == set(manifest["stages"])

@@ -46,3 +46,10 @@ def test_every_relative_link_resolves(page):
     targets = [target.partition("#") for target in relative_links(page) if "#" in target]
     no_heading = [f"{path}#{anchor}" for path, _, anchor in targets if anchor not in anchors(page.parent / path)]
     assert not no_heading, f"{page.relative_to(ROOT)}: links to headings that are not there: {no_heading}"
+
+
+def test_the_storage_layout_is_written_once():
+    """docs/data-format.md shows tapeline/storage/layout.py's tree as it is (`python -m tapeline.storage.layout`)."""
+    from tapeline.storage.layout import layout_tree
+
+    assert layout_tree() in (ROOT / "docs" / "data-format.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 from tapeline.data.fetch import SOURCE_HINT, ChecksumError, DownloadError, fetch_dataset, verify
 from tapeline.data.registry import DATASETS, SPLIT_FILES, KerasArchive
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays
+from tests.helpers import tiny_arrays
 
 
 def cache_files(storage: Storage) -> list[Path]:
@@ -186,7 +186,7 @@ def test_keras_cache_is_used_without_pickle(tmp_path, monkeypatch):
     np.savez(npz, x_train=arrays["train_images"], y_train=arrays["train_labels"],
              x_test=arrays["test_images"], y_test=arrays["test_labels"])
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
-    from tests.conftest import write_idx_dir
+    from tests.helpers import write_idx_dir
 
     dataset = write_idx_dir(tmp_path / "reference", arrays)
     dataset = replace(dataset, keras_archive=KerasArchive("mnist.npz", hashlib.sha256(npz.read_bytes()).hexdigest()))

@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
+from tapeline.cli import parse_train_args
 from tapeline.config import RunConfig
 from tapeline.data.fetch import SOURCE_HINT, ChecksumError
+from tapeline.data.idx import parse_header
+from tapeline.data.registry import DATASETS
 from tapeline.tasks.failures import PREFECT_FAILURE_LOGGERS, log_expected_failures_without_traceback
+from tests.helpers import stored_under, tiny_arrays, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"tensorflow", "keras", "prefect"}
@@ -40,8 +44,14 @@ def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[
         (["--epochs", "0"], 2, "flows/train.py: error: epochs must be at least 1, got 0"),
         (["--storage", "/proc/nope"], 2, "flows/train.py: error: storage '/proc/nope': cannot create files in /proc"),
         (["--dataset", "idx"], 2, "flows/train.py: error: dataset idx needs a source: the directory of your four IDX files"),
+        (["--batch-size", "60000"], 2,
+         "flows/train.py: error: batch_size 60000 is larger than the training split's 55000 samples (60000 less validation_size 5000)"),
+        (["--train-limit", "100", "--batch-size", "128"], 2,
+         "flows/train.py: error: batch_size 128 is larger than train_limit 100, the samples training uses"),
+        (["--validation-size", "60000"], 2, "flows/train.py: error: validation_size 60000 leaves no training samples: the training file has 60000"),
+        (["--run-name", "r" * 129], 2, "flows/train.py: error: run_name is 129 characters; at most 128 are allowed"),
     ],
-)
+)  # fmt: skip
 def test_flags_are_answered_before_tensorflow_and_prefect_load(flags, code, message):
     result, packages = run_with_imports(["flows/train.py", *flags])
     assert result.returncode == code, result.stderr
@@ -50,6 +60,23 @@ def test_flags_are_answered_before_tensorflow_and_prefect_load(flags, code, mess
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
     else:
         assert "--storage" in result.stdout
+
+
+def test_a_batch_larger_than_your_own_training_split_is_refused_from_the_headers(tmp_path):
+    """--dataset idx: the split's size is the training file's header count less the validation hold-out."""
+    write_idx_dir(tmp_path / "own", tiny_arrays(n_train=300, n_test=20))
+    flags = ["--dataset", "idx", "--source", str(tmp_path / "own"), "--validation-size", "50", "--storage", str(tmp_path / "store")]
+    result, packages = run_with_imports(["flows/train.py", *flags, "--batch-size", "251"])
+    assert result.returncode == 2 and not packages & HEAVY
+    assert result.stderr == "flows/train.py: error: batch_size 251 is larger than the training split's 250 samples (300 less validation_size 50)\n"
+    assert parse_train_args([*flags, "--batch-size", "250"])["batch_size"] == 250  # a batch of the whole split goes
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_registry_knows_the_training_split_sizes_before_any_download(fashion_mnist_dir):
+    """The registry's count, which the batch size is checked against before any stage, is what the file's header says."""
+    with gzip.open(fashion_mnist_dir / "train-images-idx3-ubyte.gz") as images:
+        assert parse_header(images.read(16), 3, "train-images")[0] == DATASETS["fashion-mnist"].train_count
 
 
 def test_the_console_script_reads_flags_before_tensorflow_and_prefect_load():
@@ -119,6 +146,7 @@ def test_checksum_mismatch_ends_in_one_line(tmp_path, prefect_home):
     assert lines[-1].startswith("flows/train.py: error: could not get mnist train-images-idx3-ubyte.gz from --source")
     assert "SHA-256 mismatch" in lines[-1]
     assert lines[-1].endswith("--source must be a directory or URL of the four files of --dataset mnist")
+    assert (tmp_path / "store").is_dir() and stored_under(str(tmp_path / "store"), "runs") == []  # no lease, no empty run
 
 
 class Records(logging.Handler):

@@ -83,26 +83,46 @@ def test_prefect_shows_the_first_run_its_promotion_and_itself_in_the_registry(fi
     run, artifacts = flow_run_and_artifacts(name="e2e")
     assert "dataset:fashion-mnist" in run.tags
     registry = json.loads(artifacts["model-registry"].data)
-    assert [(row["run_id"], row["current"]) for row in registry] == [("e2e", True)]
+    assert [(row["run"], row["status"]) for row in registry] == [("e2e", "champion")]
     promotion = artifacts["promotion"].data
     accuracy = first_run["metrics"]["test_accuracy"]
     assert f"| challenger | `e2e` | fashion-mnist | {accuracy:.4f} | promoted | 0 |" in promotion
     assert "Reason: no champion yet." in promotion and "{" not in promotion
 
 
+def samples_columns(line: str) -> tuple[str, ...]:
+    """A row of `tapeline samples` by column (rank, sample_id, label, predicted, at step, mean norm, mean loss, seen):
+    by position, as class names may hold a space ("Ankle boot")."""
+    bounds = [(0, 4), (5, 14), (16, 30), (31, 45), (46, 53), (54, 64), (65, 74), (75, 79)]
+    return tuple(line[start:end].strip() for start, end in bounds)
+
+
 @pytest.mark.slow
-def test_prefect_shows_the_hardest_examples_and_the_noise_scale(first_run, storage):
+def test_prefect_shows_the_hardest_examples_as_tapeline_samples_ranks_them(first_run, storage, capsys):
+    """The artifact's prediction of each example is the CLI's: the same class, at the same step."""
     run, artifacts = flow_run_and_artifacts(name="e2e")
     markdown = artifacts["hardest-examples"].data
     pngs = [base64.b64decode(data) for data in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
     directory = storage / "runs" / "e2e"
-    assert pngs == [(directory / "hardest_examples.png").read_bytes(), (directory / "noise_scale.png").read_bytes()]
-    assert all(len(png) < 100_000 for png in pngs), [len(png) for png in pngs]
-    from tapeline.reader import rank_samples  # issue 13's samples: imported here until they land
+    assert pngs == [(directory / "hardest_examples.png").read_bytes()] and len(pngs[0]) < 100_000
+    table = [tuple(cell.strip() for cell in line.strip("|").split("|")) for line in markdown.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert main(["samples", str(directory), "--top", "32"]) == 0
+    cli = [samples_columns(line)[:6] for line in capsys.readouterr().out.splitlines()[1:]]  # rank … mean norm
+    assert table == cli and len(cli) == 32
+    assert any(label != predicted for _, _, label, predicted, _, _ in cli)
 
-    hardest = rank_samples(directory, top=32).column("sample_id").to_pylist()
-    assert f"Sample ids, hardest first: {', '.join(map(str, hardest))}." in markdown
-    assert f"the batch size used {first_run['parameters']['batch_size']}." in markdown
+
+@pytest.mark.slow
+def test_prefect_shows_the_noise_scale_run_json_records(first_run, storage):
+    run, artifacts = flow_run_and_artifacts(name="e2e")
+    markdown = artifacts["noise-scale"].data
+    pngs = [base64.b64decode(data) for data in re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+    assert pngs == [(storage / "runs" / "e2e" / "noise_scale.png").read_bytes()] and len(pngs[0]) < 100_000
+    median = first_run["metrics"]["noise_scale_smoothed_median_last_epoch"]
+    assert f"**{median:.4g}: the median over the last epoch (epoch 1) of the smoothed value**" in markdown
+    assert f"this run used {first_run['parameters']['batch_size']}." in markdown
+    norms = json.loads(artifacts["gradient-norms"].data)
+    assert all(len(repr(row[name])) <= 12 for row in norms for name in ("last L2 norm", "mean L2 norm", "max L2 norm"))
 
 
 @pytest.mark.slow
@@ -112,8 +132,8 @@ def test_flow_run_is_named_after_its_run_id_and_tagged_with_the_dataset(first_ru
     run, artifacts = flow_run_and_artifacts(flow_run_id=state.state_details.flow_run_id)
     assert run.name == manifest["run_id"] != "e2e" and (storage / "runs" / run.name / "run.json").exists()
     assert "dataset:fashion-mnist" in run.tags
-    registry = {row["run_id"]: row["current"] for row in json.loads(artifacts["model-registry"].data)}
-    assert registry[run.name] is False and registry["e2e"] is True
+    registry = {row["run"]: row["status"] for row in json.loads(artifacts["model-registry"].data)}
+    assert registry[run.name] == "not promoted" and registry["e2e"] == "champion"
     promotion = artifacts["promotion"].data
     assert f"| challenger | `{run.name}` |" in promotion and "| champion | `e2e` | fashion-mnist |" in promotion
     assert "| not promoted |" in promotion and "| stays current |" in promotion
@@ -161,7 +181,7 @@ def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
         run_name="again", epochs=1, train_limit=64,
     )
     assert second["stages"]["download"]["cached"] and second["stages"]["preprocess"]["cached"]
-    assert second["dataset"] == first_run["dataset"]
+    assert same_data(second, first_run)
     assert Path(second["uris"]["model"]).parent.name == "again"
     # 64 training samples make a worse model: it is recorded, not promoted.
     assert not second["promotion"]["promoted"] and second["promotion"]["champion"]["run_id"] == "e2e"
@@ -174,9 +194,10 @@ def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fa
         dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
         run_name="warm", epochs=1, train_limit=64, warm_start=True, refresh=True,
     )
-    assert warm["warm_start"]["run_id"] == "e2e" and warm["parameters"]["warm_start"]
+    assert warm["warm_start"] == {"from": "e2e", "model": first_run["uris"]["model"], "reason": "champion, same data"}
+    assert warm["parameters"]["warm_start"]
     assert not warm["stages"]["download"]["cached"] and not warm["stages"]["preprocess"]["cached"]
-    assert warm["dataset"] == first_run["dataset"]
+    assert same_data(warm, first_run)
     # Two steps from random weights reach about 0.3; from the champion's, its accuracy.
     assert warm["metrics"]["test_accuracy"] > first_run["metrics"]["test_accuracy"] - 0.05
 
@@ -239,6 +260,8 @@ def test_diverging_run_fails_but_exports_the_failing_step(first_run, storage):
         train_flow(dataset="fashion-mnist", storage=str(storage), run_name="diverges", epochs=1, train_limit=640, learning_rate=1e10)
     manifest = json.loads((storage / "runs" / "diverges" / "gradients.manifest.json").read_text())
     assert manifest["anomalies"][-1]["step"] == raised.value.trained.steps
+    # No model, but the samples and steps up to the failing one: the hardest examples and the noise scale need no more.
+    assert all((storage / "runs" / "diverges" / name).stat().st_size > 0 for name in ("hardest_examples.png", "noise_scale.png"))
 
 
 def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
@@ -260,12 +283,18 @@ def test_run_id_without_a_run_name_is_the_flow_runs_and_survives_a_retry():
 def test_samples_rank_the_hardest_examples_and_run_json_holds_the_noise_scale(first_run, capsys):
     run = Path(first_run["uris"]["model"]).parent
     metrics = first_run["metrics"]
-    assert metrics["noise_scale"] > 0 and metrics["suggested_batch_size"] == max(1, round(metrics["noise_scale"]))
+    noise = metrics["noise_scale_smoothed_median_last_epoch"]
+    assert noise > 0 and metrics["suggested_batch_size"] == max(1, round(noise)) and "noise_scale" not in metrics
     assert metrics["batch_size"] == 32 and first_run["uris"]["samples"] == str(run / "samples")
     assert main(["samples", str(run), "--top", "5", "--label", "6"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 + 5 and all(" Shirt " in line for line in lines[1:])  # class names, not numbers
-    norms = [float(line.split()[3]) for line in lines[1:]]
+    rows = [samples_columns(line) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 5 and all(row[2] == "Shirt" and row[3] in FASHION_MNIST.classes for row in rows)  # names, not numbers
+    norms = [float(row[5]) for row in rows]
     assert norms == sorted(norms, reverse=True)
     assert main(["samples", str(run.parent / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def same_data(run: dict, other: dict) -> bool:
+    """Whether two runs' run.json record the same data (digests, splits); how many samples each trained on may differ."""
+    return {**run["dataset"], "train_samples": None} == {**other["dataset"], "train_samples": None}

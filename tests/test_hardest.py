@@ -1,5 +1,6 @@
-"""The hardest-examples report: its two pictures (real PNGs, small, one tile per example, wrong ones framed in red),
-the smoothed noise scale, the split's images by sample_id, and the artifact through a real Prefect API."""
+"""The hardest-examples and noise-scale reports: their pictures (real PNGs, small, one tile per example, wrong ones
+framed in red; the noise scale's three statistics), the split's images by sample_id, and both artifacts, each of its
+own, through a real Prefect API."""
 
 import base64
 import io
@@ -15,17 +16,20 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from tapeline.data.idx import read_idx_gz
 from tapeline.data.registry import FASHION_MNIST
 from tapeline.data.splits import split_table
+from tapeline.gradients.export import render_norms
 from tapeline.gradients.hardest import (
+    UNKNOWN,
     HardestExamples,
     HardestReport,
     HardestReportError,
     render_hardest,
-    render_noise_scale,
     split_images,
 )
-from tapeline.gradients.noise import smoothed_noise_scale
+from tapeline.gradients.noise import NOISE_SCALE_METRIC, smoothed_noise_scale
+from tapeline.gradients.noise_report import MEDIAN, NoiseHistory, NoiseReport, NoiseReportError, render_noise_scale
+from tapeline.gradients.plotting import DISTINCT
 from tapeline.storage.root import Storage
-from tapeline.tasks.export import hardest_markdown
+from tapeline.tasks.export import hardest_markdown, noise_markdown
 
 SMALL = 100_000  # bytes: "tens of KB, not hundreds"
 
@@ -115,29 +119,72 @@ def test_smoothing_averages_signal_and_variance_apart_and_skips_what_is_not_fini
     assert constant == pytest.approx(np.full(50, 60.0))
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["typical", "negative and NaN", "all NaN", "one step"],
-)
-def test_the_noise_plot_is_a_small_png_whatever_the_values(case):
+def noise_history(case: str = "typical", n: int = 1500, epochs: int = 3) -> NoiseHistory:
+    """Estimates like a run's: the signal fades as the model fits, the variance stays; noisy enough to dip below 0."""
     rng = np.random.default_rng(0)
-    n = {"one step": 1}.get(case, 1500)
-    steps = np.arange(n)
+    steps = np.arange(1, n + 1)
     signal = 2 * np.exp(-steps / 500) + rng.normal(0, 0.4 if case != "typical" else 0.02, n)
     variance = 20 + rng.normal(0, 3, n)
     if case == "all NaN":
         signal[:] = variance[:] = np.nan
-    raw = variance / signal
-    png = render_noise_scale(steps, raw, variance, signal, batch_size=64)
+    epoch = 1 + (steps - 1) * epochs // n
+    return NoiseHistory.of(steps, epoch, variance / signal, variance, signal, batch_size=64)
+
+
+def coloured(pixels: np.ndarray, colour: str, tolerance: int = 40) -> np.ndarray:
+    target = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return (np.abs(pixels - target) <= tolerance).all(axis=2)
+
+
+@pytest.mark.parametrize("case", ["typical", "negative and NaN", "all NaN", "one step"])
+def test_the_noise_plot_is_a_small_png_whatever_the_values(case):
+    history = noise_history(case, n=1 if case == "one step" else 1500, epochs=1 if case == "one step" else 3)
+    png = render_noise_scale(history)
     assert len(png) < SMALL // 2, len(png)
     pixels = decode(png)
     orange = (pixels[..., 0] > 180) & (pixels[..., 1] > 60) & (pixels[..., 1] < 150) & (pixels[..., 2] < 100)
     assert orange.sum(axis=1).max() > pixels.shape[1] // 3  # the batch size's dashed line crosses the plot
 
 
-def test_the_noise_plot_refuses_columns_of_different_lengths():
-    with pytest.raises(HardestReportError, match="3 steps"):
-        render_noise_scale(np.arange(3), np.ones(2), np.ones(3), np.ones(3), 64)
+def test_the_noise_plot_draws_the_last_epochs_median_over_that_epoch():
+    """run.json's number, where it comes from: a segment over the last third of the steps, at its height; none without one."""
+    history = noise_history()
+    assert history.median_last_epoch == pytest.approx(np.median(history.smoothed[history.epochs == 3]))
+    assert history.median_last_epoch < history.smoothed_last_step  # the smoothed value rises: its end is not the median
+    pixels = decode(render_noise_scale(history))
+    segment = coloured(pixels, MEDIAN)
+    columns = np.flatnonzero(segment[np.argmax(segment.sum(axis=1))])  # the segment's row (the key's sample line is short)
+    frame = np.flatnonzero((pixels < 60).all(axis=2).sum(axis=0) > pixels.shape[0] // 3)  # the axes' sides: long and black
+    left, right = frame.min(), frame.max()  # the first step's x and the last's (set_xlim)
+    assert columns.min() - left == pytest.approx(2 / 3 * (right - left), abs=4) and right - columns.max() < 4
+    assert not coloured(decode(render_noise_scale(noise_history("all NaN"))), MEDIAN).any()
+
+
+def test_the_noise_history_refuses_columns_of_different_lengths():
+    with pytest.raises(NoiseReportError, match="3 steps"):
+        NoiseHistory.of(np.arange(3), np.ones(3), np.ones(2), np.ones(3), np.ones(3), 64)
+
+
+def axes_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a plot's axes: its frame's long black lines."""
+    black = (pixels < 60).all(axis=2)
+    rows, columns = np.flatnonzero(black.sum(axis=1) > pixels.shape[1] // 2), np.flatnonzero(black.sum(axis=0) > pixels.shape[0] // 3)
+    return rows.min(), rows.max(), columns.min(), columns.max()
+
+
+def test_the_norm_plot_gives_each_variable_a_colour_of_its_own_and_its_key_sits_below_the_data():
+    names = ["cnn/conv/kernel", "cnn/conv/bias", "cnn/dense/kernel", "cnn/dense/bias", "cnn/logits/kernel", "cnn/logits/bias"]
+    steps = np.repeat(np.arange(1, 301), len(names))
+    levels = np.tile([1.0, 0.9, 0.3, 0.08, 1.1, 0.1], 300)  # the biases near each other, as a real run's
+    norms = levels * np.random.default_rng(0).lognormal(0, 0.3, len(steps))
+    png = render_norms(steps, np.tile(names, 300), norms)
+    pixels = decode(png)
+    top, bottom, left, right = axes_box(pixels)
+    for colour in DISTINCT[: len(names)]:
+        mask = coloured(pixels, colour, tolerance=30)
+        assert mask[top + 2 : bottom - 1, left + 2 : right - 1].sum() > 100, colour  # its line, on the data
+        assert mask[bottom + 25 :, left:right].any(), colour  # its key entry, below the axes and their tick labels
+    assert len(set(DISTINCT[: len(names)])) == len(names) and len(png) < SMALL
 
 
 def test_split_images_come_in_the_order_asked(tmp_path, fashion):
@@ -151,28 +198,61 @@ def test_split_images_come_in_the_order_asked(tmp_path, fashion):
         split_images(str(path), np.array([100, 7]))
 
 
+def artifact_of(flow_run_id, key: str):
+    with get_client(sync_client=True) as client:  # this flow run's: the API holds other runs' artifacts of the key too
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return artifact
+
+
+def embedded(markdown: str) -> list[tuple[str, bytes]]:
+    return [(alt, base64.b64decode(data)) for alt, data in re.findall(r"!\[([^]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)]
+
+
 @pytest.mark.usefixtures("prefect_api")
-def test_the_artifact_shows_both_pictures_in_prefect(tmp_path, fashion):
+def test_the_hardest_examples_artifact_shows_the_grid_and_the_ranking(tmp_path, fashion):
     images, labels = fashion
-    predictions = wrong_every_fifth(labels)
-    examples = HardestExamples(np.arange(500, 532), images, labels, predictions, np.linspace(8, 2, 32), FASHION_MNIST.classes)
-    steps = np.arange(300)
+    predictions = wrong_every_fifth(labels).astype(np.int16)
+    predictions[1] = UNKNOWN  # wrong, in a run that did not record the class
+    examples = HardestExamples(
+        3, np.arange(500, 532), images, labels, predictions, np.arange(900, 932), np.linspace(8, 2, 32), FASHION_MNIST.classes
+    )
     grid = render_hardest(images, labels, predictions, examples.mean_norms, examples.classes)
-    noise = render_noise_scale(steps, np.full(300, 40.0), np.full(300, 20.0), np.full(300, 0.5), 64)
     root = Storage(tmp_path)
-    run = root.layout.run("hardest-test")
-    report = HardestReport(run.hardest_plot, run.noise_plot, grid, noise, examples, 64, 40.0)
+    report = HardestReport(root.layout.run("hardest-test").hardest_plot, grid, examples)
 
     @flow(name="hardest-artifact")
     def publish() -> None:
         create_markdown_artifact(key="hardest-examples", markdown=hardest_markdown(root, "hardest-test", report))
 
-    flow_run_id = publish(return_state=True).state_details.flow_run_id
-    with get_client(sync_client=True) as client:  # this flow run's: the API holds other runs' artifacts of the key too
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["hardest-examples"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    embedded = re.findall(r"!\[([^]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
-    assert [(alt, base64.b64decode(data)) for alt, data in embedded] == [("hardest examples", grid), ("gradient noise scale", noise)]
-    assert "the trained model predicts 7 of them wrongly" in artifact.data
-    assert "Sample ids, hardest first: 500, 501," in artifact.data and "the batch size used 64" in artifact.data
+    artifact = artifact_of(publish(return_state=True).state_details.flow_run_id, "hardest-examples")
+    assert embedded(artifact.data) == [("hardest examples", grid)]  # one picture: the noise scale is an artifact of its own
+    assert "over epoch 3, the last" in artifact.data and "8 of them were predicted wrongly" in artifact.data
+    assert "as `tapeline samples` shows it" in artifact.data
+    table = [line for line in artifact.data.splitlines() if re.match(r"\| \d+ \|", line)]
+    classes = FASHION_MNIST.classes
+    assert table[0] == f"| 1 | 500 | {classes[labels[0]]} | {classes[predictions[0]]} | 900 | 8.0000 |"
+    assert table[1] == f"| 2 | 501 | {classes[labels[1]]} | ? | 901 | 7.8065 |"
+    assert len(table) == 32
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_noise_scale_artifact_names_each_statistic_with_its_value(tmp_path):
+    history = noise_history("negative and NaN")
+    png = render_noise_scale(history)
+    root = Storage(tmp_path)
+    report = NoiseReport(root.layout.run("noise-test").noise_plot, png, history)
+
+    @flow(name="noise-artifact")
+    def publish() -> None:
+        create_markdown_artifact(key="noise-scale", markdown=noise_markdown(root, "noise-test", report))
+
+    markdown = artifact_of(publish(return_state=True).state_details.flow_run_id, "noise-scale").data
+    assert embedded(markdown) == [("gradient noise scale", png)]
+    median, last = history.median_last_epoch, history.smoothed_last_step
+    assert f"**{median:.4g}: the median over the last epoch (epoch 3) of the smoothed value**" in markdown
+    assert f"run.json's `metrics.{NOISE_SCALE_METRIC}`" in markdown and f"batch size of about {round(median)}" in markdown
+    assert f"{last:.4g}: the smoothed value" in markdown and "`step/noise_scale_smoothed`" in markdown
+    assert f"`step/noise_scale_raw`): {history.raw_not_positive:,} of 1,500 steps are ≤ 0 or NaN" in markdown
+    assert 0 < history.raw_not_positive < 1500 and "this run used 64" in markdown

@@ -1,7 +1,6 @@
 """`--dataset idx --source DIR`: a user's own directory of IDX files, trained on end to end, and every bad one refused."""
 
 import gzip
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,23 +17,9 @@ from tapeline.errors import ConfigError
 from tapeline.flows import train  # noqa: F401  Prefect binds its log handlers to stderr on import: the session's, not a test's capsys
 from tapeline.registry.promotion import promote_if_better
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays
+from tests.helpers import stored_under, tiny_arrays, write_own_dir
 
 CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
-    """The four files under their standard names, raw except the splits in `gzipped`; their IDX digests."""
-    directory.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for split in SPLIT_FILES:
-        idx = encode_idx(arrays[split])
-        name = FILE_NAMES[split] + (".gz" if split in gzipped else "")
-        (directory / name).write_bytes(gzip.compress(idx, mtime=0) if split in gzipped else idx)
-        digests[split] = hashlib.sha256(idx).hexdigest()
-    if classes is not None:
-        (directory / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
-    return digests
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -202,14 +187,19 @@ def test_what_only_the_whole_file_shows_is_found_by_the_download_stage_as_bad_in
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_the_flow_exits_2_on_a_file_the_header_check_passes(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_flow_exits_2_on_a_file_the_header_check_passes_and_leaves_no_run(where, tmp_path, capsys, request, monkeypatch):
+    """Refused once started (the download stage reads the whole file): no lease, no empty run directory is left."""
     own = tmp_path / "own"
     write_own_dir(own, tiny_arrays())
     label_ten(own)
-    code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", str(tmp_path / "store"), "--run-name", "bad"])
+    root = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3").uri(f"refused-{tmp_path.name}")
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
+    code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", root, "--run-name", "bad", "--validation-size", "50"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: t10k-labels-idx1-ubyte: label 10"), err
-    assert not (tmp_path / "store" / "runs" / "bad" / "steps").exists()
+    assert stored_under(root, "runs") == []
+    assert stored_under(root, "cache/idx")  # the stage did start: the files it read are in the cache
 
 
 def test_each_directory_is_its_own_test_set_for_promotion(tmp_path):

@@ -1,6 +1,7 @@
 """One writer per run: the run lease, locally (flock) and on a real S3-compatible server (moto), with real processes."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tapeline.registry.champion import current_champion
 from tapeline.storage.lease import RunLease, RunLeaseHeld
 from tapeline.storage.root import Storage
 from tapeline.storage.versioned import VersionedObject
+from tests.helpers import stored_under
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -29,15 +31,15 @@ HOLD = """
 import sys, time
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import Storage
-with RunLease(Storage(sys.argv[1]), "same", seconds=float(sys.argv[2])):
+with RunLease(Storage(sys.argv[1]), sys.argv[3], seconds=float(sys.argv[2])):
     print("holding", flush=True)
     time.sleep(600)
 """
 
 
-def holder_process(root: str, seconds: float = 60) -> subprocess.Popen:
-    """Another process that takes the lease of run "same" and holds it until killed."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def holder_process(root: str, seconds: float = 60, run_id: str = "same") -> subprocess.Popen:
+    """Another process that takes the lease of run `run_id` and holds it until killed."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, root, str(seconds), run_id], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "holding\n", "the holder never took the lease"
     return process
 
@@ -96,6 +98,48 @@ def test_a_holder_that_lost_its_s3_lease_stops_at_the_next_stage(s3, tmp_path):
     assert lease_object.read()[0]["host"] == "elsewhere"  # the loser leaves the new holder's lease alone
 
 
+@pytest.mark.parametrize("where", WHERE)
+def test_a_run_that_wrote_nothing_leaves_nothing_and_one_with_checkpoints_keeps_them(where, tmp_path, request, monkeypatch):
+    root = storage_root(where, tmp_path, request)
+    monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
+    storage = Storage(root)
+    with pytest.raises(ValueError), RunLease(storage, "refused"):
+        storage.layout.run("refused").tensorboard.mkdir(parents=True)  # a library may make a directory first (locally)
+        raise ValueError("a bad label")
+    assert stored_under(root, "runs") == []
+    checkpoint = storage.layout.run("kept").checkpoints / "checkpoint"
+    with pytest.raises(ValueError), RunLease(storage, "kept"):
+        with storage.atomic(checkpoint) as temporary:
+            temporary.write_text("model_checkpoint_path: 'ckpt-1'\n")
+        raise ValueError("a failure after the first checkpoint")
+    assert stored_under(root, "runs") == ["runs/kept", "runs/kept/checkpoints", "runs/kept/checkpoints/checkpoint"]
+
+
+TAKE_TURNS = """
+import os, sys
+from tapeline.storage.lease import RunLease, RunLeaseHeld
+from tapeline.storage.root import Storage
+storage, turns = Storage(sys.argv[1]), 0
+inside = storage.layout.run("same").directory / "inside"
+while turns < 200:
+    try:
+        with RunLease(storage, "same"):
+            os.close(os.open(inside, os.O_CREAT | os.O_EXCL))  # fails if another process holds the lease too
+            os.unlink(inside)
+            turns += 1
+    except RunLeaseHeld:
+        pass
+"""
+
+
+def test_local_leases_released_by_deletion_still_admit_one_holder_at_a_time(tmp_path):
+    """Every release deletes the lease file and the run directory: processes taking turns never hold it at once."""
+    racers = [subprocess.Popen([sys.executable, "-c", TAKE_TURNS, str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [racer.communicate(timeout=300)[1] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * 4, errors
+    assert stored_under(str(tmp_path), "runs") == []
+
+
 # Real runs of the CLI, racing and killed: Fashion-MNIST, a few hundred samples.
 
 
@@ -114,8 +158,8 @@ def cli_env(prefect_api, s3, tmp_path) -> dict:
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TAPELINE_WORKDIR": str(tmp_path / "workdir")}
 
 
-def start(command: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(command: list[str], env: dict, **popen) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
 
 
 def model_accuracy(storage: Storage, run: dict) -> float:
@@ -170,3 +214,59 @@ def test_a_rerun_takes_over_from_a_killed_holder_and_resumes(where, tmp_path, re
     assert "resuming from checkpoint" in rerun.stdout + rerun.stderr  # Prefect logs the task's prints
     run = storage.read_json(storage.layout.run("same").run_json)
     assert current_champion(storage)["test_accuracy"] == run["metrics"]["test_accuracy"]
+
+
+def live_processes_in_group(pgid: int) -> list[str]:
+    """The command lines of the processes of process group `pgid` that have not exited (zombies left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):  # exited while we looked
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(command)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", WHERE)
+def test_sigterm_releases_the_lease_and_the_temporary_api_and_a_rerun_resumes(where, tmp_path, request, fashion_mnist_dir):
+    """`kill` (SIGTERM, as `docker stop` and systemd send) while training, with no PREFECT_API_URL, so Prefect runs a
+    temporary API for the run: exit status 143 and one line, nothing of the run's process group left running, the
+    lease free at once (an S3 lease released, not left to expire), and a rerun resumes from the checkpoint."""
+    root = storage_root(where, tmp_path, request)
+    storage = Storage(root)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "TAPELINE_WORKDIR": str(tmp_path / "workdir"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a new database's migrations, on a busy machine
+    }  # fmt: skip
+    command = train_command(fashion_mnist_dir, root, "--train-limit", "2000", "--checkpoint-every", "20")
+    out, err = tmp_path / "out", tmp_path / "err"  # files, not pipes: a leaked child holding a pipe open would hang the test
+    with out.open("w") as stdout, err.open("w") as stderr:
+        first = start(command, env, stdout=stdout, stderr=stderr, start_new_session=True)  # the temporary API joins its group
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint_written(storage) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first.terminate()
+        first.wait(timeout=300)
+    finally:
+        left = live_processes_in_group(first.pid)
+        if left:
+            os.killpg(first.pid, signal.SIGKILL)
+    log = err.read_text()
+    assert first.returncode == 143, log[-3000:]
+    assert log.strip().splitlines()[-1] == "flows/train.py: stopped by SIGTERM"
+    assert "run same stopped; run it again (--run-name same) to resume from its last checkpoint" in log
+    assert "Traceback" not in log + out.read_text()
+    assert not left
+    with RunLease(storage, "same"):  # free now: for S3, 120 s before an unreleased lease would expire
+        pass
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from checkpoint" in rerun.stdout + rerun.stderr
+    assert storage.read_json(storage.layout.run("same").run_json)["status"] == "completed"

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tapeline.storage.layout import Layout, RunPaths
 from tapeline.storage.root import Storage
 from tapeline.training.cluster import check_cluster, cluster_from_env
 from tapeline.training.loop import train_model
-from tests.conftest import free_ports, tiny_prepared
+from tests.helpers import free_ports, tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for the whole two-process run: a hang fails the test instead of stalling the suite
@@ -112,6 +113,23 @@ def test_joining_after_tensorflow_started_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], 1))
     with pytest.raises(ConfigError, match="must set up before TensorFlow's runtime starts"):
         join_cluster(cluster_from_env(), Storage(str(tmp_path)), {"run_id": "late"}, ["/CPU:0"])
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_worker_waiting_for_its_chief(tmp_path, stop):
+    """`kill` (SIGTERM) or Ctrl-C (SIGINT) a `tapeline worker` while it waits for its chief: one line, and exit status
+    128 + the signal's number, 143 or 130."""
+    command = [sys.executable, "-m", "tapeline.cli", "worker", "--storage", str(tmp_path), "--run-name", "r", "--wait", "600"]
+    env = os.environ | {"TF_CONFIG": tf_config([f"127.0.0.1:{port}" for port in free_ports(2)], 1), "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline() == "worker 1: waiting for run r's job from the chief\n"
+        worker.send_signal(stop)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 128 + stop, err
+    assert err.splitlines() == [f"tapeline worker: stopped by {stop.name}"]
 
 
 JOIN = """

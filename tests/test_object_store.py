@@ -19,7 +19,7 @@ from tapeline.gradients.export import publish_gradients
 from tapeline.reader import open_dataset, read_gradients, read_run_json, read_stats
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_prepared
+from tests.helpers import tiny_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from tapeline.errors import ConfigError
 from tapeline.gradients.writers import snapshot_file
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_prepared
+from tests.helpers import tiny_prepared
 
 
 @pytest.fixture(scope="module")

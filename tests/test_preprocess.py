@@ -14,7 +14,7 @@ from tapeline.data.splits import IMAGE_TYPE, prepare, read_split
 from tapeline.errors import ConfigError
 from tapeline.storage.layout import manifest_path
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays
+from tests.helpers import tiny_arrays
 
 
 @pytest.fixture

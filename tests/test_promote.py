@@ -9,7 +9,7 @@ from tapeline.cli import main
 from tapeline.config import RunConfig
 from tapeline.errors import ConfigError
 from tapeline.registry.champion import ChampionPointer, current_champion
-from tapeline.registry.listing import model_registry
+from tapeline.registry.listing import model_registry, registry_table
 from tapeline.registry.promotion import promote_if_better
 from tapeline.storage.root import Storage
 from tapeline.tasks.promote import promotion_markdown
@@ -88,20 +88,28 @@ def test_simultaneous_challengers_leave_the_best_as_champion(where, tmp_path, re
 
 def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
     storage = Storage(tmp_path)
-    for run_id, accuracy in (("20260101-000000-aaaaaa", 0.8), ("20260102-000000-bbbbbb", 0.9)):
+    runs = (("20260101-000000-aaaaaa", 0.8), ("20260102-000000-bbbbbb", 0.912345678), ("20260103-000000-cccccc", 0.85))
+    for run_id, accuracy in runs:
+        decision = promote_if_better(storage, run_id, "mnist", "mnist-test", "m", accuracy, margin=0.0)
         run_dir = tmp_path / "runs" / run_id
         run_dir.mkdir(parents=True)
         run_dir.joinpath("run.json").write_text(json.dumps({
             "run_id": run_id, "finished": "x", "dataset": {"name": "mnist", "sha256": {"train_images": "ab" * 32}},
             "parameters": {"epochs": 1, "learning_rate": 0.001, "batch_size": 32},
-            "metrics": {"test_accuracy": accuracy}, "promotion": {"promoted": True},
+            "metrics": {"test_accuracy": accuracy}, "promotion": {"promoted": decision.promoted},
         }))
-        promote_if_better(storage, run_id, "mnist", "mnist-test", "m", accuracy, margin=0.0)
     rows = model_registry(storage)
-    assert [r["run_id"] for r in rows] == ["20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
-    assert [r["current"] for r in rows] == [True, False]
+    assert [r["run_id"] for r in rows] == ["20260103-000000-cccccc", "20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
+    assert [r["current"] for r in rows] == [False, True, False]
     assert main(["models", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.startswith("* 20260102-000000-bbbbbb")
+    assert capsys.readouterr().out.splitlines()[1].startswith("* 20260102-000000-bbbbbb")
+    # Prefect's table: what a person compares, rounded, the champion's status in words.
+    table = registry_table(rows)
+    assert table[1] == {
+        "run": "20260102-000000-bbbbbb", "status": "champion", "test accuracy": 0.9123, "dataset": "mnist",
+        "epochs": 1, "batch": 32, "lr": 0.001, "checkpoints": "dropped",
+    }  # fmt: skip
+    assert [row["status"] for row in table] == ["not promoted", "champion", "was champion"]
 
 
 def test_promotion_is_a_table_of_both_models(tmp_path):

@@ -23,7 +23,7 @@ from tapeline.reader import read_gradients, read_steps
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.conftest import tiny_prepared
+from tests.helpers import tiny_prepared
 from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def test_resumed_at_a_call_boundary_with_other_call_lengths_matches(setup, unint
 
 def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_path):
     """SIGKILL while the background thread writes a checkpoint (its temporary files on disk): the index names a
-    complete one, and the run resumes from it to the same weights."""
+    complete one, and the run resumes from it to the same weights, and removes what the killed save left."""
     config, data = dataclasses.replace(setup[0], checkpoint_every=1), setup[1]  # a write nearly always in flight
     run_dir = Storage(config.storage).layout.run("killed-writing").directory
     job = tmp_path / "job.json"
@@ -151,6 +151,7 @@ def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_
     assert resumed.resumed_from >= killed_at >= 30 and resumed.steps == uninterrupted.steps
     for a, b in zip(weights(uninterrupted), weights(resumed)):
         assert np.array_equal(a, b)
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "_temp" in p.name or ".tmp" in p.name]  # nothing of the killed save
 
 
 def test_resuming_with_other_parameters_is_refused(setup, uninterrupted):

@@ -28,7 +28,7 @@ from tapeline.flows.gc import gc_flow
 from tapeline.flows.train import train_flow
 from tapeline.registry.retention import lineage
 from tapeline.storage.root import Storage
-from tests.conftest import tiny_arrays, write_idx_dir
+from tests.helpers import tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -91,8 +91,8 @@ def data_of(run: dict) -> set[str]:
 def warm_start_ancestors(root: str, run_id: str) -> set[str]:
     """The run a run warm-started from, and its, and so on: read from the run.json files as a user would."""
     ancestors, run = set(), json.loads(Storage(root).fetch(Storage(root).layout.run(run_id).run_json).read_text())
-    while run["warm_start"]:
-        ancestors.add(source := run["warm_start"]["run_id"])
+    while source := (run["warm_start"] or {}).get("from"):
+        ancestors.add(source)
         run = json.loads(Storage(root).fetch(Storage(root).layout.run(source).run_json).read_text())
     return ancestors
 
@@ -289,9 +289,9 @@ def test_the_run_whose_flagged_examples_a_kept_run_left_out_is_kept(history, cap
     "run, parents",
     [
         ({"warm_start": None}, {}),
+        ({"warm_start": {"from": None, "model": None, "reason": "no champion yet"}}, {}),
+        ({"warm_start": {"from": "a", "model": "m", "reason": "named run"}}, {"a": "warm-start source of"}),
         ({"warm_start": {"run_id": "a", "dataset": "mnist", "model": "m", "test_accuracy": 0.9}}, {"a": "warm-start source of"}),
-        ({"warm_start": {"source_run": "a"}}, {"a": "warm-start source of"}),
-        ({"warm_start": "a"}, {"a": "warm-start source of"}),
         ({"warm_start": None, "curation": {"source_run": "b"}}, {"b": "flagged examples left out by"}),
     ],
 )
@@ -313,7 +313,7 @@ def test_the_gc_flow_shows_what_it_removed_and_the_registry_that_is_left(history
     assert [(row["removed"], row["name"]) for row in table if row["removed"] == "run"] == [("run", "r1"), ("run", "r4")]
     assert {row["removed"] for row in table} == {"run", "cache", "dataset", "total"}
     assert table[-1]["bytes"] == result["bytes"] == sum(before.values()) - sum(stored(root).values())
-    assert {row["run_id"] for row in artifacts["model-registry"]} == KEPT
+    assert {row["run"]: row["checkpoints"] for row in artifacts["model-registry"]} == {"r5": "kept", "r3": "dropped", "r2": "dropped"}
 
 
 @pytest.mark.parametrize("where", WHERE)
@@ -375,7 +375,7 @@ def test_an_unfinished_prepared_dataset_is_left_until_it_has_been_idle_an_hour(t
         (["--keep-last", "-1"], "keep_last must be at least 0, got -1"),
         (["--older-than", "-2"], "older_than must be a number at least 0, got -2.0"),
         (["--keep-last", "many"], "argument --keep-last: invalid int value: 'many'"),
-        (["missing"], "storage '{root}/missing': no such directory"),
+        (["missing"], "no storage root at {root}/missing"),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_anything_is_deleted(arguments, message, tmp_path, capsys):

@@ -16,13 +16,14 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from tapeline.gradients.noise import smoothed_noise_scale
+from tapeline.gradients.noise import NOISE_SCALE_METRIC, smoothed_noise_scale
+from tapeline.gradients.noise_report import noise_scale_median_last_epoch
 from tapeline.gradients.schema import PARTITIONING
 from tapeline.reader import read_samples, read_steps
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
 from tapeline.training.summaries import RunSummaries, write_run_metrics
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 16, 5
 TEST_ACCURACY = 0.875
@@ -31,14 +32,16 @@ TEST_ACCURACY = 0.875
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two runs side by side in one storage root, differing in learning rate; the first with a test accuracy."""
-    from tests.conftest import tiny_prepared
+    from tests.helpers import tiny_prepared
 
     config, data = tiny_prepared(
         tmp_path_factory.mktemp("tensorboard"), epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY
     )
     first = train_model(config, data, "run-a")
     second = train_model(dataclasses.replace(config, learning_rate=3e-3), data, "run-b")
-    write_run_metrics(Storage(config.storage), "run-a", first.steps, {"test_accuracy": TEST_ACCURACY})
+    noise = noise_scale_median_last_epoch(str(tensorboard_dir(first).parent))  # run.json's, as export_gradients takes it
+    write_run_metrics(Storage(config.storage), "run-a", first.steps, {"test_accuracy": TEST_ACCURACY, NOISE_SCALE_METRIC: noise})
+    write_run_metrics(Storage(config.storage), "run-b", second.steps, {NOISE_SCALE_METRIC: None})  # none: nothing written
     return config, first, second
 
 
@@ -72,15 +75,16 @@ def test_step_scalars_every_tenth_step_match_the_step_log(runs):
         assert accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
 
 
-def test_noise_scale_raw_and_smoothed_match_the_step_log(runs):
-    """The raw B_simple as stored in `steps`, the smoothed one as gradients/noise.py smooths the stored estimates."""
+def test_noise_scale_raw_and_smoothed_match_the_step_log_and_say_which_they_are(runs):
+    """The raw B_simple as stored in `steps`, the smoothed one as gradients/noise.py smooths the stored estimates, each
+    tag's description naming its statistic."""
     config, first, _ = runs
     accumulator = events(tensorboard_dir(first))
     columns = ["step", "grad_variance", "grad_signal", "grad_noise_scale"]
     steps = read_steps(str(tensorboard_dir(first).parent), columns=columns).sort_by("step").to_pydict()
     assert steps["step"] == list(range(1, first.steps + 1))
     smoothed = smoothed_noise_scale(np.array(steps["grad_variance"]), np.array(steps["grad_signal"]))
-    raw, written = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
+    raw, written = values(accumulator, "step/noise_scale_raw"), values(accumulator, "step/noise_scale_smoothed")
     expected_steps = list(range(10, first.steps + 1, 10))
     assert sorted(raw) == [s for s in expected_steps if math.isfinite(steps["grad_noise_scale"][s - 1])] and raw
     assert sorted(written) == [s for s in expected_steps if math.isfinite(smoothed[s - 1])] and written
@@ -88,6 +92,11 @@ def test_noise_scale_raw_and_smoothed_match_the_step_log(runs):
         assert float(raw[step]) == pytest.approx(steps["grad_noise_scale"][step - 1], rel=1e-5)
     for step in written:  # the log stores float32 estimates, the run smoothed the float64 ones
         assert float(written[step]) == pytest.approx(smoothed[step - 1], rel=1e-4)
+    assert "step/noise_scale" not in accumulator.Tags()["tensors"]  # no tag that leaves the statistic unsaid
+    smoothed_description = accumulator.SummaryMetadata("step/noise_scale_smoothed").summary_description
+    assert smoothed_description.startswith("The gradient noise scale, smoothed: EMA(tr Σ) / EMA(|G|²)")
+    assert f"median over the last epoch is run.json's {NOISE_SCALE_METRIC}" in smoothed_description
+    assert accumulator.SummaryMetadata("step/noise_scale_raw").summary_description.startswith("Raw: B_simple")
 
 
 def test_a_resumed_run_smooths_the_noise_scale_on_from_its_checkpoint(runs, tmp_path):
@@ -170,8 +179,11 @@ def test_the_hparams_dashboard_compares_the_runs_side_by_side(runs, tmp_path):
         assert metrics["epoch/val_accuracy"]["value"] == pytest.approx(result.epochs[-1]["val_accuracy"])
         assert metrics["epoch/train_loss"]["value"] == pytest.approx(result.epochs[-1]["train_loss"], rel=1e-6)
         assert metrics["epoch/val_accuracy"]["trainingStep"] == result.steps
-    assert {v["name"]["tag"]: v["value"] for v in rows["run-a"]["metricValues"]}["metrics/test_accuracy"] == pytest.approx(TEST_ACCURACY)
-    assert "metrics/test_accuracy" not in {v["name"]["tag"] for v in rows["run-b"]["metricValues"]}
+    final = {v["name"]["tag"]: v["value"] for v in rows["run-a"]["metricValues"]}
+    assert final["metrics/test_accuracy"] == pytest.approx(TEST_ACCURACY)
+    noise = noise_scale_median_last_epoch(str(tensorboard_dir(first).parent))
+    assert noise > 0 and final[f"metrics/{NOISE_SCALE_METRIC}"] == pytest.approx(noise, rel=1e-6)  # run.json's number
+    assert {"metrics/test_accuracy", f"metrics/{NOISE_SCALE_METRIC}"}.isdisjoint(v["name"]["tag"] for v in rows["run-b"]["metricValues"])
 
 
 def _session_groups(port: int, server: subprocess.Popen, expected: int, attempts: int = 120) -> list[dict]:
@@ -213,7 +225,7 @@ def test_noise_scale_raw_and_smoothed_skip_what_is_not_finite(tmp_path):
             v, s, b = (float(a[step - 1]) for a in (variance, signal, raw))
             summaries.step(step, loss=1.0 / step, grad_norm=2.0, noise_scale=b, grad_variance=v, grad_signal=s)
     accumulator = events(directory)
-    written_raw, written_smoothed = values(accumulator, "step/noise_scale"), values(accumulator, "step/noise_scale_smoothed")
+    written_raw, written_smoothed = values(accumulator, "step/noise_scale_raw"), values(accumulator, "step/noise_scale_smoothed")
     smoothed = smoothed_noise_scale(variance, signal)
     assert sorted(written_raw) == [10, 30] and sorted(written_smoothed) == [s for s in (10, 20, 30) if math.isfinite(smoothed[s - 1])]
     assert written_smoothed

@@ -21,8 +21,8 @@ from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STAT_NAMES,
 from tapeline.gradients.writers import atomic_partition_path, partition_file, snapshot_file
 from tapeline.model import build_model
 from tapeline.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
-from tapeline.registry.champion import current_champion, warm_start_champion
 from tapeline.registry.promotion import promote_if_better
+from tapeline.registry.warm_start import choose_warm_start
 from tapeline.storage.root import Storage
 from tapeline.training.calls import AnomalyWatch, call_length
 from tapeline.training.loop import train_model
@@ -33,7 +33,7 @@ EPOCHS, BATCH, SNAPSHOT_EVERY = 2, 32, 3
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import tiny_prepared
+    from tests.helpers import tiny_prepared
 
     root = tmp_path_factory.mktemp("train")
     config, data = tiny_prepared(root, epochs=EPOCHS, batch_size=BATCH, seed=3, validation_size=40, snapshot_every=SNAPSHOT_EVERY)
@@ -277,23 +277,28 @@ def test_reader_trusts_only_the_manifest(trained, tmp_path):
         gradient_arrays(run, 1, field="weights")
 
 
-def test_norm_plot_is_a_png_under_the_run(trained):
+def test_norm_plot_is_a_small_png_under_the_run(trained):
     config, data, result = trained
-    path = plot_norms(Storage(config.storage), result.run_id)
-    assert path.name == "gradient_norms.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = plot_norms(Storage(config.storage), result.run_id)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 100_000
+    assert (Path(config.storage) / "runs" / result.run_id / "gradient_norms.png").read_bytes() == png
 
 
 def test_warm_start_begins_at_the_champions_weights(trained):
     config, data, result = trained
     storage = Storage(config.storage)
-    champion = promote_if_better(storage, result.run_id, config.dataset, "tiny-test", result.model_uri, 0.5, margin=0.0).challenger
-    assert warm_start_champion(storage, config.dataset) == {**champion, "promoted": current_champion(storage)["promoted"]}
-    assert warm_start_champion(storage, "fashion-mnist") is None  # a champion of another dataset is no start
+    promote_if_better(storage, result.run_id, config.dataset, "tiny-test", result.model_uri, 0.5, margin=0.0, train_set="tiny-train")
+    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None)
+    assert choice.record("other-train") == {  # a champion trained on other data is no start
+        "from": None, "model": None, "reason": f"the champion, run {result.run_id}, was trained on other training data",
+    }  # fmt: skip
+    record = choice.record("tiny-train")
+    assert record == {"from": result.run_id, "model": result.model_uri, "reason": "champion, same data"}
     warm_config = dataclasses.replace(config, epochs=1, snapshot_weights=True)
-    warm = train_model(warm_config, data, "warm", warm_start=current_champion(storage))
+    warm = train_model(warm_config, data, "warm", warm_start=record)
     publish_gradients(Storage(config.storage), warm)
     start = gradient_arrays(Path(config.storage) / "runs" / "warm", step=1, field="weights")
     champion_model = keras.saving.load_model(result.model_uri)
     for name, variable in zip(warm.variables, champion_model.trainable_variables, strict=True):
         np.testing.assert_array_equal(start[name], variable.numpy())
-    assert warm.warm_start["run_id"] == result.run_id
+    assert warm.warm_start == record

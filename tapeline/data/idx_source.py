@@ -56,6 +56,12 @@ def check_idx_source(source: str | None) -> str:
     return str(directory)
 
 
+def idx_train_count(source: str) -> int:
+    """How many images the training file of a checked source holds, as its header says."""
+    path = idx_files(source_directory(source))["train_images"]
+    return _header_shape(path, NDIM["train_images"])[0]
+
+
 def fetch_idx_source(source: str, storage: Storage, refresh: bool = False) -> DatasetFiles:
     """Read the four files whole, validate them, and put each in the storage cache under its IDX digest."""
     directory = source_directory(source)

@@ -36,6 +36,7 @@ class Dataset:
     mirrors: tuple[str, ...]
     files: dict[str, DatasetFile]  # keyed by SPLIT_FILES
     classes: tuple[str, ...]
+    train_count: int  # images in its training file (the digests fix it): known before any download
     keras_archive: KerasArchive | None = None
 
 
@@ -70,6 +71,7 @@ MNIST = Dataset(
     },
     classes=tuple(str(digit) for digit in range(10)),
     keras_archive=KerasArchive("mnist.npz", "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
+    train_count=60_000,
 )
 
 FASHION_MNIST = Dataset(
@@ -102,6 +104,7 @@ FASHION_MNIST = Dataset(
         ),
     },
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    train_count=60_000,
 )
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (MNIST, FASHION_MNIST)}

@@ -5,6 +5,8 @@ The splits' schema, their content-keyed directory and its manifest: docs/data-fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,8 +50,7 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
 def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths, seed: int, validation_size: int) -> None:
     train_images, train_labels = _read_pair(storage, files, "train")
     test_images, test_labels = _read_pair(storage, files, "test")
-    if validation_size >= len(train_images):
-        raise ConfigError(f"validation_size {validation_size} leaves no training samples (the set has {len(train_images)})")
+    training_split(len(train_images), validation_size)  # checked before any stage too, from the registry or the headers
 
     # Seeded and sorted: the same seed always holds out the same samples, and each
     # split keeps the original order, so "the first N samples" means something.
@@ -85,6 +86,61 @@ def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths,
             "splits": splits,
         },
     )
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The samples a run trains on: the training split (the training file less the validation hold-out), or
+    its first `train_limit`, as `read_split` reads them."""
+
+    train_count: int  # samples in the training file
+    validation_size: int
+    train_limit: int | None
+
+    @property
+    def available(self) -> int:
+        return self.train_count - self.validation_size
+
+    @property
+    def used(self) -> int:
+        return samples_used(self.available, self.train_limit)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """ConfigError when one batch would need more samples than training uses."""
+        if batch_size <= self.used:
+            return
+        if self.used == self.train_limit:
+            raise ConfigError(f"batch_size {batch_size} is larger than train_limit {self.train_limit}, the samples training uses")
+        raise ConfigError(f"batch_size {batch_size} is larger than the training split's {self._size()}")
+
+    def limit_note(self) -> str | None:
+        """One line when train_limit asks for more samples than the split has (all of them are used), else None."""
+        if self.train_limit is None or self.train_limit <= self.available:
+            return None
+        return f"train_limit {self.train_limit} is above the training split's {self._size()}: training on all {self.available}"
+
+    def _size(self) -> str:
+        return f"{self.available} samples ({self.train_count} less validation_size {self.validation_size})"
+
+
+def samples_used(split_count: int, train_limit: int | None) -> int:
+    """How many samples of a training split of `split_count` train: its first `train_limit`, or all of them."""
+    return split_count if train_limit is None else min(train_limit, split_count)
+
+
+def training_split(train_count: int, validation_size: int, train_limit: int | None = None) -> TrainingSplit:
+    """The training split of a training file of `train_count` samples; ConfigError when validation takes them all."""
+    if validation_size >= train_count:
+        raise ConfigError(f"validation_size {validation_size} leaves no training samples: the training file has {train_count}")
+    return TrainingSplit(train_count, validation_size, train_limit)
+
+
+def single_label_warning(labels: np.ndarray) -> str | None:
+    """One line when every training sample has the same label: the model can learn nothing but that answer."""
+    values = np.unique(labels)
+    if len(values) != 1:
+        return None
+    return f"warning: all {len(labels)} training samples have label {values[0]}: the model can learn only to answer {values[0]}"
 
 
 def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:

@@ -10,7 +10,6 @@ the manifest never sees a file that was still being written. It is safe to run t
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +17,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tapeline.errors import TapelineError
-from tapeline.gradients.noise import smoothed_noise_scale
+from tapeline.gradients.noise_report import noise_scale_median_last_epoch
+from tapeline.gradients.plotting import DISTINCT, palette_png, pyplot, save_png
 from tapeline.gradients.schema import GRADIENT_DTYPES, file_schema, gradient_schema
-from tapeline.reader import NoGradientsError, read_stats, read_steps
+from tapeline.reader import read_stats
 from tapeline.results import GradientExport, TrainedModel
 from tapeline.storage.root import Storage
 
@@ -73,48 +73,37 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
     )
     return GradientExport(
         uri=trained.gradients_uri, manifest_uri=storage.uri_of(run.gradients_manifest), steps=steps, variables=summary, anomalies=anomalies,
-        noise_scale=noise_scale(storage.uri_of(run.directory)),
+        noise_scale_smoothed_median_last_epoch=noise_scale_median_last_epoch(storage.uri_of(run.directory)),
     )  # fmt: skip
 
 
-def noise_scale(run: str) -> float | None:
-    """The median over the run's last epoch of its smoothed gradient noise scale (gradients/noise.py); None without one.
-
-    Smoothed first: a step's raw B_simple is a ratio of two noisy estimates, often
-    negative, and a median of raw values would be pulled far below the noise scale.
-    """
-    try:
-        steps = read_steps(run, columns=["epoch", "step", "grad_variance", "grad_signal"]).sort_by("step")
-    except NoGradientsError:  # stopped before its first step was logged
-        return None
-    smoothed = smoothed_noise_scale(*(steps.column(name).to_numpy(zero_copy_only=False) for name in ("grad_variance", "grad_signal")))
-    epochs = steps.column("epoch").to_numpy()
-    last = smoothed[(epochs == epochs.max()) & np.isfinite(smoothed)]
-    return float(np.median(last)) if len(last) else None
-
-
-def plot_norms(storage: Storage, run_id: str) -> Path:
-    """A PNG of each variable's gradient L2 norm at every step (from the stats), saved under the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a worker
-    from matplotlib import pyplot as plt
-
+def plot_norms(storage: Storage, run_id: str) -> bytes:
+    """`render_norms` of the run's stats, saved under the run."""
     run = storage.layout.run(run_id)
     stats = read_stats(storage.uri_of(run.directory), columns=["step", "variable", "l2_norm"])
-    variables = np.array(stats.column("variable").to_pylist())
-    steps, norms = stats.column("step").to_numpy(), stats.column("l2_norm").to_numpy()
-    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for variable in dict.fromkeys(variables):  # the model's order: each variable's first row
+    png = render_norms(
+        stats.column("step").to_numpy(), np.array(stats.column("variable").to_pylist()), stats.column("l2_norm").to_numpy(),
+        title=f"Gradient norms, run {run_id}",
+    )  # fmt: skip
+    save_png(storage, run.norm_plot, png)
+    return png
+
+
+def render_norms(steps: np.ndarray, variables: np.ndarray, norms: np.ndarray, title: str = "Gradient norms") -> bytes:
+    """A PNG of each variable's gradient L2 norm at every step (a row per step and variable, as the stats have them).
+
+    Each variable in a colour of its own (DISTINCT: no two alike), the key below the
+    plot, off the data, a layer per column: its kernel above its bias.
+    """
+    figure, axes = pyplot().subplots(figsize=(8, 4.8), dpi=100, layout="constrained")
+    names = list(dict.fromkeys(variables))  # the model's order: each variable's first row
+    for index, variable in enumerate(names):
         mine = variables == variable
-        axes.plot(steps[mine], norms[mine], label=variable, linewidth=0.8)
-    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=f"Gradient norms, run {run_id}")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    with storage.atomic(run.norm_plot) as temporary:
-        figure.savefig(temporary, format="png")  # not from the name: a temporary one ends in .tmp
-    plt.close(figure)
-    return run.norm_plot
+        axes.plot(steps[mine], norms[mine], label=variable, linewidth=0.8, color=DISTINCT[index % len(DISTINCT)])
+    axes.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title=title)
+    axes.grid(True, which="major", linewidth=0.4, alpha=0.5)
+    figure.legend(loc="outside lower center", ncols=max(1, len(names) // 2), fontsize=8, frameon=False)
+    return palette_png(figure)
 
 
 def _summarise(stats: pa.Table, variables: list[str]) -> list[dict]:

@@ -1,20 +1,18 @@
-"""The "hardest examples" report: which training images pull hardest on the weights, and how noisy the gradient is.
+"""The "hardest examples" report: which training images pull hardest on the weights.
 
-Two pictures, each rendered from plain arrays (no storage, no Prefect) to PNG bytes:
-- `render_hardest`: a grid of the training images with the highest mean per-example
-  gradient norm over an epoch, each with its label, the trained model's prediction
-  (in red when wrong) and that mean norm;
-- `render_noise_scale`: the simple noise scale B_simple per step (raw, faint) and
-  smoothed, with the batch size used as a horizontal line.
+`render_hardest` draws, from plain arrays (no storage, no Prefect) to PNG bytes, a grid
+of the training images with the highest mean per-example gradient norm over an epoch,
+each with its label, its prediction and that mean norm. The prediction is the one
+`tapeline samples` shows: the model's class for the example at its latest step of the
+epoch (the samples dataset's `predicted`, before that step's update), not the final
+model's, so the grid needs neither the model nor TensorFlow.
 
-`hardest_examples` and `noise_history` gather their inputs for a run; `write_hardest_report`
-renders both beside the run's other files. PNGs are written as 64-colour palette images:
-text and grey tiles lose nothing visible, and the files stay in the tens of KB.
+`hardest_examples` gathers the inputs for a run; `write_hardest_report` renders the
+grid and saves it beside the run's other files (a palette PNG: plotting.py).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -25,13 +23,13 @@ import pyarrow.parquet as pq
 
 from tapeline import reader
 from tapeline.errors import TapelineError
-from tapeline.gradients.noise import DECAY, smoothed_noise_scale
+from tapeline.gradients.plotting import palette_png, pyplot, save_png
 from tapeline.storage.root import Storage
 
 HARDEST = 32  # tiles in the grid
 COLUMNS = 8
 WRONG = "#c62828"  # a wrong prediction: its text and its tile's frame
-PALETTE_COLOURS = 64
+UNKNOWN = -1  # a prediction the run did not record (samples written before the `predicted` column)
 
 
 class HardestReportError(TapelineError):
@@ -40,25 +38,32 @@ class HardestReportError(TapelineError):
 
 @dataclass(frozen=True)
 class HardestExamples:
-    """The top-ranked training examples of a run, in rank order, and what the trained model predicts for them."""
+    """The top-ranked training examples of one epoch of a run, in rank order (reader.rank_samples), with their images."""
 
+    epoch: int
     sample_ids: np.ndarray  # int64 [n]
     images: np.ndarray  # uint8 [n, 28, 28]
     labels: np.ndarray  # [n] class indices
-    predictions: np.ndarray  # [n] class indices, the trained model's argmax
+    predictions: np.ndarray  # [n] class indices predicted at each example's latest step of the epoch (UNKNOWN: not recorded)
+    latest_steps: np.ndarray  # [n] that step
     mean_norms: np.ndarray  # [n] mean per-example gradient norm over the epoch
     classes: tuple[str, ...]
+
+    def predicted_name(self, index: int) -> str:
+        predicted = int(self.predictions[index])
+        return self.classes[predicted] if predicted != UNKNOWN else "?"
+
+    @property
+    def wrong(self) -> int:
+        """How many were predicted wrongly (UNKNOWN: a wrong prediction the run did not record)."""
+        return int(np.count_nonzero(self.labels != self.predictions))
 
 
 @dataclass(frozen=True)
 class HardestReport:
-    grid: PurePath  # the hardest examples' PNG, under the run
-    noise: PurePath  # the noise scale plot's PNG, under the run
+    grid: PurePath  # the PNG, under the run
     grid_png: bytes
-    noise_png: bytes
     examples: HardestExamples
-    batch_size: int
-    noise_scale: float  # the smoothed B_simple at the last step (NaN if it never had a positive value)
 
 
 def render_hardest(
@@ -74,7 +79,7 @@ def render_hardest(
             f"hardest examples: {images.shape} images need as many labels, predictions and norms, "
             f"got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
         )
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(COLUMNS, count)
     rows = math.ceil(count / columns)
     # In inches: square tiles 1 wide, a gap above each for its three lines of text, room for the title and the key.
@@ -90,7 +95,7 @@ def render_hardest(
         if index >= count:
             continue
         label, predicted = int(labels[index]), int(predictions[index])
-        wrong = label != predicted
+        wrong = label != predicted  # UNKNOWN only where the run recorded a wrong prediction
         axis.imshow(images[index], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
         if wrong:  # a frame, not only coloured text: visible at a glance, and without colour vision
             axis.set_axis_on()
@@ -98,68 +103,34 @@ def render_hardest(
             for spine in axis.spines.values():
                 spine.set(color=WRONG, linewidth=2.5)
         axis.set_title(
-            f"{classes[label]}\npred: {classes[predicted]}\n‖g‖ {mean_norms[index]:.3g}",
+            f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n‖g‖ {mean_norms[index]:.3g}",
             fontsize=7, linespacing=1.2, color=WRONG if wrong else "black",
         )  # fmt: skip
     figure.suptitle(title or f"{count} hardest training examples", fontsize=9)
     figure.text(
-        0.5, 0.005, "each tile: its label / the trained model's prediction (red and framed: wrong) / its mean gradient norm",
+        0.5, 0.005, "each tile: its label / the model's prediction at its latest step of the epoch (red and framed: wrong) "
+        "/ its mean gradient norm",
         ha="center", va="bottom", fontsize=7, color="#555555",
     )  # fmt: skip
-    return _png(figure)
+    return palette_png(figure)
 
 
-def render_noise_scale(
-    steps: np.ndarray,
-    noise_scale: np.ndarray,
-    grad_variance: np.ndarray,
-    grad_signal: np.ndarray,
-    batch_size: int,
-    title: str = "",
-    decay: float = DECAY,
-) -> bytes:
-    """B_simple per step, raw (faint) and smoothed, on a log axis, with the batch size used as a horizontal line.
-
-    Raw values that are not positive or not finite (the estimate's numerator or denominator can dip below zero)
-    cannot sit on a log axis: they are left out, and the legend says how many."""
-    steps, raw = np.asarray(steps), np.asarray(noise_scale, np.float64)
-    if not (len(steps) == len(raw) == len(grad_variance) == len(grad_signal)) or not len(steps):
-        raise HardestReportError(
-            f"noise scale: {len(steps)} steps need as many values, got {len(raw)}, {len(grad_variance)} and {len(grad_signal)}"
-        )
-    smoothed = smoothed_noise_scale(grad_variance, grad_signal, decay)
-    shown = np.isfinite(raw) & (raw > 0)
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 3.4), dpi=90)
-    axes.plot(steps[shown], raw[shown], ".", markersize=1.5, color="#7aa6d6", alpha=0.5,
-              label=f"B_simple per step ({np.count_nonzero(~shown)} of {len(raw)} ≤ 0 or NaN not shown)")  # fmt: skip
-    axes.plot(steps, smoothed, color="#0b4f9c", linewidth=1.6, label=f"smoothed: EMA(tr Σ) / EMA(|G|²), decay {decay:g}")
-    axes.axhline(batch_size, color="#d95f02", linestyle="--", linewidth=1.2, label=f"batch size used: {batch_size}")
-    if shown.any() or np.isfinite(smoothed).any():
-        axes.set_yscale("log")
-    if len(steps) > 1:
-        axes.set_xlim(steps[0], steps[-1])  # the steps', even when no value is shown
-    axes.set(xlabel="step", ylabel="noise scale (examples)", title=title or "Gradient noise scale B_simple")
-    axes.title.set_fontsize(9)
-    axes.legend(fontsize=7, loc="best")
-    axes.grid(True, which="major", linewidth=0.4, alpha=0.5)
-    figure.tight_layout()
-    return _png(figure)
-
-
-def hardest_examples(run: str | Path, train_uri: str, model_path: Path, classes, top: int = HARDEST) -> HardestExamples:
-    """The `top` examples of the run's last epoch by mean per-example gradient norm: their images from the training
-    split, and what the run's trained model predicts for them."""
-    from tapeline.evaluation import predict_classes  # TensorFlow: imported only when a report is made
-
-    ranking = reader.rank_samples(run, top=top)
+def hardest_examples(run: str | Path, train_uri: str, classes, top: int = HARDEST, epoch: int | None = None) -> HardestExamples:
+    """The `top` examples of an epoch (default: the run's last) by mean per-example gradient norm, their images from
+    the training split, and what the model predicted for each at its latest step of the epoch."""
+    epoch = reader.last_epoch(run) if epoch is None else epoch
+    ranking = reader.rank_samples(run, epoch, top=top)
     sample_ids = ranking.column("sample_id").to_numpy()
-    images = split_images(train_uri, sample_ids)
+    labels = ranking.column("label").to_numpy()
+    wrong = ~ranking.column("latest_correct").to_numpy(zero_copy_only=False)
+    recorded = pc.fill_null(pc.cast(ranking.column("latest_predicted"), "int16"), UNKNOWN).to_numpy()
     return HardestExamples(
+        epoch=epoch,
         sample_ids=sample_ids,
-        images=images,
-        labels=ranking.column("label").to_numpy(),
-        predictions=predict_classes(model_path, images),
+        images=split_images(train_uri, sample_ids),
+        labels=labels,
+        predictions=np.where((recorded == UNKNOWN) & ~wrong, labels, recorded),  # right and not recorded: the label
+        latest_steps=ranking.column("latest_step").to_numpy(),
         mean_norms=ranking.column("mean_grad_norm").to_numpy(),
         classes=tuple(classes),
     )
@@ -177,55 +148,14 @@ def split_images(uri: str, sample_ids: np.ndarray) -> np.ndarray:
     return images[order[np.searchsorted(found[order], sample_ids)]]
 
 
-def noise_history(run: str | Path) -> dict[str, np.ndarray]:
-    """Per step: `step`, `grad_noise_scale`, `grad_variance`, `grad_signal`, and `batch_size`, the size of the run's
-    full batches (the longest `sample_ids` of a step: a last batch can be shorter)."""
-    columns = ["step", "grad_noise_scale", "grad_variance", "grad_signal"]
-    table = reader.read_steps(run, columns=[*columns, "sample_ids"]).sort_by("step")
-    history = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
-    history["batch_size"] = int(pc.max(pc.list_value_length(table.column("sample_ids"))).as_py() or 0)
-    return history
-
-
 def write_hardest_report(storage: Storage, run_id: str, train_uri: str, classes, top: int = HARDEST) -> HardestReport:
-    """Render both pictures for a run whose samples and model are written, save them under the run, say where."""
+    """Render the grid for a run whose samples are written, save it under the run, say where."""
     run = storage.layout.run(run_id)
-    examples = hardest_examples(storage.uri_of(run.directory), train_uri, storage.fetch(run.model), classes, top)
-    wrong = int(np.count_nonzero(examples.labels != examples.predictions))
+    examples = hardest_examples(storage.uri_of(run.directory), train_uri, classes, top)
     grid = render_hardest(
         examples.images, examples.labels, examples.predictions, examples.mean_norms, examples.classes,
         title=f"Run {run_id}: the {len(examples.images)} training examples with the highest mean gradient norm "
-        f"in the last epoch ({wrong} predicted wrongly)",
+        f"in epoch {examples.epoch} ({examples.wrong} predicted wrongly at their latest step)",
     )  # fmt: skip
-    history = noise_history(storage.uri_of(run.directory))
-    noise = render_noise_scale(
-        history["step"], history["grad_noise_scale"], history["grad_variance"], history["grad_signal"],
-        history["batch_size"], title=f"Gradient noise scale B_simple, run {run_id}",
-    )  # fmt: skip
-    for path, png in ((run.hardest_plot, grid), (run.noise_plot, noise)):
-        with storage.atomic(path) as temporary:
-            temporary.write_bytes(png)
-    smoothed = smoothed_noise_scale(history["grad_variance"], history["grad_signal"])
-    return HardestReport(run.hardest_plot, run.noise_plot, grid, noise, examples, history["batch_size"], float(smoothed[-1]))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a worker
-    from matplotlib import pyplot
-
-    return pyplot
-
-
-def _png(figure) -> bytes:
-    """The figure as a palette PNG (see the module's docstring), and the figure closed."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    _pyplot().close(figure)
-    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(PALETTE_COLOURS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="png", optimize=True)
-    return buffer.getvalue()
+    save_png(storage, run.hardest_plot, grid)
+    return HardestReport(run.hardest_plot, grid, examples)

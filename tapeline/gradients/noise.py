@@ -6,6 +6,10 @@ The estimates per step are unbiased, but their ratio B_simple is not, and swings
 wherever the signal's estimate comes near zero: the paper averages numerator and
 denominator separately, so the smoothed noise scale is the ratio of the exponential
 moving averages of tr Σ and ‖𝒢‖².
+
+The one number a run records (run.json, TensorBoard's HParams) is the median of the
+smoothed value over the last epoch, named for what it is: NOISE_SCALE_METRIC. The
+three statistics, and where each is shown: docs/data-format.md#samples-and-gradient-noise.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 DECAY = 0.99  # per step: the averages weigh roughly the last 100 steps, the anomaly window's length
+NOISE_SCALE_METRIC = "noise_scale_smoothed_median_last_epoch"  # run.json's key, TensorBoard's metrics/ tag
 
 
 def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_squared: np.ndarray) -> np.ndarray:
@@ -57,3 +62,16 @@ def smoothed_noise_scale(variance: np.ndarray, signal: np.ndarray, decay: float 
     """`NoiseSmoother` over a whole series: the smoothed noise scale at every step."""
     smoother = NoiseSmoother(decay)
     return np.array([smoother.update(v, s) for v, s in zip(np.asarray(variance, np.float64), np.asarray(signal, np.float64))])
+
+
+def median_last_epoch(epochs: np.ndarray, smoothed: np.ndarray) -> float | None:
+    """NOISE_SCALE_METRIC: the median of the smoothed noise scale over the steps of the last epoch; None if none has one.
+
+    Smoothed first: a step's raw B_simple is a ratio of two noisy estimates, often
+    negative, and a median of raw values would be pulled far below the noise scale.
+    """
+    epochs, smoothed = np.asarray(epochs), np.asarray(smoothed, np.float64)
+    if not len(epochs):
+        return None
+    last = smoothed[(epochs == epochs.max()) & np.isfinite(smoothed)]
+    return float(np.median(last)) if len(last) else None

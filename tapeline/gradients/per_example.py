@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tapeline.gradients.schema import Examples
+from tapeline.gradients.schema import EXAMPLE_COLUMNS
 
 
 class TappedModel:
@@ -105,11 +105,20 @@ def _patches(layer, a: tf.Tensor, height: int, width: int) -> tf.Tensor:
     return tf.reshape(tf.concat(views, axis=-1), [tf.shape(a)[0], height * width, -1])
 
 
-def packed(examples: Examples) -> tf.Tensor:
-    """[B, 3 + variables] float32, a row per example: loss, correct, label, squared norms (schema.Examples.from_rows).
+def example_columns(labels: tf.Tensor, logits: tf.Tensor, losses: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The step's EXAMPLE_COLUMNS (schema.py), each [B], from what it already has: the labels, the logits it
+    trained on (before the update) and each example's own loss. O(B·classes): nothing the step did not compute."""
+    labels = tf.cast(labels, tf.int32)
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return {"label": labels, "predicted": predicted, "loss": losses, "correct": tf.equal(predicted, labels)}
 
-    One tensor out of the step, not four: each output of the compiled step is another
-    array the k-step loop writes and concatenates every step.
+
+def packed(columns: dict[str, tf.Tensor], squared_norms: tf.Tensor) -> tf.Tensor:
+    """[B, len(EXAMPLE_COLUMNS) + variables] float32, a row per example: `columns` in EXAMPLE_COLUMNS' order, then
+    the squared norms (schema.Examples.from_rows reads it back).
+
+    One tensor out of the step, not one per column: each output of the compiled step is
+    another array the k-step loop writes and concatenates every step.
     """
-    loss, correct, label, squared_norms = examples
-    return tf.concat([tf.stack([loss, tf.cast(correct, tf.float32), tf.cast(label, tf.float32)], axis=1), squared_norms], axis=1)
+    scalars = [tf.cast(columns[name], tf.float32) for name in EXAMPLE_COLUMNS]  # labels and classes < 2²⁴: exact
+    return tf.concat([tf.stack(scalars, axis=1), tf.cast(squared_norms, tf.float32)], axis=1)

@@ -84,7 +84,8 @@ class _Recording:
         so that step is always its last; nothing after it is recorded.
         """
         last = len(result.losses) - 1
-        examples = _per_step(result.examples, [len(ids) for ids in sample_ids])
+        sizes = [len(ids) for ids in sample_ids]
+        examples = [None] * len(sizes) if result.examples is None else result.examples.split(sizes)
         for i in range(len(result.losses)):
             step = first_step + i
             non_finite = self.record(
@@ -94,14 +95,6 @@ class _Recording:
             if non_finite:
                 return step, non_finite
         return first_step + last, []
-
-
-def _per_step(examples: Examples | None, sizes: list[int]) -> list[Examples | None]:
-    """A call's per-example results, concatenated over its steps, split back into each step's."""
-    if examples is None:
-        return [None] * len(sizes)
-    bounds = np.cumsum(sizes)[:-1]
-    return [Examples(*columns) for columns in zip(*(np.split(column, bounds) for column in examples))]
 
 
 class GradientRecorder(_Recording):

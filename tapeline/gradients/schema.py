@@ -1,46 +1,19 @@
-"""The gradient datasets: their schemas, partitioning, and the columns of a step's statistics.
+"""The gradient datasets' schemas, partitioning, and the columns of a step's statistics.
 
-Three Parquet datasets under a run, each hive-partitioned by epoch: a file lives
-in `<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name
-supplies it (declared int32 by PARTITIONING). The schemas below are the datasets'
-as read; `file_schema` is what a file holds.
-
-`gradients/` — full snapshots, one row per (step, variable), one file per step
-(`epoch=<N>/step-<step>.parquet`):
-    run_id string, epoch int32, step int64, variable string,
-    shape list<int32>, values large_list<float32> (flattened in C order),
-    l2_norm float32 (of the float32 gradient, the same as in `stats/`, so reports
-        never need to read `values`),
-    reason string (why this step was kept in full: first, scheduled, last,
-    non-finite, norm-spike; comma-separated when several).
-The values are the gradients exactly as `tape.gradient` returned them, before
-the optimizer applied them.
-
-`steps/` — one row per training step, `stats/` — one row per (step, variable),
-and `samples/` — one row per (step, example), computed on the device in each
-step; one file each per stretch between checkpoints
-(`epoch=<N>/steps-<first step>.parquet`, `stats-…`, `samples-…`):
-    steps: step int64, epoch int32, loss float32, global_norm float32,
-           learning_rate float32, sample_ids list<int64>,
-           grad_variance, grad_signal, grad_noise_scale float32
-    stats: step int64, epoch int32, variable string, l2_norm, mean, std,
-           max_abs, zero_fraction float32, nan_count, inf_count int64
-    samples: step int64, epoch int32, sample_id int64, label uint8,
-           loss float32, correct bool, grad_norm float32, layer_norms list<float32>
-`sample_ids` and `sample_id` are values of the training split's `sample_id`
-column. A NaN or Inf in a gradient shows in its float statistics too;
-`nan_count` and `inf_count` say how many there were. `samples` holds each
-example's own loss and gradient norm (over all variables, and per variable in
-run.json's order of variables); the noise columns are the estimates of
-tapeline/gradients/per_example.py (NaN for a batch of one). Both are written
-only with per-example norms on (the default).
+Four Parquet datasets under a run (where: tapeline/storage/layout.py): `gradients/`, full
+snapshots, one row per (step, variable), one file per step; `steps/`, one row per training
+step; `stats/`, one row per (step, variable); `samples/`, one row per (step, example), only
+with per-example norms on. Each is hive-partitioned by epoch: a file lives in
+`<dataset>/epoch=<N>/` and does not hold the `epoch` column, the directory name supplies it
+(declared int32 by PARTITIONING). The schemas below are the datasets' as read; `file_schema`
+is what a file holds. docs/data-format.md describes every column.
 
 Files appear under their final name only when complete (see tapeline/storage/root.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -86,32 +59,51 @@ STEP_SCHEMA = pa.schema(
     ]
 )
 NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in the order noise.noise_estimates returns them
+# One number per example, computed in the compiled step (per_example.example_columns), in the order the step packs
+# them (per_example.packed), with the numpy type each is stored as. A new per-example column is a line here, one in
+# example_columns, and its row in docs/data-format.md.
+EXAMPLE_COLUMNS = {
+    "label": np.uint8,
+    "predicted": np.uint8,  # the argmax of the example's logits at that step, before the update
+    "loss": np.float32,  # the example's own loss at that step
+    "correct": np.bool_,  # predicted == label
+}
 SAMPLE_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int32()),
-        ("sample_id", pa.int64()),
-        ("label", pa.uint8()),
-        ("loss", pa.float32()),
-        ("correct", pa.bool_()),
-        ("grad_norm", pa.float32()),
-        ("layer_norms", pa.list_(pa.float32())),
-    ]
+    [("step", pa.int64()), ("epoch", pa.int32()), ("sample_id", pa.int64())]
+    + [(name, pa.from_numpy_dtype(dtype)) for name, dtype in EXAMPLE_COLUMNS.items()]
+    + [("grad_norm", pa.float32()), ("layer_norms", pa.list_(pa.float32()))]
 )
 
 
-class Examples(NamedTuple):
-    """One step's (or call's) per-example results, one row per example: device tensors, or their numpy copies."""
+@dataclass(frozen=True)
+class Examples:
+    """One step's (or call's) per-example results on the host, one row per example."""
 
-    loss: Any  # [B] float32, the example's own loss
-    correct: Any  # [B] bool, the prediction at this step
-    label: Any  # [B] int32
-    squared_norms: Any  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
+    columns: dict[str, np.ndarray]  # EXAMPLE_COLUMNS by name, each [B]
+    squared_norms: np.ndarray  # [B, variables] float32, ‖gᵢ‖² per trainable variable, in the model's order
 
     @classmethod
     def from_rows(cls, rows: np.ndarray) -> Examples:
-        """numpy columns from the step's packed rows [B, 3 + variables] (per_example.packed)."""
-        return cls(rows[:, 0], rows[:, 1] > 0.5, rows[:, 2].astype(np.int32), rows[:, 3:])
+        """From the step's packed rows [B, len(EXAMPLE_COLUMNS) + variables] (per_example.packed)."""
+        columns = {name: rows[:, i].astype(dtype) for i, (name, dtype) in enumerate(EXAMPLE_COLUMNS.items())}
+        return cls(columns, rows[:, len(EXAMPLE_COLUMNS) :])
+
+    def split(self, sizes: list[int]) -> list[Examples]:
+        """A call's rows, concatenated over its steps, cut back into each step's (`sizes`: the steps' batch sizes)."""
+        bounds = np.cumsum(sizes)[:-1]
+        columns = {name: np.split(values, bounds) for name, values in self.columns.items()}
+        return [
+            Examples({name: parts[i] for name, parts in columns.items()}, norms)
+            for i, norms in enumerate(np.split(self.squared_norms, bounds))
+        ]
+
+    @staticmethod
+    def concatenate(examples: list[Examples]) -> Examples:
+        return Examples(
+            {name: np.concatenate([e.columns[name] for e in examples]) for name in EXAMPLE_COLUMNS},
+            np.concatenate([e.squared_norms for e in examples]),
+        )
+
 
 STAT_NAMES = ("l2_norm", "mean", "std", "max_abs", "zero_fraction", "nan_count", "inf_count")
 STATS_SCHEMA = pa.schema(

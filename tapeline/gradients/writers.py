@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tapeline.errors import TapelineError
 from tapeline.gradients.schema import (
     NOISE_COLUMNS,
     SAMPLE_SCHEMA,
@@ -148,6 +149,8 @@ class SnapshotWriter:
                     self._error = error
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, TapelineError):  # the user can act on it (a full disk): its one line as it is
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"writing gradient snapshots failed: {self._error}") from self._error
 
@@ -230,15 +233,14 @@ def _stats_table(steps, variables: list[str], stats: np.ndarray) -> pa.Table:
 
 def _samples_table(steps, sample_ids, examples: list[Examples]) -> pa.Table:
     """One row per example of each step; the norms are the square roots of what the device summed."""
-    squared = np.concatenate([e.squared_norms for e in examples]).astype(np.float64)
+    rows = Examples.concatenate(examples)
+    squared = rows.squared_norms.astype(np.float64)
     layer_norms = np.sqrt(squared).astype(np.float32)
     return pa.table(
         {
             "step": pa.array(np.repeat(steps, [len(ids) for ids in sample_ids]), pa.int64()),
             "sample_id": pa.array(np.concatenate(sample_ids), pa.int64()),
-            "label": pa.array(np.concatenate([e.label for e in examples]).astype(np.uint8), pa.uint8()),
-            "loss": pa.array(np.concatenate([e.loss for e in examples]), pa.float32()),
-            "correct": pa.array(np.concatenate([e.correct for e in examples]), pa.bool_()),
+            **{name: pa.array(values, SAMPLE_SCHEMA.field(name).type) for name, values in rows.columns.items()},
             "grad_norm": pa.array(np.sqrt(squared.sum(axis=1)).astype(np.float32), pa.float32()),
             "layer_norms": pa.FixedSizeListArray.from_arrays(layer_norms.reshape(-1), squared.shape[1]).cast(pa.list_(pa.float32())),
         },

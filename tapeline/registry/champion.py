@@ -7,7 +7,6 @@ cannot both win against the same champion, and nobody ever reads a torn pointer.
 
 from __future__ import annotations
 
-from tapeline.errors import TapelineError
 from tapeline.storage.root import Storage
 from tapeline.storage.versioned import VersionedObject
 
@@ -19,13 +18,3 @@ class ChampionPointer(VersionedObject):
 
 def current_champion(storage: Storage) -> dict | None:
     return ChampionPointer(storage).read()[0]
-
-
-def warm_start_champion(storage: Storage, dataset: str) -> dict | None:
-    """The champion a `--warm-start` run starts from: the current one, if it was trained on `dataset`."""
-    champion = current_champion(storage)
-    if champion is None or champion["dataset"] != dataset:
-        return None
-    if not storage.exists(storage.path_of(champion["model"])):
-        raise TapelineError(f"warm start: the champion's model {champion['model']} is missing")
-    return champion

@@ -17,10 +17,15 @@ from tapeline.storage.root import Storage, utc_now
 
 
 def promote_if_better(
-    storage: Storage, run_id: str, dataset: str, test_set: str, model_uri: str, test_accuracy: float, margin: float
-) -> Promotion:
-    """`test_set`: DatasetFiles.test_set, the identity of the split `test_accuracy` was measured on."""
-    challenger = {"run_id": run_id, "dataset": dataset, "test_set": test_set, "model": model_uri, "test_accuracy": test_accuracy}
+    storage: Storage, run_id: str, dataset: str, test_set: str, model_uri: str, test_accuracy: float, margin: float,
+    *, train_set: str | None = None,
+) -> Promotion:  # fmt: skip
+    """`test_set`: DatasetFiles.test_set, the identity of the split `test_accuracy` was measured on; `train_set`:
+    DatasetFiles.train_set, the data the model was trained on, which a warm start must share (None: not known)."""
+    challenger = {
+        "run_id": run_id, "dataset": dataset, "train_set": train_set, "test_set": test_set, "model": model_uri,
+        "test_accuracy": test_accuracy,
+    }  # fmt: skip
     pointer = ChampionPointer(storage)
     while True:  # until the decision is made against the pointer as it still is
         champion, version = pointer.read()

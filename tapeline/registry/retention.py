@@ -57,14 +57,15 @@ UNFINISHED_DATASET_SECONDS = 3600.0
 def lineage(run: dict) -> dict[str, str]:
     """The runs that `run` (a run.json) depends on, each with how: its parent -> "warm-start source of".
 
-    The one reader of these fields. `warm_start` is the champion pointer training started from, so
-    the source is its `run_id` (a bare run id, or `source_run`, is read too). `curation.source_run`
-    names the run whose flagged examples a curated run left out of its training set.
+    The one reader of these fields. `warm_start.from` is the run whose model training started from
+    (null: random weights; tapeline/registry/warm_start.py); older run.json files hold the champion
+    pointer there, so its `run_id`. `curation.source_run` names the run whose flagged examples a
+    curated run left out of its training set.
     """
     parents = {}
     warm_start = run.get("warm_start")
     if isinstance(warm_start, dict):
-        warm_start = warm_start.get("run_id") or warm_start.get("source_run")
+        warm_start = warm_start.get("from", warm_start.get("run_id"))
     if isinstance(warm_start, str):
         parents[warm_start] = "warm-start source of"
     curation = run.get("curation")

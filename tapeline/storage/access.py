@@ -22,7 +22,7 @@ def existing_root(storage: str) -> str:
     """A root to read and clean up: like `usable_root`, but a local one must exist already (ConfigError)."""
     root = usable_root(storage)
     if not is_remote(root) and not Path(root).is_dir():
-        raise ConfigError(f"storage {storage!r}: no such directory")
+        raise ConfigError(f"no storage root at {storage}")
     return root
 
 

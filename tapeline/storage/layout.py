@@ -1,24 +1,29 @@
 """The storage layout: what lives where under a storage root. The one place that names its files.
 
-    cache/<dataset>/<idx sha256>.gz           verified dataset files, content-addressed
-    datasets/<dataset>/<key>/                 preprocessed splits: train/validation/test.parquet
-    datasets/<dataset>/<key>.manifest.json    their manifest, written last: the splits are complete
-    datasets/<dataset>/<key>.deleting         a gc is deleting them (tapeline/registry/retention.py)
-    models/current                            the champion pointer (tapeline/registry/champion.py)
-    runs/<run_id>/run.json                    the run manifest (tapeline/manifest.py)
-    runs/<run_id>/model.keras                 the trained model
-    runs/<run_id>/model.json                  its model card (tapeline/model_card.py)
-    runs/<run_id>/gradients/                  gradient snapshots (Parquet dataset)
-    runs/<run_id>/gradients.manifest.json     the complete snapshots, written last by export_gradients
-    runs/<run_id>/steps/, stats/, samples/    per step, per (step, variable), per (step, example) (Parquet datasets)
-                                              (all three hive-partitioned: epoch=<N>/ directories)
-    runs/<run_id>/checkpoints/, tensorboard/  resume state, TensorBoard events (tapeline/training/summaries.py)
-    runs/<run_id>/gradient_norms.png          the gradient norms per layer and step, plotted by export_gradients
-    runs/<run_id>/hardest_examples.png        the examples with the highest mean gradient norm, and, beside it,
-    runs/<run_id>/noise_scale.png             the gradient noise scale per step (both by export_gradients)
-    runs/<run_id>/cluster.json                multi-worker training: the job the chief hands the other workers
-    runs/<run_id>/.lease                      who is writing the run (tapeline/storage/lease.py)
-    runs/<run_id>/.deleting                   a gc is deleting the run (tapeline/registry/retention.py)
+    cache/<dataset>/<idx sha256>.gz         verified dataset files, content-addressed
+    datasets/<dataset>/<key>/               preprocessed splits: train/validation/test.parquet
+    datasets/<dataset>/<key>.manifest.json  their manifest, written last: the splits are complete
+    datasets/<dataset>/<key>.deleting       while gc deletes them, the manifest first (tapeline/registry/retention.py)
+    models/current                          the champion pointer: run id, dataset, model path, test accuracy
+    runs/<run_id>/run.json                  the run manifest: parameters, data digests, metrics, uris
+    runs/<run_id>/model.keras               the trained model (takes raw uint8 pixels)
+    runs/<run_id>/model.json                its model card: input, outputs, class names, test accuracy
+    runs/<run_id>/gradients/                epoch=N/step-NNNNNNNNN.parquet: full snapshots, one row per variable
+    runs/<run_id>/gradients.manifest.json   the complete snapshots, written last by export_gradients
+    runs/<run_id>/steps/                    epoch=N/steps-NNNNNNNNN.parquet: one row per training step
+    runs/<run_id>/stats/                    epoch=N/stats-NNNNNNNNN.parquet: one row per step and variable
+    runs/<run_id>/samples/                  epoch=N/samples-NNNNNNNNN.parquet: one row per step and example
+    runs/<run_id>/checkpoints/              tf.train.Checkpoint files: resume state, deleted once run.json is written
+    runs/<run_id>/tensorboard/              TensorBoard events: scalars, histograms, hparams
+    runs/<run_id>/gradient_norms.png        every layer's gradient norm at every step (by export_gradients)
+    runs/<run_id>/hardest_examples.png      the training examples with the highest mean gradient norm (last epoch)
+    runs/<run_id>/noise_scale.png           the gradient noise scale at every step: raw, smoothed, its median
+    runs/<run_id>/cluster.json              multi-worker training only: the chief's job for the other workers
+    runs/<run_id>/.lease                    who is writing the run, while it is (tapeline/storage/lease.py)
+    runs/<run_id>/.deleting                 while gc deletes the run, its run.json first (tapeline/registry/retention.py)
+
+docs/data-format.md shows this tree as it is here (`python -m tapeline.storage.layout`
+prints it; a test checks the two agree), and describes every file in it.
 
 Every directory above holds only what its name says: a dataset directory's
 manifest sits beside it (`<directory>.manifest.json`), so pyarrow, DuckDB and
@@ -208,3 +213,21 @@ def locate_run(run: str | Path) -> tuple[pafs.FileSystem, RunPaths]:
         filesystem, directory = remote_filesystem(text)
         return filesystem, RunPaths(PurePosixPath(directory))
     return LOCAL, RunPaths(Path(text).expanduser().resolve())
+
+
+def run_location(storage: str, run_id: str) -> str:
+    """Where run `run_id` of the storage root `storage` (a directory or a URI) is, as `locate_run` takes it."""
+    if is_remote(storage):
+        scheme, path = storage.split("://", 1)
+        return f"{scheme}://{Layout(PurePosixPath(path)).run(run_id).directory}"
+    return str(Layout(Path(storage.removeprefix("file://")).expanduser()).run(run_id).directory)
+
+
+def layout_tree() -> str:
+    """The tree of this module's docstring, under `<storage>/`, as docs/data-format.md shows it."""
+    lines = [line.removeprefix("    ") for line in __doc__.splitlines() if line.startswith("    ") and line.strip()]
+    return "\n".join(["<storage>/", *("  " + line for line in lines)]) + "\n"
+
+
+if __name__ == "__main__":
+    print(layout_tree(), end="")

@@ -7,7 +7,9 @@ nothing and take no lease: the chief, which runs the flow, holds it.
 
 - A local root: an flock on `runs/<run_id>/.lease`. The kernel releases it when
   the holder's process ends, however it ends, so a retry takes it over at once.
-  The file keeps the last holder's host, pid and start, for the message.
+  The file holds the holder's host, pid and start, for the message. The holder
+  deletes it on release, still locked; a process that locked the deleted file in
+  between finds the path no longer names it, and tries again.
 - An object store: the object `runs/<run_id>/.lease`, created only if absent and
   renewed by a heartbeat every third of its lifetime, each time by a
   compare-and-swap on the version last written (tapeline/storage/versioned.py). A lease not
@@ -17,16 +19,23 @@ nothing and take no lease: the chief, which runs the flow, holds it.
   without waiting on a person. A holder whose renewal fails has lost the lease
   and stops at the next stage (`check`). Expiry compares the holder's clock with
   the taker's: machines sharing a bucket must keep their clocks in step.
+
+Released, the lease is gone, and so is the run directory if the run wrote no file
+of its own into it: a run refused after it started (a bad label, a refused source)
+leaves nothing. A run that wrote something, checkpoints above all, keeps it all:
+a rerun resumes from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 from tapeline.errors import TapelineError
 from tapeline.storage.root import Storage, utc_now
@@ -44,7 +53,7 @@ class RunLease:
     """`with RunLease(storage, run_id):` around everything that writes the run."""
 
     def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
-        self.run_id, self.path = run_id, storage.layout.run(run_id).lease
+        self.run_id, self.path, self._storage = run_id, storage.layout.run(run_id).lease, storage
         self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
         self._object = VersionedObject(storage, self.path) if storage.remote else None
@@ -54,7 +63,8 @@ class RunLease:
 
     def __enter__(self) -> RunLease:
         if self._object is None:
-            self._lock_file()
+            with self._storage.writing(self.path):  # a rerun on a disk still full: its one line
+                self._lock_file()
         else:
             self._take_object()
             self._heartbeat.start()
@@ -62,12 +72,13 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
+            self._delete_file()
             self._file.close()  # releases the flock
         else:
             self._stop.set()
             self._heartbeat.join()
             if self._lost is None:
-                self._object.delete()
+                self._object.delete()  # an object store has no directories: nothing else to remove
 
     def check(self) -> None:
         """Raise if the heartbeat lost the lease to another process: this one must stop writing."""
@@ -75,8 +86,20 @@ class RunLease:
             raise RunLeaseHeld(f"run {self.run_id!r}: lost its lease to {_describe(self._lost)}; this process stopped writing")
 
     def _lock_file(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
+        while (handle := self._locked_file()) is None:
+            pass  # the file was deleted or replaced before we locked it: its holder released the lease
+        handle.truncate(0)
+        handle.write(json.dumps(self._holder) + "\n")
+        handle.flush()
+        self._file = handle
+
+    def _locked_file(self):
+        """The lease file, open and locked; None if the path no longer names the file locked (try again)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+")
+        except (FileNotFoundError, FileExistsError):  # the releasing holder removed the empty run directory meanwhile
+            return None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,10 +107,24 @@ class RunLease:
             holder = _parse(handle.read())
             handle.close()
             raise self._held(holder) from None
-        handle.truncate(0)
-        handle.write(json.dumps(self._holder) + "\n")
-        handle.flush()
-        self._file = handle
+        if _names(self.path, handle):
+            return handle
+        handle.close()
+        return None
+
+    def _delete_file(self) -> None:
+        """Delete the lease file, still locked (see the module's docstring), and the run directory if it holds no
+        other file: its empty directories while no other process can write there, the directory itself last."""
+        directory = self.path.parent
+        empty = not any(path != self.path and not path.is_dir() for path in directory.rglob("*"))  # stops at a file
+        if empty:
+            for path in sorted(directory.rglob("*"), key=lambda path: len(path.parts), reverse=True):  # the deepest first
+                if path != self.path:
+                    path.rmdir()
+        self.path.unlink(missing_ok=True)
+        if empty:
+            with contextlib.suppress(OSError):  # not empty: another process has just opened a new lease file there
+                directory.rmdir()
 
     def _take_object(self) -> None:
         holder, version = self._object.read()
@@ -119,6 +156,14 @@ class RunLease:
             f"run {self.run_id!r} is being written by {_describe(holder)}: "
             "wait for it to finish (or, if it died, for its lease to expire), or choose another --run-name"
         )
+
+
+def _names(path: Path, handle) -> bool:
+    """Whether `path` still names the open file `handle`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def live_holder(storage: Storage, run_id: str) -> dict | None:

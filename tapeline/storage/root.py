@@ -26,11 +26,18 @@ can leave a file on one machine by forgetting the upload. Files that TensorFlow
 writes itself (checkpoints, event files) are written inside `Storage.publishing`,
 which uploads, when the block ends, what changed since this process last
 published it.
+
+A full disk, wherever it is met, is one error: `StorageFull`, whose message names the
+root and says what to do. Every write of the root passes through `Storage.writing`
+(`atomic`, `publishing` and `fetch` do), which recognises "no space left on device"
+in the forms Python, pyarrow and TensorFlow raise it (`is_disk_full`); the temporary
+file is gone by then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -45,10 +52,28 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tapeline.errors import TapelineError
 from tapeline.storage.layout import LOCAL, Layout, is_remote, remote_filesystem
 
 TEMP_SUFFIX = ".tmp"  # every temporary name ends in this (the model's in TEMP_SUFFIX + ".keras")
 WORKDIR_ENV = "TAPELINE_WORKDIR"  # where an object-store root's working copy lives on this machine
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device": TensorFlow's errors carry only the message
+
+
+class StorageFull(TapelineError):
+    """The device that holds the storage root (or its working copy) has no space left."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error that caused it, is the device's "no space left": errno ENOSPC (Python's OSError,
+    pyarrow's) or TensorFlow's message for it (a ResourceExhaustedError from a checkpoint or an event file)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if getattr(error, "errno", None) == errno.ENOSPC or _NO_SPACE in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def temporary_name(path: PurePath, suffix: str = "") -> str:
@@ -155,7 +180,7 @@ class Storage:
     def fetch(self, path: Path) -> Path:
         """The local copy of a file of the storage root (downloaded anew from an object store)."""
         if self.remote:
-            with atomic_path(path) as temporary:
+            with self.writing(path), atomic_path(path) as temporary:
                 pafs.copy_files(self._key(path), str(temporary), source_filesystem=self.fs, destination_filesystem=LOCAL)
             self._synced[path] = _stamp(path)
         return path
@@ -164,9 +189,32 @@ class Storage:
     def atomic(self, path: Path, staging: Path | None = None, suffix: str = "") -> Iterator[Path]:
         """Write `path` whole or not at all: yield a temporary path (see `atomic_path` for `staging` and
         `suffix`); if the block succeeds, rename it into place and publish it to the storage root."""
-        with atomic_path(path, staging, suffix) as temporary:
-            yield temporary
-        self._publish(path)
+        with self.writing(path):
+            with atomic_path(path, staging, suffix) as temporary:
+                yield temporary
+            self._publish(path)
+
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """Around a write of `path` (a file or directory of `root`): no space left on the device raises `StorageFull`.
+
+        `atomic`, `publishing` and `fetch` write inside it; wrap what a library writes on its own outside those."""
+        try:
+            yield
+        except TapelineError:  # already a line the user can act on
+            raise
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            raise StorageFull(self._no_space(path)) from error
+
+    def _no_space(self, path: Path) -> str:
+        where = f"the working copy {self.root} of the storage root {self.uri}" if self.remote else f"the storage root {self.root}"
+        try:
+            written = f" (writing {self._relative(path)})"
+        except ValueError:  # not under the root
+            written = ""
+        return f"no space left on the device of {where}{written}: free space there and rerun; the run resumes where it stopped"
 
     def write_json(self, path: Path, value) -> None:
         with self.atomic(path) as temporary:
@@ -183,8 +231,9 @@ class Storage:
         """For files a library writes itself into `directory` (TensorFlow's checkpoints and event files): when the
         block ends, publish every file there that is new or changed since this process last published or fetched
         it (so also what a library wrote before the block, like a background flush), the one named `last` (an
-        index of the others) after them."""
-        yield directory
+        index of the others) after them. A full disk raises `StorageFull` (see `writing`)."""
+        with self.writing(directory):
+            yield directory
         if self.remote and directory.is_dir():
             files = [path for path in directory.iterdir() if path.is_file()]
             changed = [path for path in files if self._synced.get(path) != _stamp(path)]

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tapeline.gradients.noise import noise_estimates
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, STAT_NAMES, Examples
+from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples
 from tapeline.gradients.stats import gradient_stats
 
 NORM_WINDOW = 100  # the running median's window, as SnapshotPolicy's
@@ -99,19 +99,9 @@ def _median(values: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.reduce_any(tf.math.is_nan(values)), tf.constant(np.nan, tf.float64), middle)
 
 
-def norms_only(gradients) -> tf.Tensor:
-    """Statistics off (benchmarks/train_speed.py measures what they cost): only the L2 norms, for the anomaly watch; other columns 0.
-
-    The watch then sees the loss and the norm: a norm spike still ends a call, but a
-    non-finite gradient under a finite loss is not caught (its counts are not computed).
-    """
-    norms = tf.stack([tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32))) for g in gradients])
-    return tf.pad(norms[:, None], [[0, 0], [L2_NORM, len(STAT_NAMES) - 1 - L2_NORM]])
-
-
 def make_step_calls(
     train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch,
-    per_example: bool, stats: bool = True,
+    per_example: bool,
 ):  # fmt: skip
     """The compiled call: (epoch order, first batch, steps) -> (per-step results, last gradients, per-example results).
 
@@ -121,9 +111,7 @@ def make_step_calls(
     (XLA would run the statistics' reductions single-threaded: docs/performance.md).
     One iteration at a time: each step reads the weights the previous one wrote.
     Per-step results are stacked; per-example ones concatenated (a last batch may be shorter).
-    `stats=False`: `norms_only` instead of the statistics.
     """
-    step_statistics = gradient_stats if stats else norms_only
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
     def run_steps(order, first_batch, count):
@@ -131,7 +119,7 @@ def make_step_calls(
             start = (first_batch + i) * batch_size
             batch = order[start : start + batch_size]  # the epoch's last batch may be shorter
             loss, step_gradients, step_examples = train_step(tf.gather(images, batch), tf.gather(labels, batch))
-            step_stats = step_statistics(step_gradients)
+            step_stats = gradient_stats(step_gradients)
             norm, stop = watch(loss, step_stats)
             results = [array.write(i, value) for array, value in zip(results, [loss, step_stats, norm])]
             examples = [array.write(i, step_examples) for array in examples]
@@ -170,10 +158,10 @@ class StepCalls:
 
     def __init__(
         self, train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch, k: int,
-        per_example: bool, stats: bool = True,
+        per_example: bool,
     ):  # fmt: skip
         self.k, self.watch = k, watch
-        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch, per_example, stats)
+        self._run = make_step_calls(train_step, variables, images, labels, batch_size, watch, per_example)
         self._batch_size, self._order, self._samples = batch_size, None, 0
 
     def start_epoch(self, order: np.ndarray, first_batch: int) -> None:

@@ -85,6 +85,8 @@ class TrainingCheckpoint:
     def restore(self) -> tuple[int, list[dict]]:
         """Load the latest checkpoint, if any: (the step it was taken after, finished epochs' metrics)."""
         self._fetch_latest()
+        if self.writes:
+            self._remove_partial_saves()  # a killed process's
         latest = tf.train.latest_checkpoint(str(self.directory))
         if latest is None:
             return 0, []
@@ -151,12 +153,25 @@ class TrainingCheckpoint:
             after.result()  # raises what the log's write raised: no checkpoint past rows that were lost
         kept = set(self._manager.checkpoints)
         with self.storage.publishing(self.directory, last="checkpoint"):  # the index after the files it names
-            saved = self._manager.save(checkpoint_number=step)
+            try:
+                saved = self._manager.save(checkpoint_number=step)
+            except BaseException:  # a full disk, say: its temporary files go
+                self._remove_partial_saves()
+                raise
         for dropped in kept - set(self._manager.checkpoints):  # the manager deletes local files only
             stale = [name for name in self.storage.listdir(self.directory) if name.startswith(Path(dropped).name + ".")]
             self.storage.remove(*(self.directory / name for name in stale))
         self.latest_step = step
         return saved
+
+    def _remove_partial_saves(self) -> None:
+        """What a failed or killed save leaves, none of which a restore uses: TensorFlow's `<prefix>_temp/` (a
+        checkpoint's files before they are merged into place) and `checkpoint.tmp<hex>` (the index before its rename).
+        (A save that failed after its merge left files under its final names, which the rerun's save of that step replaces.)"""
+        for partial in self.directory.glob("*_temp"):
+            shutil.rmtree(partial, ignore_errors=True)
+        for partial in self.directory.glob("checkpoint.tmp*"):
+            partial.unlink(missing_ok=True)
 
     def _fetch_latest(self) -> None:
         """Download the latest checkpoint of an object-store root: a resumed run may be on another machine."""

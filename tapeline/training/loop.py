@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tapeline.config import RunConfig
-from tapeline.data.splits import read_split
+from tapeline.config import RESUME, RunConfig, parameters_with
+from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
@@ -43,10 +43,6 @@ from tapeline.training.steps import host_arrays, make_distributed_train_step, ma
 from tapeline.training.summaries import RunSummaries
 
 EVAL_BATCH_SIZE = 1024
-# A checkpoint from another run must not be resumed under these changed.
-RESUME_PARAMETERS = (
-    "dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic",
-)
 
 
 class Training(NamedTuple):
@@ -69,7 +65,8 @@ def train_model(
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
 
-    `warm_start`, a champion's pointer (see tapeline/registry/champion.py), starts from its model's weights instead of random ones.
+    `warm_start`, run.json's record of it (tapeline/registry/warm_start.py), names the model whose weights training starts
+    from instead of random ones (`from`, `model`; none when `from` is None).
     """
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
@@ -80,13 +77,15 @@ def train_model(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
+    if (warning := single_label_warning(labels)) and writes:
+        print(warning)
     val_images, val_labels, _ = read_split(data.uris["validation"])
 
     with strategy.scope() if strategy else tf.device(devices[0]):
-        # Build, then restore: the champion's weights for a warm start, this run's checkpoint for a resume.
+        # Build, then restore: another run's weights for a warm start, this run's checkpoint for a resume.
         model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, strategy)
-        if warm_start:
-            _load_champion(model, storage, warm_start)
+        if warm_start and warm_start["from"]:
+            _load_warm_start(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data)
         shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
@@ -99,9 +98,9 @@ def train_model(
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
-        calls = _step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
+        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
-        steps = _StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
+        steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
             for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
@@ -109,7 +108,7 @@ def train_model(
                 if first_batch == 0:  # a resumed epoch keeps the running metrics it restored
                     _reset(train_metrics)
                 order = epoch_order(len(images), config.seed, epoch)
-                clock = _EpochClock()
+                clock = EpochClock()
                 step = steps.epoch(epoch, step, order, clock, history)
 
                 # Epoch end: the log, validation, the epoch's metrics (history, TensorBoard), a checkpoint.
@@ -148,10 +147,9 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
-        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.per_example_norms)
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, config.per_example_norms)
     else:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        train_step = make_train_step(model, optimizer, loss_fn, *train_metrics, config.jit_compile, config.per_example_norms)
+        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, config.per_example_norms)
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
 
@@ -166,8 +164,8 @@ def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizer
 
 
 def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
-    """What a checkpoint must have been trained with to be resumed: RESUME_PARAMETERS and the prepared data."""
-    return {name: getattr(config, name) for name in RESUME_PARAMETERS} | {"data": Path(data.directory).name}
+    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME and the prepared data."""
+    return {p.name: getattr(config, p.name) for p in parameters_with(RESUME)} | {"data": Path(data.directory).name}
 
 
 def _trained_model(
@@ -184,10 +182,10 @@ def _trained_model(
     )  # fmt: skip
 
 
-def _load_champion(model: keras.Model, storage: Storage, warm_start: dict) -> None:
-    """The champion's weights; the optimizer starts fresh: its moments belong to the champion's data order."""
+def _load_warm_start(model: keras.Model, storage: Storage, warm_start: dict) -> None:
+    """The other run's weights; the optimizer starts fresh: its moments belong to that run's data order."""
     model.load_weights(storage.local(warm_start["model"]))
-    print(f"warm start from the champion, run {warm_start['run_id']} (test accuracy {warm_start['test_accuracy']:.4f})")
+    print(f"warm start from run {warm_start['from']} ({warm_start['reason']})")
 
 
 def open_recorder(
@@ -224,7 +222,7 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
     """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
 
     Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
@@ -236,7 +234,7 @@ def _step_calls(config: RunConfig, train_step: Callable, model, optimizer, image
     return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
 
 
-class _StepLoop:
+class StepLoop:
     """An epoch's training steps, a call at a time, the recorder told of each step, checkpoints where they fall."""
 
     def __init__(self, config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries=None):
@@ -244,7 +242,7 @@ class _StepLoop:
         self.model, self.trained, self.sample_ids, self.steps_per_epoch, self.on_progress = model, trained, sample_ids, steps_per_epoch, on_progress
         self.last_step, self.summaries = config.epochs * steps_per_epoch, summaries
 
-    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: _EpochClock, history: list[dict]) -> int:
+    def epoch(self, epoch: int, step: int, order: np.ndarray, clock: EpochClock, history: list[dict]) -> int:
         """Run `epoch` from after `step` to its end; returns its last step. Raises NonFiniteError at a non-finite step."""
         config, end = self.config, epoch * self.steps_per_epoch
         self.calls.start_epoch(order, step - (epoch - 1) * self.steps_per_epoch)
@@ -273,7 +271,7 @@ class _StepLoop:
             self.on_progress(step, self.last_step, loss)
 
 
-class _EpochClock:
+class EpochClock:
     """An epoch's wall time, and its training speed without its first call (tracing, compiling)."""
 
     def __init__(self):

@@ -12,16 +12,13 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.data.splits import IMAGE_SHAPE
-from tapeline.gradients.per_example import TappedModel, packed
-from tapeline.gradients.schema import Examples
-from tapeline.gradients.stats import gradient_stats
+from tapeline.gradients.per_example import TappedModel, example_columns, packed
+from tapeline.model import mean_loss, per_example_loss
 
 BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
 
 
-def make_train_step(
-    model, optimizer, loss_fn, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True
-) -> Callable:
+def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True) -> Callable:
     """The compiled step: (uint8 images, labels) -> (loss, gradients as tape.gradient returned them, examples or None).
 
     With XLA the step is one fused program; on CPU most of the gain is Adam, whose
@@ -39,21 +36,26 @@ def make_train_step(
         scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
             logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
-            loss = loss_fn(y, logits)
+            loss = mean_loss(y, logits)
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
         gradients = _unscaled(scaled_gradients, scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
+        if not tapped:
+            return loss, gradients, None
         batch_size = tf.cast(tf.shape(y)[0], tf.float32)  # the loss is the batch's mean: each example's own is B times its share
-        examples = _examples(tapped, taps, output_gradients, y, logits, _unscaled([batch_size], scale)[0]) if tapped else None
-        return loss, gradients, examples
+        squared_norms = tapped.squared_norms(taps, output_gradients, _unscaled([batch_size], scale)[0])
+        losses = tf.cast(per_example_loss(y, logits), tf.float32)
+        return loss, gradients, packed(example_columns(y, logits, losses), squared_norms)
 
     return train_step
 
 
-def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric, per_example: bool = True) -> Callable:
+def make_distributed_train_step(
+    strategy, model, optimizer, loss_metric, accuracy_metric, batch_size: int, per_example: bool = True
+) -> Callable:
     """The same step on `strategy`'s replicas: (the global batch) -> (loss, gradients, examples or None).
 
     Every worker gathers the same global batch (calls.py); each replica, on any
@@ -61,61 +63,53 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     Each replica's loss is its share of the whole batch's mean loss, so the sum of
     the replicas' gradients, which the optimizer all-reduces and applies, is the
     gradient of the whole batch. That sum is what this step returns and the run
-    exports. A last batch smaller than the replica count leaves some replicas an
-    empty slice; theirs is a zero share, so every sample of the epoch is trained on,
-    as on one device. Each replica computes its own examples' norms; the step
-    gathers them in the batch's order. (No XLA here: it does not compile the
-    cross-replica all-reduce.)
+    exports. Each replica computes its own examples' norms; the step gathers them
+    in the batch's order. (No XLA here: it does not compile the cross-replica all-reduce.)
+
+    Every step has the same shapes: the batch is padded at its end to `batch_size`
+    rounded up to a multiple of the replica count, so each replica's slice has one
+    static size. A collective in the call's graph loop keeps the shape of its first
+    iteration (TensorFlow 2.21), so the epoch's shorter last batch could not be
+    gathered otherwise. Padding rows weigh zero in the loss (their gradient, and so
+    their share of every statistic, is exactly zero; the model has no batch
+    statistics) and are dropped from the gathered rows: the step is one device's on
+    the batch's real examples, and every sample of the epoch is trained on once.
     """
     tapped = TappedModel(model) if per_example else None
-    logits_spec = model.compute_output_spec(keras.KerasTensor([None, *IMAGE_SHAPE], "uint8"))  # symbolic: runs nothing
+    slice_size = -(-batch_size // strategy.num_replicas_in_sync)  # each replica's rows of the padded batch
+    padded_size, classes = slice_size * strategy.num_replicas_in_sync, model.output_shape[-1]
 
-    def slice_step(x, y, batch_size, scale):
+    def replica_step(x, y, real, n, scale=None):
+        x, y, real = (_replica_slice(rows, slice_size) for rows in (x, y, real))
         with tf.GradientTape() as tape:
             logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
-            per_example_loss = PER_EXAMPLE_LOSS(y, logits)
-            loss = tf.reduce_sum(per_example_loss) / tf.cast(batch_size, logits.dtype)
+            losses = per_example_loss(y, logits)
+            loss = tf.reduce_sum(tf.where(real, losses, 0.0)) / tf.cast(n, losses.dtype)  # padding weighs 0
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
-        if not tapped:
-            return loss, scaled_gradients, logits, (per_example_loss,)
-        norms = tapped.squared_norms(taps, output_gradients, _unscaled([tf.cast(batch_size, tf.float32)], scale)[0])
-        return loss, scaled_gradients, logits, (per_example_loss, norms)
-
-    def empty_slice():
-        """A replica's share of a last batch smaller than the replica count: no samples, zero loss and gradients.
-
-        The model must not run on an empty batch: TensorFlow's Conv2D returns its
-        input's shape for one (TF 2.21), and the gradient then fails on the mismatch.
-        """
-        gradients = [tf.zeros(v.shape, v.dtype) for v in model.trainable_variables]
-        logits = tf.zeros([0, *logits_spec.shape[1:]], logits_spec.dtype)
-        examples = (tf.zeros([0], logits_spec.dtype), tf.zeros([0, len(gradients)])) if tapped else (tf.zeros([0], logits_spec.dtype),)
-        return tf.zeros([], logits_spec.dtype), gradients, logits, examples
-
-    def replica_step(x, y, scale=None):
-        batch_size = tf.shape(y)[0]
-        x, y = _replica_slice(x), _replica_slice(y)
-        loss, scaled_gradients, logits, examples = tf.cond(tf.size(y) > 0, lambda: slice_step(x, y, batch_size, scale), empty_slice)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        return loss, scaled_gradients, logits, examples
+        if not tapped:
+            return loss, scaled_gradients, logits, (losses,)
+        norms = tapped.squared_norms(taps, output_gradients, _unscaled([tf.cast(n, tf.float32)], scale)[0])
+        return loss, scaled_gradients, logits, (losses, norms)
 
     @tf.function
     def train_step(x, y):
-        scale = _loss_scale(optimizer)
-        losses, scaled_gradients, logits, examples = strategy.run(replica_step, args=(x, y) if scale is None else (x, y, scale))
+        scale, n = _loss_scale(optimizer), tf.shape(y)[0]
+        padded = (_padded(x, padded_size), _padded(y, padded_size), tf.range(padded_size) < n, n)
+        losses, scaled_gradients, logits, examples = strategy.run(replica_step, args=padded if scale is None else (*padded, scale))
         loss = strategy.reduce("sum", losses, axis=None)
         gradients = _unscaled([strategy.reduce("sum", g, axis=None) for g in scaled_gradients], scale)
         # One gather of everything per example, after the reductions: collectives that no data orders
         # may be matched across workers in different orders (multi-worker training).
         with tf.control_dependencies([loss, *gradients]):
-            per_example = strategy.gather(strategy.run(_rows, args=(logits, *examples)), axis=0)
-        logits, per_example_loss, squared_norms = tf.split(per_example, [logits_spec.shape[-1], 1, -1], axis=1)
+            per_example = strategy.gather(strategy.run(_rows, args=(logits, *examples)), axis=0)[:n]  # the real rows
+        logits, per_example_loss, squared_norms = tf.split(per_example, [classes, 1, -1], axis=1)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
         if not tapped:
             return loss, gradients, None
-        return loss, gradients, packed(Examples(per_example_loss[:, 0], _correct(y, logits), tf.cast(y, tf.int32), squared_norms))
+        return loss, gradients, packed(example_columns(y, logits, per_example_loss[:, 0]), squared_norms)
 
     return train_step
 
@@ -125,32 +119,22 @@ def _rows(logits: tf.Tensor, *columns: tf.Tensor) -> tf.Tensor:
     return tf.concat([tf.cast(logits, tf.float32), *(tf.reshape(tf.cast(c, tf.float32), [tf.shape(logits)[0], -1]) for c in columns)], axis=1)
 
 
-def _replica_slice(batch: tf.Tensor) -> tf.Tensor:
-    """This replica's contiguous slice of the global batch: the first replicas take one more when it does not divide."""
-    context = tf.distribute.get_replica_context()
-    n, replicas = tf.shape(batch)[0], context.num_replicas_in_sync
-    size = (n + replicas - 1) // replicas
-    start = tf.minimum(tf.cast(context.replica_id_in_sync_group, tf.int32) * size, n)
-    return batch[start : tf.minimum(start + size, n)]
+def _padded(batch: tf.Tensor, size: int) -> tf.Tensor:
+    """`batch` with zero rows appended up to `size` rows, with that static shape (an error if it has more)."""
+    rows = tf.pad(batch, [[0, size - tf.shape(batch)[0]]] + [[0, 0]] * (batch.shape.rank - 1))
+    return tf.ensure_shape(rows, [size, *batch.shape[1:]])
 
 
-def _correct(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
-
-
-PER_EXAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+def _replica_slice(batch: tf.Tensor, size: int) -> tf.Tensor:
+    """This replica's contiguous slice of `size` rows of the padded global batch, with that static shape."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.reshape(batch, [-1, size, *batch.shape[1:]])[replica]
 
 
 def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: list) -> tuple[list, list]:
     """(the variables' gradients, the gradients at the tapped layers' outputs), from one `tape.gradient`."""
     gradients = tape.gradient(loss, [*variables, *(output for _, output in taps)])
     return gradients[: len(variables)], gradients[len(variables) :]
-
-
-def _examples(tapped: TappedModel, taps: list, output_gradients: list, y: tf.Tensor, logits: tf.Tensor, per_example_scale) -> tf.Tensor:
-    """The step's per-example rows: each example's loss, whether it was predicted right, its label, its gradient norms."""
-    loss = tf.cast(PER_EXAMPLE_LOSS(y, logits), tf.float32)
-    return packed(Examples(loss, _correct(y, logits), tf.cast(y, tf.int32), tapped.squared_norms(taps, output_gradients, per_example_scale)))
 
 
 def _loss_scale(optimizer) -> tf.Tensor | None:
@@ -167,21 +151,6 @@ def _unscaled(gradients: list, scale: tf.Tensor | None) -> list:
     return gradients if scale is None else [g / scale for g in gradients]
 
 
-def with_stats(train_step: Callable) -> Callable:
-    """The step, then `gradient_stats` of its gradients, in one call: (loss, gradients, stats, examples).
-
-    Not the training path (calls.py runs k steps per call): the one-call-per-step loop
-    the benchmarks keep as their reference (benchmarks/train_speed.py, export_overhead.py).
-    """
-
-    @tf.function
-    def step_with_stats(x, y):
-        loss, gradients, examples = train_step(x, y)
-        return loss, gradients, gradient_stats(gradients), examples
-
-    return step_with_stats
-
-
 def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
     """Host copies in the stored dtype, cast on the device (far faster than numpy's float16 cast: docs/performance.md)."""
     return [tf.cast(t, dtype).numpy() for t in tensors]
@@ -192,7 +161,7 @@ def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
     def eval_step(x, y):
         logits = model(x, training=False)
         # Per-example losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
-        loss_metric.update_state(PER_EXAMPLE_LOSS(y, logits))
+        loss_metric.update_state(per_example_loss(y, logits))
         accuracy_metric.update_state(y, logits)
 
     return eval_step

@@ -1,13 +1,15 @@
 """Everything a run writes to TensorBoard (`runs/<id>/tensorboard/`), and its tags.
 
     step/loss, step/grad_norm                 every 10th step: the batch loss, the global gradient norm
-    step/noise_scale                          every 10th step: the gradient noise scale B_simple as computed
-    step/noise_scale_smoothed                 every 10th step: EMA(tr Σ) / EMA(‖𝒢‖²) (tapeline/gradients/noise.py)
+    step/noise_scale_smoothed                 every 10th step: the gradient noise scale, EMA(tr Σ) / EMA(‖𝒢‖²)
+                                              (tapeline/gradients/noise.py)
+    step/noise_scale_raw                      every 10th step: the step's own B_simple, as estimated (≤ 0 at many steps)
     gradients/<variable path>                 histogram of the variable's gradient values, at every full snapshot
     epoch/train_loss, train_accuracy,         at each epoch's last step
       val_loss, val_accuracy, learning_rate
     epoch/example_grad_norms                  histogram of the epoch's per-example gradient norms
-    metrics/<name>                            final metrics written after training (`write_run_metrics`: test_accuracy)
+    metrics/<name>                            final metrics written after training (`write_run_metrics`: test_accuracy,
+                                              noise_scale_smoothed_median_last_epoch, …)
     the HParams dashboard                     the run's parameters (HPARAMS) and final metrics (METRICS)
 
 Point TensorBoard at `<storage>/runs` and every run is one row of the HParams table,
@@ -17,9 +19,12 @@ the table's columns are chosen here, not inferred from every scalar tag. A metri
 value is the last one of its scalar tag: the epoch scalars double as the final train
 and validation metrics.
 
-B_simple is noisy from step to step (each step sees one batch); the smoothed curve is
-`NoiseSmoother` of tapeline/gradients/noise.py, as the steps come, so
-TensorBoard shows the value run.json's `noise_scale` is the median of.
+B_simple is noisy from step to step (each step sees one batch, and its two
+estimates are differences that can come out negative); the smoothed curve is
+`NoiseSmoother` of tapeline/gradients/noise.py, as the steps come. Its median over the
+last epoch is run.json's `noise_scale_smoothed_median_last_epoch`, written again as a
+`metrics/` tag: the HParams dashboard's noise scale. Each scalar's description
+(TensorBoard shows it beside the chart) says which statistic it is.
 
 A worker that does not write (not the chief of multi-worker training) gets a
 `RunSummaries` that writes nothing and computes nothing.
@@ -27,9 +32,10 @@ A worker that does not write (not the chief of multi-worker training) gets a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +45,8 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2
 
-from tapeline.config import PRECISIONS, RunConfig
-from tapeline.data.registry import DATASETS
-from tapeline.gradients.noise import NoiseSmoother
+from tapeline.config import HPARAM, Parameter, RunConfig, parameters_with
+from tapeline.gradients.noise import DECAY, NOISE_SCALE_METRIC, NoiseSmoother
 from tapeline.reader import read_steps
 from tapeline.storage.root import Storage
 
@@ -63,24 +68,18 @@ class _Number(hp.Domain):
         hparam_info.type = api_pb2.DATA_TYPE_FLOAT64
 
 
-def _flag() -> hp.Discrete:
-    return hp.Discrete([False, True])
+def _hparam(parameter: Parameter) -> hp.HParam:
+    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, or a number."""
+    if parameter.choices:
+        domain = hp.Discrete(list(parameter.choices))
+    else:
+        domain = hp.Discrete([False, True]) if parameter.kind is bool else _Number()
+    return hp.HParam(parameter.name, domain, description=parameter.help)
 
 
-# The run parameters that change what is learned, to compare runs by (not deterministic, jit_compile or devices:
-# the same computation, differently run). TensorBoard lists them by name and shows the first five until a user
-# ticks more: batch_size, dataset, epochs, learning_rate, precision.
-HPARAMS = (
-    hp.HParam("dataset", hp.Discrete(list(DATASETS))),
-    hp.HParam("epochs", _Number()),
-    hp.HParam("batch_size", _Number()),
-    hp.HParam("learning_rate", _Number()),
-    hp.HParam("precision", hp.Discrete(list(PRECISIONS))),
-    hp.HParam("seed", _Number()),
-    hp.HParam("train_limit", _Number(), description="training samples used; empty: all of the training split"),
-    hp.HParam("validation_size", _Number()),
-    hp.HParam("warm_start", _flag(), description="started from the champion's weights"),
-)
+# The run parameters marked HPARAM (tapeline/config.py). TensorBoard lists them by name and shows the first five
+# until a user ticks more.
+HPARAMS = tuple(_hparam(parameter) for parameter in parameters_with(HPARAM))
 # In the order of the table's columns; it shows the first five until a user ticks more.
 METRICS = (
     hp.Metric("metrics/test_accuracy", display_name="test accuracy"),
@@ -89,7 +88,18 @@ METRICS = (
     hp.Metric("epoch/train_accuracy", display_name="train accuracy", dataset_type=hp.Metric.TRAINING),
     hp.Metric("epoch/train_loss", display_name="train loss", dataset_type=hp.Metric.TRAINING),
     hp.Metric("metrics/test_loss", display_name="test loss"),
-    hp.Metric("step/noise_scale_smoothed", display_name="noise scale", description="smoothed, at the last step"),
+    hp.Metric(
+        f"metrics/{NOISE_SCALE_METRIC}", display_name="noise scale (smoothed, median of last epoch)",
+        description="the median over the last epoch of the smoothed gradient noise scale: run.json's " + NOISE_SCALE_METRIC,
+    ),
+)
+RAW_NOISE = (
+    "Raw: B_simple = tr Σ / |G|² of this step alone, as estimated. Each estimate is a difference, so the ratio is "
+    "often ≤ 0 or huge; a NaN step is not written. The smoothed one is step/noise_scale_smoothed."
+)
+SMOOTHED_NOISE = (
+    f"The gradient noise scale, smoothed: EMA(tr Σ) / EMA(|G|²) over every step so far, decay {DECAY:g}. Its median over "
+    f"the last epoch is run.json's {NOISE_SCALE_METRIC}; the raw value of each step is step/noise_scale_raw."
 )
 
 
@@ -111,7 +121,8 @@ class RunSummaries:
 
     def __init__(self, storage: Storage, directory: Path, writes: bool):
         self.storage, self.directory = storage, directory
-        self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
+        with storage.writing(directory):  # TensorFlow writes the event file's first record at once
+            self.writer = tf.summary.create_file_writer(str(directory)) if writes else None
         self._noise = NoiseSmoother()  # as noise.smoothed_noise_scale smooths a whole run
         self._example_norms: list[np.ndarray] = []  # this epoch's, a call at a time
 
@@ -119,7 +130,7 @@ class RunSummaries:
         """The HParams dashboard's experiment and this run's row (again on a resume: the same values)."""
         if self.writer is None:
             return
-        with self.writer.as_default():
+        with self._writing():
             hp.hparams_config(hparams=list(HPARAMS), metrics=list(METRICS))
             hp.hparams(run_hparams(config), trial_id=run_id, start_time_secs=int(time.time()))
 
@@ -154,19 +165,19 @@ class RunSummaries:
         smoothed = self._noise.update(_or_nan(grad_variance), _or_nan(grad_signal))
         if step % STEP_EVERY:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             tf.summary.scalar("step/loss", loss)
             tf.summary.scalar("step/grad_norm", grad_norm)
-            if _finite(noise_scale):
-                tf.summary.scalar("step/noise_scale", noise_scale)
             if _finite(smoothed):
-                tf.summary.scalar("step/noise_scale_smoothed", smoothed)
+                tf.summary.scalar("step/noise_scale_smoothed", smoothed, description=SMOOTHED_NOISE)
+            if _finite(noise_scale):
+                tf.summary.scalar("step/noise_scale_raw", noise_scale, description=RAW_NOISE)
 
     def snapshot(self, step: int, variables: Sequence[str], gradients: Sequence[np.ndarray]) -> None:
         """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
         if self.writer is None:
             return
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for variable, values in zip(variables, gradients):
                 _histogram("gradients/" + variable, values)
 
@@ -178,7 +189,7 @@ class RunSummaries:
         if example_norms is None and self._example_norms:
             example_norms = np.concatenate(self._example_norms)
         self._example_norms = []
-        with self.writer.as_default(step=step):
+        with self._writing(step):
             for name in EPOCH_METRICS:
                 if row[name] is not None:  # no validation split: no val_*
                     tf.summary.scalar("epoch/" + name, row[name])
@@ -194,7 +205,15 @@ class RunSummaries:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self.storage.writing(self.directory):
+                self.writer.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None = None) -> Iterator[None]:
+        """The run's writer as the default, at `step`; TensorFlow writes to disk every few summaries, so a full disk
+        can show in any of them: `StorageFull` (tapeline/storage/root.py)."""
+        with self.storage.writing(self.directory), self.writer.as_default(step=step):
+            yield
 
     def __enter__(self) -> RunSummaries:
         return self
@@ -203,15 +222,18 @@ class RunSummaries:
         self.close()
 
 
-def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+def write_run_metrics(storage: Storage, run_id: str, step: int, metrics: Mapping[str, float | None]) -> None:
     """Final metrics of a finished run (test accuracy, …) as `metrics/<name>` scalars at its last `step`, in an
-    event file of their own beside the training's: the HParams dashboard shows those METRICS declares."""
+    event file of their own beside the training's: the HParams dashboard shows those METRICS declares. A metric the
+    run has none of (None: no noise scale without per-example norms) is left out, not faked."""
     directory = storage.layout.run(run_id).tensorboard
-    writer = tf.summary.create_file_writer(str(directory))
-    with writer.as_default(step=step):
-        for name, value in metrics.items():
-            tf.summary.scalar("metrics/" + name, value)
+    descriptions = {metric.as_proto().name.tag: metric.as_proto().description for metric in METRICS}
     with storage.publishing(directory):
+        writer = tf.summary.create_file_writer(str(directory))
+        with writer.as_default(step=step):
+            for name, value in metrics.items():
+                if value is not None:
+                    tf.summary.scalar("metrics/" + name, value, description=descriptions.get("metrics/" + name) or None)
         writer.close()
 
 

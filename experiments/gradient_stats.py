@@ -6,7 +6,7 @@ kernel's gradient is 21,632 × 128 float32, 11 MB, with the ReLU's zeros). Each 
 returns the same [variables, STAT_NAMES] table; before timing, each is checked against
 float64 sums of those gradients and against `gradient_stats` on copies holding a NaN and
 an Inf (`check`); one that differs is timed anyway and marked *. "before" is
-`gradient_stats` as issue 12 left it (zeros counted with a float32 mask), "now" the
+`gradient_stats` with zeros counted by a float32 mask (its former rule), "now" the
 module's (`zero_count`).
 
 Timing: each candidate runs inside a `tf.function` as in the k-step call, a `tf.while_loop`
@@ -18,7 +18,7 @@ one reduction of the dense kernel alone (to split the cost by column), the per-v
 L2 norms alone (what statistics off still computes), and the loop with no statistics
 (its time is in every row).
 
-    python benchmarks/gradient_stats.py [--rounds 30] [--repeats 40] [--only PART_OF_NAME ...]
+    python experiments/gradient_stats.py [--rounds 30] [--repeats 40] [--only PART_OF_NAME ...]
 """
 
 from __future__ import annotations

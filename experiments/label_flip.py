@@ -16,7 +16,7 @@
    ranked ones), against chance (the flipped share of those samples, about `--fraction`),
    with the machine and the wall time.
 
-    python benchmarks/label_flip.py [--seed 0] [--fraction 0.03] [--epochs 2] [--storage DIR] [--train-limit N]
+    python experiments/label_flip.py [--seed 0] [--fraction 0.03] [--epochs 2] [--storage DIR] [--train-limit N]
 
 Numbers: docs/performance.md, "Per-example gradients: finding flipped labels".
 """
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (FASHION_MNIST_DIR / TRAIN_LABELS).exists():
         sys.exit(f"label_flip.py: {FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
-    from tapeline.reader import rank_samples, read_run_json  # rank_samples: with the samples dataset (issue 13)
+    from tapeline.reader import rank_samples, read_run_json
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="tapeline-label-flip-"))

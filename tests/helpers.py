@@ -1,0 +1,106 @@
+"""Helpers the tests share: small real IDX datasets written to disk, a tiny prepared dataset, listings of a storage
+root, free loopback ports. Fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from tapeline.config import RunConfig
+from tapeline.data.fetch import fetch_dataset
+from tapeline.data.idx import encode_idx
+from tapeline.data.idx_source import FILE_NAMES as IDX_FILE_NAMES
+from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile
+from tapeline.data.splits import prepare
+from tapeline.results import PreparedData
+from tapeline.storage.root import Storage
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FILE_NAMES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def tiny_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """A learnable toy set: each class is a bright square at its own place."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 2 + row * 12 : 10 + row * 12, 1 + col * 5 : 5 + col * 5] = 230
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
+    """Write arrays as the four IDX gz files and return a registry entry that matches them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split in SPLIT_FILES:
+        idx = encode_idx(arrays[split])
+        archive = gzip.compress(idx, mtime=0)
+        (directory / FILE_NAMES[split]).write_bytes(archive)
+        files[split] = DatasetFile(
+            FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
+        )
+    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
+
+
+def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
+    """The four files under their standard names, raw except the splits in `gzipped`; their IDX digests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for split in SPLIT_FILES:
+        idx = encode_idx(arrays[split])
+        name = IDX_FILE_NAMES[split] + (".gz" if split in gzipped else "")
+        (directory / name).write_bytes(gzip.compress(idx, mtime=0) if split in gzipped else idx)
+        digests[split] = hashlib.sha256(idx).hexdigest()
+    if classes is not None:
+        (directory / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+    return digests
+
+
+def tiny_prepared(
+    directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run
+) -> tuple[RunConfig, PreparedData]:
+    """A tiny dataset written to `directory`/source, fetched and preprocessed into `storage` (default
+    `directory`/store): the validated config of a run on it (`run` are its fields besides dataset and storage)
+    and the prepared splits, as the flow's first two stages would hand them to train."""
+    source = directory / "source"
+    dataset = write_idx_dir(source, tiny_arrays(n_train=n_train, n_test=n_test))
+    config = RunConfig(dataset="mnist", storage=storage or str(directory / "store"), **run).validated()
+    root = Storage(config.storage)
+    return config, prepare(fetch_dataset(dataset, root, str(source)), root, config.seed, config.validation_size)
+
+
+def stored_under(root: str, prefix: str) -> list[str]:
+    """Every file and directory under `root`/`prefix`, a local directory or an object store's, relative to the root:
+    a directory left empty is listed too (an object store has none but marker objects, which it lists)."""
+    filesystem, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+    listing = filesystem.get_file_info(pafs.FileSelector(f"{base}/{prefix}", recursive=True, allow_not_found=True))
+    return sorted(info.path.removeprefix(base + "/") for info in listing)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports that nothing listens on (each probe holds its port until all are chosen)."""
+    with contextlib.ExitStack() as probes:
+        sockets = [probes.enter_context(socket.socket()) for _ in range(count)]
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
