@@ -29,6 +29,7 @@ from tapeline.flows.train import train_flow
 from tapeline.registry.retention import lineage
 from tapeline.storage.root import Storage
 from tests.helpers import tiny_arrays, write_idx_dir
+from tests.test_disk_full import fill, small_disk  # noqa: F401 (small_disk: a fixture, a tmpfs of a given size)
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -183,6 +184,17 @@ def test_older_than_keeps_the_young_and_without_keep_last_the_champion_and_its_a
     assert "finished 0.0 days ago (--older-than)" in capsys.readouterr().out and stored(root) == before
     assert main(["gc", root, "--keep-last", "0", "--older-than", "0", "--yes"]) == 0
     assert runs_in(stored(root)) == {"r3", "r2"}  # the champion and its warm-start source: no rule deletes them
+
+
+def test_gc_frees_a_full_disk(history, request, capsys):
+    """The root on a real tmpfs with no byte left: taking a run's lease and marking its deletion need no free space."""
+    if history.where == "s3":
+        pytest.skip("a bucket does not fill up")
+    root = copy_root(history.root, str(request.getfixturevalue("small_disk")(256) / "store"))
+    filler = fill(Path(root).parent, leave=0)
+    assert main(["gc", root, "--keep-last", "1", "--yes"]) == 0
+    assert runs_in(stored(root)) == KEPT and "freed " in capsys.readouterr().out
+    filler.unlink()
 
 
 def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, capsys):

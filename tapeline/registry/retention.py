@@ -20,21 +20,19 @@ only in its run.json, at its end, so then gc leaves `cache/` and `datasets/` alo
 `keep_checkpoints` and still hold checkpoints (older runs, or a run stopped between its run.json
 and the drop) lose them.
 
-Deleting is safe to interrupt: a run is deleted under its lease, marked `.deleting`, its run.json
-first (from then on every reader treats what is left as incomplete), then its other files, then
-the mark. A run found marked and without its run.json is a deletion cut short, and the next gc
-finishes it whatever the policy. A prepared dataset is marked likewise (`<key>.deleting` beside it)
-and loses its manifest first, so that `prepare` makes it anew; one without its manifest and unmarked
+Deleting is safe to interrupt: a run is deleted under its lease, its run.json first, renamed to
+the mark `.deleting` (from then on every reader treats what is left as incomplete), then its other
+files, then the mark. A run found marked and without its run.json is a deletion cut short, and the
+next gc finishes it whatever the policy. A prepared dataset's manifest is renamed likewise
+(`<key>.deleting` beside it), so that `prepare` makes it anew; one without its manifest and unmarked
 may be being written by prepare-data, which takes no run lease, and is left until it has been idle
-for an hour.
+for an hour. Nothing of this needs free space on a local root: gc works on a full disk.
 """
 
 from __future__ import annotations
 
 import calendar
 import contextlib
-import os
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -45,7 +43,7 @@ from tapeline.config import RetentionPolicy
 from tapeline.registry.champion import current_champion
 from tapeline.storage.layout import DELETING_SUFFIX, MANIFEST_SUFFIX, DatasetPaths
 from tapeline.storage.lease import RunLease, RunLeaseHeld, live_holder
-from tapeline.storage.root import Storage, StoredFile, utc_now
+from tapeline.storage.root import Storage, StoredFile
 
 DAY = 86400.0
 DATA = ("cache", "dataset")  # the kinds of Removal outside runs/
@@ -267,14 +265,15 @@ def _prepared_datasets(storage: Storage) -> dict[DatasetPaths, list[StoredFile]]
 
 
 def _remove_run(storage: Storage, removal: Removal) -> bool:
-    """Mark the run, delete its run.json, then the rest, then the mark; False if another process holds its lease."""
+    """Rename its run.json to the mark, delete the rest, then the mark; False if another process holds its lease.
+
+    Nothing here needs free space (locally): gc must work on a full disk."""
     run = storage.layout.run(removal.name)
     with _lease(storage, removal.name) as held:
         if not held:
             return False
         if storage.exists(run.run_json):
-            _mark(storage, run.deleting)
-            storage.remove(run.run_json)  # from here on, every reader sees an incomplete run
+            storage.move(run.run_json, run.deleting)  # the mark; from here on, every reader sees an incomplete run
         storage.remove(*(file.path for file in storage.files(run.directory) if file.path not in (run.deleting, run.lease)))
         storage.remove(run.deleting, run.lease)
         storage.remove_directory(run.directory)
@@ -292,7 +291,7 @@ def _remove_checkpoints(storage: Storage, removal: Removal) -> bool:
 def _lease(storage: Storage, run_id: str) -> Iterator[bool]:
     """The run's lease held for the block (True), or False if another process holds it."""
     try:
-        lease = RunLease(storage, run_id).__enter__()
+        lease = RunLease(storage, run_id, say_who=False).__enter__()  # which needs no free space: gc may be freeing it
     except RunLeaseHeld:
         yield False
         return
@@ -308,21 +307,15 @@ def _remove_cache_entry(storage: Storage, removal: Removal) -> bool:
 
 
 def _remove_dataset(storage: Storage, removal: Removal) -> bool:
-    """Mark it, delete the manifest (from then on `prepare` and every reader treat the dataset as absent), the splits,
-    then the mark."""
+    """Rename its manifest to the mark (from then on `prepare` and every reader treat the dataset as absent), delete
+    the splits, then the mark."""
     prepared = DatasetPaths(removal.target)
     if storage.exists(prepared.manifest):
-        _mark(storage, prepared.deleting)
-        storage.remove(prepared.manifest)
+        storage.move(prepared.manifest, prepared.deleting)  # the mark; from here on, `prepare` makes it anew
     storage.remove(*(file.path for file in storage.files(prepared.directory)))
     storage.remove_directory(prepared.directory)
     storage.remove(prepared.deleting)
     return True
-
-
-def _mark(storage: Storage, path: Path) -> None:
-    """A deletion begins: who deletes, since when; a gc that finds the mark finishes the deletion."""
-    storage.write_json(path, {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()})
 
 
 _REMOVE = {"run": _remove_run, "checkpoints": _remove_checkpoints, "cache": _remove_cache_entry, "dataset": _remove_dataset}

@@ -52,8 +52,10 @@ class RunLeaseHeld(TapelineError):
 class RunLease:
     """`with RunLease(storage, run_id):` around everything that writes the run."""
 
-    def __init__(self, storage: Storage, run_id: str, seconds: float | None = None):
-        self.run_id, self.path, self._storage = run_id, storage.layout.run(run_id).lease, storage
+    def __init__(self, storage: Storage, run_id: str, seconds: float | None = None, say_who: bool = True):
+        """`say_who=False`: on a local root, lock without writing who holds the lease, so that taking it needs no
+        free space (gc, which frees it); a process refused meanwhile is told "another process"."""
+        self.run_id, self.path, self._storage, self._say_who = run_id, storage.layout.run(run_id).lease, storage, say_who
         self.seconds = seconds or float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
         self._object = VersionedObject(storage, self.path) if storage.remote else None
@@ -88,9 +90,10 @@ class RunLease:
     def _lock_file(self) -> None:
         while (handle := self._locked_file()) is None:
             pass  # the file was deleted or replaced before we locked it: its holder released the lease
-        handle.truncate(0)
-        handle.write(json.dumps(self._holder) + "\n")
-        handle.flush()
+        if self._say_who:
+            handle.truncate(0)
+            handle.write(json.dumps(self._holder) + "\n")
+            handle.flush()
         self._file = handle
 
     def _locked_file(self):

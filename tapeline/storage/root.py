@@ -277,6 +277,16 @@ class Storage:
                     self.fs.delete_file(self._key(path))
             path.unlink(missing_ok=True)
 
+    def move(self, source: Path, target: Path) -> None:
+        """Rename a file of the storage root, whole: locally a rename, which needs no free space; in an object store
+        a copy made by the store, then the source deleted. This machine's working copy follows."""
+        if self.remote:
+            self.fs.move(self._key(source), self._key(target))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(source, target)
+        else:
+            os.replace(source, target)
+
     def remove_directory(self, directory: Path) -> None:
         """Remove `directory` once `remove` took its files: its empty local directories, and, from an object store,
         the directory markers Arrow leaves there (with whatever else is left under its key) and this machine's
