@@ -73,10 +73,10 @@ class Product:
         storage = Storage(directory)
         run = storage.layout.run("bench")
         variables = [v.path for v in training.model.trainable_variables]
-        self.recorder = open_recorder(config, storage, run, variables, training.optimizer, 10**9, writes=True)
+        schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
+        self.recorder = open_recorder(config, storage, run, variables, training.optimizer, schedule, writes=True)
         calls = step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), False)
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
-        schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
         self.loop = StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
         self.epoch, self.steps_per_epoch = 0, steps_per_epoch
 

@@ -29,13 +29,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry, and no errors offline
+import tapeline.flows  # noqa: F401  (the environment's defaults, before Prefect loads)
 
-from prefect.client.orchestration import SyncPrefectClient  # noqa: E402
-from prefect.client.schemas.actions import WorkPoolCreate  # noqa: E402
-from prefect.exceptions import ObjectNotFound  # noqa: E402
-from prefect.settings import get_current_settings  # noqa: E402
-from prefect.workers.process import ProcessWorker  # noqa: E402
+# isort: split
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+from prefect.workers.process import ProcessWorker
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = "deployments/prefect.yaml"  # relative to REPO, where `prefect deploy` runs

@@ -8,21 +8,17 @@ Without `delete` it deletes nothing and the table lists what it would delete.
 
 from __future__ import annotations
 
-import os
+from prefect import flow
+from prefect.artifacts import create_table_artifact
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from prefect import flow  # noqa: E402
-from prefect.artifacts import create_table_artifact  # noqa: E402
-
-from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
-from tapeline.config import RetentionPolicy, storage_root  # noqa: E402
-from tapeline.registry.retention import Removal, collect, kept_lines, plan, removal_line, total_line  # noqa: E402
-from tapeline.storage.access import existing_root  # noqa: E402
-from tapeline.storage.root import Storage  # noqa: E402
-from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
-from tapeline.tasks.promote import publish_model_registry  # noqa: E402
-from tapeline.tasks.runs import with_parameter_help  # noqa: E402
+from tapeline import config as param  # the parameters' types: constraints and help
+from tapeline.config import RetentionPolicy, storage_root
+from tapeline.registry.retention import Removal, collect, kept_lines, plan, removal_line, total_line
+from tapeline.storage.access import existing_root
+from tapeline.storage.root import Storage
+from tapeline.tasks.failures import log_expected_failures_without_traceback
+from tapeline.tasks.promote import publish_model_registry
+from tapeline.tasks.runs import with_parameter_help
 
 log_expected_failures_without_traceback()
 

@@ -10,24 +10,21 @@ by content) and do no work. Nothing else passes between the two machines.
 from __future__ import annotations
 
 import inspect
-import os
 import time
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from prefect import flow, get_client, task
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
 
-from prefect import flow, get_client, task  # noqa: E402
-from prefect.client.orchestration import SyncPrefectClient  # noqa: E402
-from prefect.client.schemas.objects import FlowRun  # noqa: E402
-from prefect.deployments import run_deployment  # noqa: E402
-from prefect.states import Cancelling  # noqa: E402
-
-from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
-from tapeline.config import RunConfig  # noqa: E402
-from tapeline.errors import TapelineError  # noqa: E402
-from tapeline.tasks.download import download  # noqa: E402
-from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
-from tapeline.tasks.preprocess import preprocess  # noqa: E402
-from tapeline.tasks.runs import with_parameter_help  # noqa: E402
+from tapeline import config as param  # the parameters' types: constraints and help
+from tapeline.config import RunConfig
+from tapeline.errors import TapelineError
+from tapeline.tasks.download import download
+from tapeline.tasks.failures import log_expected_failures_without_traceback
+from tapeline.tasks.preprocess import preprocess
+from tapeline.tasks.runs import with_parameter_help
 
 log_expected_failures_without_traceback()
 

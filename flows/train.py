@@ -10,7 +10,6 @@ the parameters; with no PREFECT_API_URL set, Prefect starts a temporary local AP
 
 from __future__ import annotations
 
-import os
 import sys
 
 if __name__ == "__main__":  # `python flows/train.py`: the flags first, before the imports below take seconds
@@ -18,32 +17,30 @@ if __name__ == "__main__":  # `python flows/train.py`: the flags first, before t
 
     sys.exit(command(sys.argv[1:], prog="flows/train.py"))
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry, and no errors offline
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
-from prefect import flow  # noqa: E402
-from prefect.exceptions import TerminationSignal  # noqa: E402
+from prefect import flow
+from prefect.exceptions import TerminationSignal
 
-from tapeline import config as param  # noqa: E402  (the parameters' types: constraints and help)
-from tapeline.config import RunConfig  # noqa: E402
-from tapeline.errors import ConfigError, NonFiniteError, TapelineError  # noqa: E402
-from tapeline.flows.prepare import prepare_elsewhere  # noqa: E402
-from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest  # noqa: E402
-from tapeline.registry.retention import drop_checkpoints  # noqa: E402
-from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start  # noqa: E402
-from tapeline.storage.lease import RunLease, RunLeaseHeld  # noqa: E402
-from tapeline.storage.root import Storage, utc_now  # noqa: E402
-from tapeline.storage.versioned import require_conditional_writes  # noqa: E402
-from tapeline.tasks.download import download  # noqa: E402
-from tapeline.tasks.evaluate import evaluate  # noqa: E402
-from tapeline.tasks.export import export_gradients  # noqa: E402
-from tapeline.tasks.failures import log_expected_failures_without_traceback  # noqa: E402
-from tapeline.tasks.preprocess import preprocess  # noqa: E402
-from tapeline.tasks.promote import promote, publish_model_registry  # noqa: E402
-from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help  # noqa: E402
-from tapeline.tasks.train import train  # noqa: E402
-from tapeline.training.devices import check_placement  # noqa: E402
-from tapeline.training.summaries import write_run_metrics  # noqa: E402
+from tapeline import config as param  # the parameters' types: constraints and help
+from tapeline.config import RunConfig
+from tapeline.errors import ConfigError, NonFiniteError, TapelineError
+from tapeline.flows.prepare import prepare_elsewhere
+from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest
+from tapeline.registry.retention import drop_checkpoints
+from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start
+from tapeline.storage.lease import RunLease, RunLeaseHeld
+from tapeline.storage.root import Storage, utc_now
+from tapeline.storage.versioned import require_conditional_writes
+from tapeline.tasks.download import download
+from tapeline.tasks.evaluate import evaluate
+from tapeline.tasks.export import export_gradients
+from tapeline.tasks.failures import log_expected_failures_without_traceback
+from tapeline.tasks.preprocess import preprocess
+from tapeline.tasks.promote import promote, publish_model_registry
+from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help
+from tapeline.tasks.train import train
+from tapeline.training.devices import check_placement
+from tapeline.training.summaries import write_run_metrics
 
 log_expected_failures_without_traceback()
 

@@ -12,14 +12,11 @@ import argparse
 import contextlib
 import functools
 import math
-import os
 import signal
 import sys
 import typing
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-
-from tapeline.config import (  # noqa: E402
+from tapeline.config import (
     DEFAULT_STORAGE,
     STORAGE_ENV,
     Delete,
@@ -29,7 +26,7 @@ from tapeline.config import (  # noqa: E402
     run_parameters,
     storage_root,
 )
-from tapeline.errors import ConfigError, Stopped, TapelineError  # noqa: E402
+from tapeline.errors import ConfigError, Stopped, TapelineError
 
 COMMANDS = {
     "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tapeline.data.registry import Dataset  # noqa: E402
-from tests.helpers import FASHION_MNIST_DIR, FILE_NAMES, tiny_arrays, write_idx_dir  # noqa: E402
+import tapeline.flows  # noqa: F401  (the environment's defaults, before Prefect loads)
+from tapeline.data.registry import Dataset
+from tests.helpers import FASHION_MNIST_DIR, FILE_NAMES, tiny_arrays, write_idx_dir
 
 
 @pytest.fixture

@@ -36,12 +36,17 @@ def non_finite_values(loss: float, stats: np.ndarray, variables: list[str], loss
     return [] if loss_scaled else non_finite_variables(stats, variables)
 
 
+# The spike rule, the host's here and the device's in tapeline/training/calls.py (AnomalyWatch): a global norm above
+# spike_factor times the running median of the last NORM_WINDOW finite steps, once MIN_NORMS of them were seen.
+NORM_WINDOW = 100
+MIN_NORMS = 10
+
+
 class SnapshotPolicy:
     """Which steps are kept in full, and why: the first and last, every `every`-th,
-    and anomalies: a non-finite value, or a global norm above `spike_factor` times
-    the running median of the last `window` finite steps."""
+    and anomalies: a non-finite value, or a norm spike (the rule above)."""
 
-    def __init__(self, every: int, last_step: int, spike_factor: float, window: int = 100):
+    def __init__(self, every: int, last_step: int, spike_factor: float, window: int = NORM_WINDOW):
         self.every, self.last_step, self.spike_factor = every, last_step, spike_factor
         self._norms: collections.deque = collections.deque(maxlen=window)
 
@@ -58,7 +63,7 @@ class SnapshotPolicy:
                 ("scheduled", step % self.every == 0),
                 ("last", step == self.last_step),
                 ("non-finite", not finite),
-                ("norm-spike", finite and len(self._norms) >= 10 and global_norm > self.spike_factor * np.median(self._norms)),
+                ("norm-spike", finite and len(self._norms) >= MIN_NORMS and global_norm > self.spike_factor * np.median(self._norms)),
             )
             if applies
         ]

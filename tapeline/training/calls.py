@@ -23,12 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.gradients.noise import noise_estimates
-from tapeline.gradients.recorder import SnapshotPolicy
+from tapeline.gradients.recorder import MIN_NORMS, NORM_WINDOW, SnapshotPolicy
 from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples
 from tapeline.gradients.stats import gradient_stats
-
-NORM_WINDOW = 100  # the running median's window, as SnapshotPolicy's
-MIN_NORMS = 10  # finite steps seen before a spike can be called one, as SnapshotPolicy's
 
 
 class CallResult(NamedTuple):

@@ -97,9 +97,9 @@ def train_model(
         summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
-        recorder = open_recorder(config, storage, run, variables, optimizer, last_step, writes, summaries.snapshot)
+        schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # the run's one: calls end at its steps
+        recorder = open_recorder(config, storage, run, variables, optimizer, schedule, writes, summaries.snapshot)
         calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
-        schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # its `scheduled` only
         steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
@@ -189,10 +189,10 @@ def _load_warm_start(model: keras.Model, storage: Storage, warm_start: dict) -> 
 
 
 def open_recorder(
-    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, last_step: int, writes: bool,
+    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, policy: SnapshotPolicy, writes: bool,
     on_snapshot: Callable | None = None,
 ) -> GradientRecorder | NullRecorder:
-    """The run's gradient recorder; on a worker that does not write, one that keeps nothing."""
+    """The run's gradient recorder, keeping the steps `policy` names; on a worker that does not write, one that keeps nothing."""
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if not writes:
         return NullRecorder(variables, loss_scaled)
@@ -200,7 +200,7 @@ def open_recorder(
         variables,
         StepLog(storage, run, variables),
         SnapshotWriter(storage, run.gradients, run.run_id, variables, config.gradient_dtype),
-        SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor),
+        policy,
         learning_rate=float(optimizer.learning_rate.numpy()),
         loss_scaled=loss_scaled,
         snapshot_weights=config.snapshot_weights,
