@@ -91,7 +91,7 @@ class RunState:
     manifest: dict | None  # run.json; None when the run never completed, or a gc deleted it
     unreadable: bool  # run.json is there but is not a run manifest
     marked: bool  # a gc began deleting it
-    holder: dict | None  # who holds its lease now
+    holder: dict | None  # who holds its lease now ({} if it does not say: a gc); None: nobody
 
     @property
     def completed(self) -> bool:
@@ -179,7 +179,7 @@ def _run_state(storage: Storage, run_id: str) -> RunState:
 
 def _kept_runs(storage: Storage, runs: dict[str, RunState], policy: RetentionPolicy, now: float) -> dict[str, str]:
     """Run id -> why gc keeps it, the strongest reason first."""
-    kept = {run_id: f"being written by {_holder(state.holder)}" for run_id, state in runs.items() if state.holder}
+    kept = {run_id: f"being written by {_holder(state.holder)}" for run_id, state in runs.items() if state.holder is not None}
     champion = (current_champion(storage) or {}).get("run_id")
     if champion in runs:
         kept.setdefault(champion, "the champion")
@@ -216,7 +216,7 @@ def _run_removal(state: RunState, now: float) -> Removal:
 
 def _checkpoint_removal(storage: Storage, state: RunState, now: float) -> Removal | None:
     """A kept run's checkpoints, if it completed without asking to keep them and is not being written."""
-    if not state.completed or state.holder or state.manifest["parameters"].get("keep_checkpoints"):
+    if not state.completed or state.holder is not None or state.manifest["parameters"].get("keep_checkpoints"):
         return None
     directory = storage.layout.run(state.run_id).checkpoints
     files = [file for file in state.files if directory in file.path.parents]
@@ -322,11 +322,11 @@ _REMOVE = {"run": _remove_run, "checkpoints": _remove_checkpoints, "cache": _rem
 
 
 def _any_run_being_written(storage: Storage) -> bool:
-    return any(live_holder(storage, run_id) for run_id in storage.listdir(storage.layout.runs))
+    return any(live_holder(storage, run_id) is not None for run_id in storage.listdir(storage.layout.runs))
 
 
 def _holder(holder: dict) -> str:
-    return f"{holder.get('host', 'another process')} pid {holder.get('pid', '?')}"
+    return f"{holder['host']} pid {holder['pid']}" if "host" in holder else "another process"
 
 
 def _size(files) -> int:

@@ -170,7 +170,8 @@ def _names(path: Path, handle) -> bool:
 
 
 def live_holder(storage: Storage, run_id: str) -> dict | None:
-    """Who holds the run's lease now (host, pid, since), or None; asked without taking it, and writing nothing.
+    """Who holds the run's lease now (host, pid, since; {} if it does not say), or None; asked without taking it,
+    and writing nothing.
 
     Locally: a shared flock tried and released at once (it fails while a writer holds the lease).
     On an object store: the lease object, if it has not expired."""
