@@ -65,9 +65,7 @@ class Product:
 
     def __init__(self, images, labels, batch_size: int, k: int, directory: str, per_example: bool = True):
         keras.utils.set_random_seed(0)
-        config = RunConfig(
-            batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory, per_example_norms=per_example
-        )
+        config = RunConfig(batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory, per_example_norms=per_example)
         self.images, steps_per_epoch = images, int(np.ceil(len(images) / batch_size))
         training = build_training(config)
         storage = Storage(directory)
@@ -117,8 +115,7 @@ def main() -> None:
         methods = {f"product k={k}": Product(images, labels, args.batch_size, k, f"{directory}/k{k}") for k in args.k or [50]}
         if args.per_example_off:
             methods |= {
-                f"product k={k} no per-example": Product(images, labels, args.batch_size, k, f"{directory}/k{k}pe", per_example=False)
-                for k in args.k or [50]
+                f"product k={k} no per-example": Product(images, labels, args.batch_size, k, f"{directory}/k{k}pe", per_example=False) for k in args.k or [50]
             }
         methods["fit"] = Fit(images, labels, args.batch_size)
         compile_seconds = {}
@@ -137,9 +134,11 @@ def main() -> None:
 
 
 def report(args, methods, rates, compile_seconds, load_before, load_after) -> None:
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"device {args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps; "
-          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"device {args.device}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
     stalled = {name: [r < STALL * statistics.median(values) for r in values] for name, values in rates.items()}
     print(f"{'method':<30}{'median samples/s':>18}  {'min-max':>15}  stalled  first turn (s)")
     for name, values in rates.items():

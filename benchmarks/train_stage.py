@@ -111,9 +111,7 @@ def report(args, seconds: dict[str, list[float]], load_before, load_after) -> No
         print(f"{name:<22} {median_spread(values, '{:.1f}')} s; turns: {' '.join(f'{v:.1f}' for v in values)}")
     ratios = {
         "stage / fit (speed)": [f / s for s, f in zip(seconds["stage"], seconds["fit"])],
-        "stage / stage without per-example (speed kept with them on)": [
-            off / on for on, off in zip(seconds["stage"], seconds["stage, no per-example"])
-        ],
+        "stage / stage without per-example (speed kept with them on)": [off / on for on, off in zip(seconds["stage"], seconds["stage, no per-example"])],
     }
     for name, values in ratios.items():
         print(f"{name}: {median_spread(values)} over {len(values)} paired rounds")

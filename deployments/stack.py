@@ -106,9 +106,7 @@ def start(name: str, command: list[str], env: dict) -> int:
     """Start `command` in the background, in a session of its own so `down` can stop its children too."""
     log = state_dir() / f"{name}.log"
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     (state_dir() / f"{name}.pid").write_text(f"{process.pid}\n")
     return process.pid
 

@@ -226,8 +226,9 @@ def sign_zeros(gradients):
     counts = tf.cond(
         tf.reduce_all(tf.math.is_finite(total + squares)),
         lambda: tf.concat([tf.zeros([len(flat), 2]), fast_zeros[:, None]], 1),
-        lambda: tf.stack([[tf.reduce_sum(tf.cast(tf.math.is_nan(g), tf.float32)), tf.reduce_sum(tf.cast(tf.math.is_inf(g), tf.float32)), _zeros(g)]
-                          for g in flat]),
+        lambda: tf.stack(
+            [[tf.reduce_sum(tf.cast(tf.math.is_nan(g), tf.float32)), tf.reduce_sum(tf.cast(tf.math.is_inf(g), tf.float32)), _zeros(g)] for g in flat]
+        ),
     )
     mean = total / size
     std = tf.sqrt(tf.maximum(squares / size - mean * mean, 0.0))
@@ -377,14 +378,18 @@ def main() -> None:
             micros[name].append((time.perf_counter() - started) / args.repeats * 1e6)
     load_after = os.getloadavg()
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
-          f"{args.rounds} rounds x {args.repeats} per turn; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
+        f"{args.rounds} rounds x {args.repeats} per turn; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
     current = micros["before (float32 zero mask)"]
     print(f"{'candidate':<30}{'median µs':>10}  {'min-max':>13}  {'/ before, paired (min-max)':>28}")
     for name, values in micros.items():
         ratios = [a / b for a, b in zip(values, current)]
-        print(f"{name:<30}{statistics.median(values):>10,.0f}  {min(values):>6,.0f}-{max(values):<6,.0f}  "
-              f"{statistics.median(ratios):>10.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"{name:<30}{statistics.median(values):>10,.0f}  {min(values):>6,.0f}-{max(values):<6,.0f}  "
+            f"{statistics.median(ratios):>10.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
 
 
 if __name__ == "__main__":

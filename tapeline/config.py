@@ -56,15 +56,14 @@ RESUME, HPARAM, PLACE = Role.RESUME, Role.HPARAM, Role.PLACE
 Dataset = Annotated[
     Literal[(*DATASETS, IDX)],
     Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
-    RESUME, HPARAM,
+    RESUME,
+    HPARAM,
 ]
 Source = Annotated[
     str | None,
     Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
 ]
-StorageRoot = Annotated[
-    str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE
-]
+StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
 RUN_NAME_LENGTH = 128
 RUN_NAME_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
@@ -116,9 +115,7 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="checkpoint every N ste
 KeepCheckpoints = Annotated[
     bool, Field(description="keep the run's checkpoints once it completes (by default they are deleted after run.json is written)"), PLACE
 ]
-PromotionMargin = Annotated[
-    float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")
-]
+PromotionMargin = Annotated[float, Field(ge=0, lt=1, description="promote the new model only if its test accuracy beats the champion's by this much")]
 WarmStart = Annotated[
     bool,
     Field(description="start from the current champion's weights if it was trained on the same training data, else from random ones"),
@@ -143,9 +140,7 @@ StepsPerCall = Annotated[
         description="training steps per call from Python (fewer at snapshots, checkpoints, epoch ends, anomalies)",
     ),
 ]
-PerExampleNorms = Annotated[
-    bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")
-]
+PerExampleNorms = Annotated[bool, Field(description="compute every example's gradient norms and the gradient noise scale in each step (the samples dataset)")]
 Deterministic = Annotated[bool, Field(description="deterministic ops: same seed, same machine -> identical weights and gradients"), RESUME]
 Device = Annotated[Literal[DEVICES], Field(description="where to train: auto uses a GPU when TensorFlow sees one")]
 Devices = Annotated[int, Field(ge=1, description="train on N devices with MirroredStrategy (GPUs, else CPU cores)")]

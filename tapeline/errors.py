@@ -29,4 +29,3 @@ class NonFiniteError(TapelineError):
 
     def __reduce__(self):  # Prefect may pickle a task's exception with its state
         return type(self), (str(self), self.trained)
-

@@ -106,8 +106,7 @@ def completed_run(config: RunConfig, run_id: str) -> dict | None:
     differing = [name for name in asked if asked[name] != recorded[name]]
     if differing:
         raise ConfigError(
-            f"run {run_id!r} is complete with {_values(recorded, differing)}; "
-            f"this call has {_values(asked, differing)}: choose another --run-name"
+            f"run {run_id!r} is complete with {_values(recorded, differing)}; this call has {_values(asked, differing)}: choose another --run-name"
         )
     return manifest
 

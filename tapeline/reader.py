@@ -92,9 +92,7 @@ def open_dataset(run: str | Path, name: str) -> ds.Dataset:
     return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 
 
-def read_gradients(
-    run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None
-) -> pa.Table:
+def read_gradients(run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """The snapshot rows of `run`, optionally only some variables, steps and columns.
 
     Ask for `columns=["step", "variable", "l2_norm"]` and the tensors are never read:
@@ -116,9 +114,7 @@ def gradient_arrays(run: str | Path, step: int, variables: list[str] | None = No
     return arrays
 
 
-def read_stats(
-    run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None
-) -> pa.Table:
+def read_stats(run: str | Path, variables: list[str] | None = None, steps: list[int] | None = None, columns: list[str] | None = None) -> pa.Table:
     """Per-(step, variable) statistics of every step (docs/data-format.md)."""
     return _read(open_dataset(run, "stats"), columns, _selection(variables, steps))
 

@@ -83,4 +83,3 @@ class Promotion:
     margin: float
     challenger: dict  # run_id, test_accuracy
     champion: dict | None  # the champion it was measured against
-

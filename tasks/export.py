@@ -73,9 +73,7 @@ def hardest_markdown(root: Storage, run_id: str, report: HardestReport) -> str:
     examples = report.examples
     rows = [
         f"| {rank} | {sample_id} | {examples.classes[label]} | {examples.predicted_name(rank - 1)} | {step} | {norm:.4f} |"
-        for rank, (sample_id, label, step, norm) in enumerate(
-            zip(examples.sample_ids, examples.labels, examples.latest_steps, examples.mean_norms), 1
-        )
+        for rank, (sample_id, label, step, norm) in enumerate(zip(examples.sample_ids, examples.labels, examples.latest_steps, examples.mean_norms), 1)
     ]
     return "\n\n".join([
         f"## Hardest examples, run `{run_id}`",

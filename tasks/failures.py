@@ -28,4 +28,3 @@ def log_expected_failures_without_traceback() -> None:
     """Prefect logs every failure with its traceback, in the terminal and in its API; keep that for bugs only."""
     for name in PREFECT_FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(_WITHOUT_TRACEBACK)  # the same filter twice is a no-op
-

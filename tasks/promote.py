@@ -13,13 +13,9 @@ from tapeline.storage.root import Storage
 
 
 @task(name="promote")
-def promote(
-    storage: str, run_id: str, files: DatasetFiles, model_uri: str, test_accuracy: float, margin: float
-) -> Promotion:
+def promote(storage: str, run_id: str, files: DatasetFiles, model_uri: str, test_accuracy: float, margin: float) -> Promotion:
     """Make this run's model the current one if it beats the champion on the same test set; report the decision."""
-    decision = promote_if_better(
-        Storage(storage), run_id, files.dataset, files.test_set, model_uri, test_accuracy, margin, train_set=files.train_set
-    )
+    decision = promote_if_better(Storage(storage), run_id, files.dataset, files.test_set, model_uri, test_accuracy, margin, train_set=files.train_set)
     create_markdown_artifact(key="promotion", markdown=promotion_markdown(decision), description="champion and challenger")
     print(f"{verdict(decision)}: {decision.reason}")
     return decision
@@ -54,6 +50,7 @@ def publish_model_registry(storage: str) -> None:
     A run.json that cannot be read is left out, with a warning in the flow run's log."""
     rows = model_registry(Storage(storage), skipped=get_run_logger().warning)
     create_table_artifact(
-        key="model-registry", table=registry_table(rows),
+        key="model-registry",
+        table=registry_table(rows),
         description="tapeline model versions, newest first; the champion is the current model (`tapeline models` adds the data digests)",
     )

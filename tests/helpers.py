@@ -52,9 +52,7 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
         idx = encode_idx(arrays[split])
         archive = gzip.compress(idx, mtime=0)
         (directory / FILE_NAMES[split]).write_bytes(archive)
-        files[split] = DatasetFile(
-            FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest()
-        )
+        files[split] = DatasetFile(FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest())
     return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
 
 
@@ -72,9 +70,7 @@ def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), cl
     return digests
 
 
-def tiny_prepared(
-    directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run
-) -> tuple[RunConfig, PreparedData]:
+def tiny_prepared(directory: Path, n_train: int = 300, n_test: int = 100, storage: str | None = None, **run) -> tuple[RunConfig, PreparedData]:
     """A tiny dataset written to `directory`/source, fetched and preprocessed into `storage` (default
     `directory`/store): the validated config of a run on it (`run` are its fields besides dataset and storage)
     and the prepared splits, as the flow's first two stages would hand them to train."""

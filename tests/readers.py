@@ -11,9 +11,7 @@ def dataset_paths(run: dict) -> dict[str, str]:
     """Every Parquet dataset run.json names: the run's dataset directories, the preprocessed
     splits' directory and each split file."""
     uris = run["uris"]
-    return {name: uris[name] for name in (*PARTITIONED, "train", "validation", "test")} | {
-        "preprocessed": run["dataset"]["preprocessed"]
-    }
+    return {name: uris[name] for name in (*PARTITIONED, "train", "validation", "test")} | {"preprocessed": run["dataset"]["preprocessed"]}
 
 
 def read_by_every_reader(path: str) -> dict[str, tuple[int, list[str]]]:

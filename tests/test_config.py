@@ -111,7 +111,10 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     storage = tmp_path / "store"
     result = subprocess.run(
         [sys.executable, "flows/train.py", "--epochs", "many", "--storage", str(storage)],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=120,
     )
     assert result.returncode == 2
     assert "argument --epochs: invalid int value: 'many'" in result.stderr

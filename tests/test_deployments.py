@@ -196,8 +196,13 @@ def test_a_plain_worker_outside_the_checkout_runs_on_demand_and_registers_a_mode
     checkout installed editable), and its default storage is ./artifacts of the worker's directory, as for the CLI."""
     assert not {"TAPELINE_REPO", "TAPELINE_STORAGE", "PYTHONPATH"} & set(env)
     flow_run_id = _deployment_run(
-        env, "dataset=fashion-mnist", f"source={fashion_mnist_dir}", "run_name=deployed",
-        "epochs=1", "train_limit=500", "validation_size=100",
+        env,
+        "dataset=fashion-mnist",
+        f"source={fashion_mnist_dir}",
+        "run_name=deployed",
+        "epochs=1",
+        "train_limit=500",
+        "validation_size=100",
     )  # no storage: the default
     log = _work_once(env, cwd=tmp_path)
     assert api.read_flow_run(flow_run_id).state.type == StateType.COMPLETED, log

@@ -56,9 +56,7 @@ def test_two_devices_match_one(tmp_path, train_limit):
     two_config = dataclasses.replace(config, devices=2)
     job.write_text(json.dumps({"config": dataclasses.asdict(two_config), "data": dataclasses.asdict(data), "run_id": "two"}))
     result = tmp_path / "result.json"
-    worker = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", str(job), str(result)], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    worker = subprocess.run([sys.executable, "-m", "tests.train_worker", str(job), str(result)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert "training on /CPU:0, /CPU:1" in worker.stdout
     assert "epoch 2/2" in worker.stdout

@@ -183,8 +183,7 @@ def test_keras_cache_is_used_without_pickle(tmp_path, monkeypatch):
     keras_home = tmp_path / "keras"
     (keras_home / "datasets").mkdir(parents=True)
     npz = keras_home / "datasets" / "mnist.npz"
-    np.savez(npz, x_train=arrays["train_images"], y_train=arrays["train_labels"],
-             x_test=arrays["test_images"], y_test=arrays["test_labels"])
+    np.savez(npz, x_train=arrays["train_images"], y_train=arrays["train_labels"], x_test=arrays["test_images"], y_test=arrays["test_labels"])
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
     from tests.helpers import write_idx_dir
 

@@ -43,8 +43,14 @@ def storage(tmp_path_factory) -> Path:
 def first_run(storage, fashion_mnist_dir) -> dict:
     # The issue's budget: 1 epoch on 10,000 samples.
     return train_flow(
-        dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
-        run_name="e2e", epochs=1, train_limit=10_000, snapshot_every=100, snapshot_weights=True,
+        dataset="fashion-mnist",
+        source=str(fashion_mnist_dir),
+        storage=str(storage),
+        run_name="e2e",
+        epochs=1,
+        train_limit=10_000,
+        snapshot_every=100,
+        snapshot_weights=True,
     )
 
 
@@ -55,9 +61,10 @@ def test_end_to_end_on_fashion_mnist(first_run, storage):
     assert manifest["metrics"]["test_accuracy"] >= 0.80
     assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate", "promote"}
     assert manifest["promotion"]["promoted"] and manifest["promotion"]["reason"] == "no champion yet"
-    assert manifest["promotion"]["challenger"]["test_set"] == hashlib.sha256(
-        (manifest["dataset"]["sha256"]["test_images"] + manifest["dataset"]["sha256"]["test_labels"]).encode()
-    ).hexdigest()[:16]
+    assert (
+        manifest["promotion"]["challenger"]["test_set"]
+        == hashlib.sha256((manifest["dataset"]["sha256"]["test_images"] + manifest["dataset"]["sha256"]["test_labels"]).encode()).hexdigest()[:16]
+    )
     assert not manifest["stages"]["download"]["cached"] and not manifest["stages"]["preprocess"]["cached"]
     for name, uri in manifest["uris"].items():
         assert Path(uri).exists(), name
@@ -177,8 +184,12 @@ def test_gradient_rows_for_every_variable_readable_with_duckdb(first_run):
 @pytest.mark.slow
 def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
     second = train_flow(
-        dataset="fashion-mnist", source="/nonexistent", storage=str(storage),
-        run_name="again", epochs=1, train_limit=64,
+        dataset="fashion-mnist",
+        source="/nonexistent",
+        storage=str(storage),
+        run_name="again",
+        epochs=1,
+        train_limit=64,
     )
     assert second["stages"]["download"]["cached"] and second["stages"]["preprocess"]["cached"]
     assert same_data(second, first_run)
@@ -191,8 +202,14 @@ def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
 @pytest.mark.slow
 def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fashion_mnist_dir):
     warm = train_flow(
-        dataset="fashion-mnist", source=str(fashion_mnist_dir), storage=str(storage),
-        run_name="warm", epochs=1, train_limit=64, warm_start=True, refresh=True,
+        dataset="fashion-mnist",
+        source=str(fashion_mnist_dir),
+        storage=str(storage),
+        run_name="warm",
+        epochs=1,
+        train_limit=64,
+        warm_start=True,
+        refresh=True,
     )
     assert warm["warm_start"] == {"from": "e2e", "model": first_run["uris"]["model"], "reason": "champion, same data"}
     assert warm["parameters"]["warm_start"]
@@ -215,8 +232,13 @@ def test_flow_rejects_bad_parameters_before_any_stage(tmp_path):
 
 @pytest.mark.parametrize(
     "parameters, named",
-    [({"epochs": 0}, "epochs"), ({"learning_rate": -1}, "learning_rate"), ({"gradient_dtype": "float64"}, "gradient_dtype"),
-     ({"run_name": "../escape"}, "run_name"), ({"epochs": "many"}, "epochs")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"learning_rate": -1}, "learning_rate"),
+        ({"gradient_dtype": "float64"}, "gradient_dtype"),
+        ({"run_name": "../escape"}, "run_name"),
+        ({"epochs": "many"}, "epochs"),
+    ],
 )
 def test_deployment_rejects_a_run_that_breaks_a_constraint_when_it_is_created(parameters, named):
     """The deployment's parameter schema carries the constraints: the API refuses the run; none is created."""

@@ -215,9 +215,7 @@ def test_the_hardest_examples_artifact_shows_the_grid_and_the_ranking(tmp_path, 
     images, labels = fashion
     predictions = wrong_every_fifth(labels).astype(np.int16)
     predictions[1] = UNKNOWN  # wrong, in a run that did not record the class
-    examples = HardestExamples(
-        3, np.arange(500, 532), images, labels, predictions, np.arange(900, 932), np.linspace(8, 2, 32), FASHION_MNIST.classes
-    )
+    examples = HardestExamples(3, np.arange(500, 532), images, labels, predictions, np.arange(900, 932), np.linspace(8, 2, 32), FASHION_MNIST.classes)
     grid = render_hardest(images, labels, predictions, examples.mean_norms, examples.classes)
     root = Storage(tmp_path)
     report = HardestReport(root.layout.run("hardest-test").hardest_plot, grid, examples)

@@ -62,7 +62,9 @@ def test_reading_gradients_imports_neither_prefect_nor_tensorflow_nor_the_run_pa
     assert "tapeline.reader" in loaded and heavy == [] and "tapeline.config" not in loaded
     packages = {"tapeline", "tapeline.gradients", "tapeline.storage"}
     assert sorted(set(name for name in loaded if name.startswith("tapeline.")) - packages - {"tapeline.reader"}) == [
-        "tapeline.errors", "tapeline.gradients.schema", "tapeline.storage.layout"
+        "tapeline.errors",
+        "tapeline.gradients.schema",
+        "tapeline.storage.layout",
     ]
 
 

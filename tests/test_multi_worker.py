@@ -55,9 +55,7 @@ def finish(processes: dict[str, subprocess.Popen]) -> dict[str, str]:
 
 def outcomes(processes: dict[str, subprocess.Popen], outputs: dict[str, str]) -> str:
     """Every process's exit code and the end of its output: when one dies, the others only report a closed socket."""
-    return "\n\n".join(
-        f"{name} exited with {process.returncode}:\n{outputs.get(name, '')[-3000:]}" for name, process in processes.items()
-    )
+    return "\n\n".join(f"{name} exited with {process.returncode}:\n{outputs.get(name, '')[-3000:]}" for name, process in processes.items())
 
 
 def tf_config(addresses: list[str], index: int) -> str:
@@ -148,8 +146,12 @@ def test_workers_with_different_jobs_fail_instead_of_hanging(tmp_path):
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = {
         f"worker {index}": subprocess.Popen(
-            [sys.executable, "-c", JOIN, str(tmp_path), f"epochs={index + 1}"], cwd=ROOT,
-            env=os.environ | {"TF_CONFIG": tf_config(addresses, index)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-c", JOIN, str(tmp_path), f"epochs={index + 1}"],
+            cwd=ROOT,
+            env=os.environ | {"TF_CONFIG": tf_config(addresses, index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for index in range(2)
     }
@@ -201,9 +203,7 @@ def test_two_workers_match_one(tmp_path):
     # Only the chief wrote the run's files, and the worker left no temporary checkpoint behind.
     run_dir = Path(config.storage) / "runs" / "two"
     written = [p for p in run_dir.rglob("*")]
-    assert written and all(stat.S_IMODE(p.stat().st_mode) & 0o044 for p in written), [
-        p for p in written if not stat.S_IMODE(p.stat().st_mode) & 0o044
-    ]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) & 0o044 for p in written), [p for p in written if not stat.S_IMODE(p.stat().st_mode) & 0o044]
     assert run_files(run_dir) - {RunPaths(run_dir).cluster_job.name} == run_files(Path(config.storage) / "runs" / "one")
     assert list(scratch.iterdir()) == []
 

@@ -126,9 +126,7 @@ def test_samples_prints_the_predicted_class_beside_the_label(run, capsys):
     directory, _, _ = run
     ranking = rank_samples(directory, top=200).to_pylist()
     rows = cli_rows(capsys, directory)
-    assert [row[1:5] for row in rows] == [
-        [str(r["sample_id"]), str(r["label"]), str(r["latest_predicted"]), str(r["latest_step"])] for r in ranking
-    ]
+    assert [row[1:5] for row in rows] == [[str(r["sample_id"]), str(r["label"]), str(r["latest_predicted"]), str(r["latest_step"])] for r in ranking]
     assert all(r["latest_correct"] == (r["latest_predicted"] == r["label"]) for r in ranking)
     assert any(not r["latest_correct"] for r in ranking) and any(r["latest_correct"] for r in ranking)
 

@@ -72,9 +72,7 @@ def test_simultaneous_challengers_leave_the_best_as_champion(where, tmp_path, re
     promote_if_better(Storage(root), "base", "mnist", "mnist-test", "m", 0.5, margin=0.0)
     accuracies = {f"r{i}": accuracy for i, accuracy in enumerate((0.53, 0.58, 0.51, 0.55, 0.57, 0.52, 0.56, 0.54))}
     results = multiprocessing.Queue()
-    challengers = [
-        multiprocessing.Process(target=_challenge, args=(root, run_id, accuracy, results)) for run_id, accuracy in accuracies.items()
-    ]
+    challengers = [multiprocessing.Process(target=_challenge, args=(root, run_id, accuracy, results)) for run_id, accuracy in accuracies.items()]
     for process in challengers:
         process.start()
     for process in challengers:
@@ -93,11 +91,18 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
         decision = promote_if_better(storage, run_id, "mnist", "mnist-test", "m", accuracy, margin=0.0)
         run_dir = tmp_path / "runs" / run_id
         run_dir.mkdir(parents=True)
-        run_dir.joinpath("run.json").write_text(json.dumps({
-            "run_id": run_id, "finished": "x", "dataset": {"name": "mnist", "sha256": {"train_images": "ab" * 32}},
-            "parameters": {"epochs": 1, "learning_rate": 0.001, "batch_size": 32},
-            "metrics": {"test_accuracy": accuracy}, "promotion": {"promoted": decision.promoted},
-        }))
+        run_dir.joinpath("run.json").write_text(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "finished": "x",
+                    "dataset": {"name": "mnist", "sha256": {"train_images": "ab" * 32}},
+                    "parameters": {"epochs": 1, "learning_rate": 0.001, "batch_size": 32},
+                    "metrics": {"test_accuracy": accuracy},
+                    "promotion": {"promoted": decision.promoted},
+                }
+            )
+        )
     rows = model_registry(storage)
     assert [r["run_id"] for r in rows] == ["20260103-000000-cccccc", "20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
     assert [r["current"] for r in rows] == [False, True, False]

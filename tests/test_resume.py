@@ -123,8 +123,11 @@ def test_resumed_at_a_call_boundary_with_other_call_lengths_matches(setup, unint
     for a, b in zip(weights(uninterrupted), weights(resumed)):
         assert np.array_equal(a, b)
     run_dir, expected = Storage(config.storage).layout.run("boundary").directory, Path(uninterrupted.steps_uri).parent
-    assert read_steps(run_dir).sort_by("step").select(["step", "loss", "global_norm"]).equals(
-        read_steps(expected).sort_by("step").select(["step", "loss", "global_norm"])
+    assert (
+        read_steps(run_dir)
+        .sort_by("step")
+        .select(["step", "loss", "global_norm"])
+        .equals(read_steps(expected).sort_by("step").select(["step", "loss", "global_norm"]))
     )
 
 

@@ -199,7 +199,8 @@ def _session_groups(port: int, server: subprocess.Popen, expected: int, attempts
             answer = urllib.request.urlopen(
                 urllib.request.Request(
                     f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups",
-                    data=json.dumps(request).encode(), headers={"Content-Type": "application/json"},
+                    data=json.dumps(request).encode(),
+                    headers={"Content-Type": "application/json"},
                 ),
                 timeout=30,
             )

@@ -73,8 +73,7 @@ def test_duckdb_reads_the_stats_with_a_plain_select(trained):
     with pytest.raises(WriterStopped), atomic_partition_path(being_written) as partial:
         partial.write_bytes(b"PAR1 half a file")  # what a writer has written so far, or a killed one left
         rows = duckdb.sql(
-            f"SELECT step, epoch, variable, l2_norm FROM read_parquet('{run_dir(result)}/stats/**/*.parquet', "
-            f"hive_partitioning = true) ORDER BY step, variable"
+            f"SELECT step, epoch, variable, l2_norm FROM read_parquet('{run_dir(result)}/stats/**/*.parquet', hive_partitioning = true) ORDER BY step, variable"
         ).fetchall()
         for name in PARTITIONED:  # and every other reader, of every dataset
             assert_every_reader_agrees(str(run_dir(result) / name))

@@ -155,9 +155,7 @@ def _check_shapes(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) ->
         images, labels = f"{split}_images", f"{split}_labels"
         count, *size = shapes[images]
         if tuple(size) != IMAGE_SHAPE[:2]:
-            raise IdxSourceError(
-                f"{files[images].name}: images are {'x'.join(map(str, size))}; the model takes 28x28 pixels, one uint8 channel"
-            )
+            raise IdxSourceError(f"{files[images].name}: images are {'x'.join(map(str, size))}; the model takes 28x28 pixels, one uint8 channel")
         if count == 0:
             raise IdxSourceError(f"{files[images].name} holds no images")
         if count != shapes[labels][0]:

@@ -30,9 +30,7 @@ IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
 
 def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int, refresh: bool = False) -> PreparedData:
     """Write the splits unless the storage root has them already (`refresh` rebuilds them anyway)."""
-    key = content_key(
-        {"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION}
-    )
+    key = content_key({"sha256": files.sha256, "seed": seed, "validation_size": validation_size, "format": FORMAT_VERSION})
     prepared = storage.layout.dataset(files.dataset, key)
     cached = not refresh and storage.exists(prepared.manifest)
     if not cached:

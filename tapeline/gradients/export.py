@@ -56,11 +56,7 @@ def publish_gradients(storage: Storage, trained: TrainedModel) -> GradientExport
     steps = sorted(set(stats.column("step").to_pylist()))
     summary = _summarise(stats, trained.variables)
     reasons = dict(zip(stats.column("step").to_pylist(), stats.column("reason").to_pylist()))
-    anomalies = [
-        {"step": step, "reason": reason}
-        for step, reason in sorted(reasons.items())
-        if "non-finite" in reason or "norm-spike" in reason
-    ]
+    anomalies = [{"step": step, "reason": reason} for step, reason in sorted(reasons.items()) if "non-finite" in reason or "norm-spike" in reason]
     storage.write_json(
         run.gradients_manifest,
         {

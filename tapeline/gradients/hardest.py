@@ -66,9 +66,7 @@ class HardestReport:
     examples: HardestExamples
 
 
-def render_hardest(
-    images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, mean_norms: np.ndarray, classes, title: str = ""
-) -> bytes:
+def render_hardest(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, mean_norms: np.ndarray, classes, title: str = "") -> bytes:
     """A grid of `images` (uint8 [n, 28, 28], in rank order), each titled with its label, prediction and mean norm."""
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -76,8 +74,7 @@ def render_hardest(
     count = len(images)
     if images.ndim != 3 or not count or not (len(labels) == len(predictions) == len(mean_norms) == count):
         raise HardestReportError(
-            f"hardest examples: {images.shape} images need as many labels, predictions and norms, "
-            f"got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
+            f"hardest examples: {images.shape} images need as many labels, predictions and norms, got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
         )
     plt = pyplot()
     columns = min(COLUMNS, count)
@@ -87,9 +84,7 @@ def render_hardest(
     width = tile * (columns + (columns - 1) * 0.12) + 0.2
     height = tile * rows + gap * (rows - 1) + top + bottom
     figure, axes = plt.subplots(rows, columns, figsize=(width, height), dpi=90, squeeze=False)
-    figure.subplots_adjust(
-        left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height, wspace=0.12, hspace=gap / tile
-    )
+    figure.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height, wspace=0.12, hspace=gap / tile)
     for index, axis in enumerate(axes.flat):
         axis.set_axis_off()
         if index >= count:

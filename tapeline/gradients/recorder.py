@@ -79,9 +79,7 @@ def _on_host(tensors: Sequence) -> list[np.ndarray]:
 class _Recording:
     """What both recorders do with a call of many steps (tapeline/training/calls.py): record each in turn."""
 
-    def record_call(
-        self, first_step: int, epoch: int, result, sample_ids: list[np.ndarray]
-    ) -> tuple[int, list[str]]:
+    def record_call(self, first_step: int, epoch: int, result, sample_ids: list[np.ndarray]) -> tuple[int, list[str]]:
         """Record the steps of one call (a calls.CallResult, whose `gradients` are those of its last step);
         (the last step, what was not finite in it).
 

@@ -92,10 +92,7 @@ class Examples:
         """A call's rows, concatenated over its steps, cut back into each step's (`sizes`: the steps' batch sizes)."""
         bounds = np.cumsum(sizes)[:-1]
         columns = {name: np.split(values, bounds) for name, values in self.columns.items()}
-        return [
-            Examples({name: parts[i] for name, parts in columns.items()}, norms)
-            for i, norms in enumerate(np.split(self.squared_norms, bounds))
-        ]
+        return [Examples({name: parts[i] for name, parts in columns.items()}, norms) for i, norms in enumerate(np.split(self.squared_norms, bounds))]
 
     @staticmethod
     def concatenate(examples: list[Examples]) -> Examples:

@@ -37,9 +37,7 @@ def snapshot_step(run, step: int | None = None) -> int:
     if not with_weights:
         raise NoGradientsError(f"{run} recorded no weights: train with --snapshot-weights")
     if step is not None and step not in with_weights:
-        raise NotInRunError(
-            f"run {locate_run(run)[1].run_id} has no snapshot with weights at step {step}; the steps that have one: {spans(with_weights)}"
-        )
+        raise NotInRunError(f"run {locate_run(run)[1].run_id} has no snapshot with weights at step {step}; the steps that have one: {spans(with_weights)}")
     return with_weights[-1] if step is None else step
 
 

@@ -104,9 +104,7 @@ class SnapshotWriter:
     holding an unbounded number of snapshots in memory.
     """
 
-    def __init__(
-        self, storage: Storage, directory: Path, run_id: str, variables: list[str], dtype: str = "float32", max_pending: int = 2
-    ):
+    def __init__(self, storage: Storage, directory: Path, run_id: str, variables: list[str], dtype: str = "float32", max_pending: int = 2):
         self.storage, self.directory, self.run_id, self.variables, self.dtype = storage, directory, run_id, variables, dtype
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None

@@ -35,10 +35,7 @@ def promote_if_better(
             promoted, reason = True, f"the champion was tested on another test set ({champion['dataset']})"
         else:
             promoted = test_accuracy >= champion["test_accuracy"] + margin
-            reason = (
-                f"test accuracy {test_accuracy:.4f} {'>=' if promoted else '<'} "
-                f"champion {champion['test_accuracy']:.4f} + margin {margin:g}"
-            )
+            reason = f"test accuracy {test_accuracy:.4f} {'>=' if promoted else '<'} champion {champion['test_accuracy']:.4f} + margin {margin:g}"
         if not promoted or pointer.swap({**challenger, "promoted": utc_now()}, version):
             return Promotion(promoted=promoted, reason=reason, margin=margin, challenger=challenger, champion=champion)
 

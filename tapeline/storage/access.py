@@ -62,5 +62,3 @@ def _probe_write(storage: str, directory: Path) -> None:
             pass
     except OSError as error:
         raise ConfigError(f"storage {storage!r}: cannot create files in {directory} ({error.strerror or error})") from None
-
-

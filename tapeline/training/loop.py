@@ -189,7 +189,13 @@ def _load_warm_start(model: keras.Model, storage: Storage, warm_start: dict) -> 
 
 
 def open_recorder(
-    config: RunConfig, storage: Storage, run: RunPaths, variables: list[str], optimizer, policy: SnapshotPolicy, writes: bool,
+    config: RunConfig,
+    storage: Storage,
+    run: RunPaths,
+    variables: list[str],
+    optimizer,
+    policy: SnapshotPolicy,
+    writes: bool,
     on_snapshot: Callable | None = None,
 ) -> GradientRecorder | NullRecorder:
     """The run's gradient recorder, keeping the steps `policy` names; on a worker that does not write, one that keeps nothing."""
@@ -318,7 +324,6 @@ def _non_finite(step: int, epoch: int, values: list[str], checkpoint: TrainingCh
 def _epoch_line(row: dict, epochs: int) -> str:
     val = f"val loss {row['val_loss']:.4f} accuracy {row['val_accuracy']:.4f}" if row["val_loss"] is not None else "no validation"
     speed = row["train_samples_per_second"]
-    return (
-        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} accuracy {row['train_accuracy']:.4f}, "
-        f"{val}, {row['seconds']:.1f} s" + (f", {speed:,.0f} samples/s" if speed else "")
+    return f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} accuracy {row['train_accuracy']:.4f}, {val}, {row['seconds']:.1f} s" + (
+        f", {speed:,.0f} samples/s" if speed else ""
     )

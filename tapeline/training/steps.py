@@ -53,9 +53,7 @@ def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile:
     return train_step
 
 
-def make_distributed_train_step(
-    strategy, model, optimizer, loss_metric, accuracy_metric, batch_size: int, per_example: bool = True
-) -> Callable:
+def make_distributed_train_step(strategy, model, optimizer, loss_metric, accuracy_metric, batch_size: int, per_example: bool = True) -> Callable:
     """The same step on `strategy`'s replicas: (the global batch) -> (loss, gradients, examples or None).
 
     Every worker gathers the same global batch (calls.py); each replica, on any

@@ -89,7 +89,8 @@ METRICS = (
     hp.Metric("epoch/train_loss", display_name="train loss", dataset_type=hp.Metric.TRAINING),
     hp.Metric("metrics/test_loss", display_name="test loss"),
     hp.Metric(
-        f"metrics/{NOISE_SCALE_METRIC}", display_name="noise scale (smoothed, median of last epoch)",
+        f"metrics/{NOISE_SCALE_METRIC}",
+        display_name="noise scale (smoothed, median of last epoch)",
         description="the median over the last epoch of the smoothed gradient noise scale: run.json's " + NOISE_SCALE_METRIC,
     ),
 )
