@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from tapeline.data.shape import DataShape
+
 
 @dataclass(frozen=True)
 class DatasetFiles:
@@ -45,6 +47,12 @@ class PreparedData:
     uris: dict[str, str]  # split -> Parquet file
     counts: dict[str, int]
     cached: bool
+    shape: DataShape  # the images' shape and the classes: what the model takes and returns
+
+    @classmethod
+    def from_json(cls, record: dict) -> PreparedData:
+        """Back from `dataclasses.asdict` as JSON (a training job handed to another process)."""
+        return cls(**(record | {"shape": DataShape(**record["shape"])}))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from tapeline.training.loop import train_model
 
 if __name__ == "__main__":
     job = json.loads(open(sys.argv[1]).read())
-    trained = train_model(RunConfig(**job["config"]), PreparedData(**job["data"]), job["run_id"])
+    trained = train_model(RunConfig(**job["config"]), PreparedData.from_json(job["data"]), job["run_id"])
     if len(sys.argv) > 2:
         with open(sys.argv[2], "w") as result:
             json.dump(dataclasses.asdict(trained), result)

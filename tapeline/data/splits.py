@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tapeline.data.idx import IdxError, read_idx_gz
+from tapeline.data.shape import DataShape
 from tapeline.errors import ConfigError
 from tapeline.results import DatasetFiles, PreparedData
 from tapeline.storage.layout import DatasetPaths
@@ -42,6 +43,7 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
         uris={split: storage.uri_of(prepared.split(split)) for split in SPLITS},
         counts={split: manifest["splits"][split]["count"] for split in SPLITS},
         cached=cached,
+        shape=DataShape(IMAGE_SHAPE, files.classes),
     )
 
 
