@@ -23,9 +23,11 @@ from prefect.exceptions import TerminationSignal
 
 from tapeline import config as param  # the parameters' types: constraints and help
 from tapeline.config import RunConfig
+from tapeline.data.sources import data_shape
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError
 from tapeline.flows.prepare import prepare_elsewhere
 from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest
+from tapeline.model import check_model, model_record
 from tapeline.registry.retention import drop_checkpoints
 from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start
 from tapeline.storage.lease import RunLease, RunLeaseHeld
@@ -50,6 +52,7 @@ log_expected_failures_without_traceback()
 def train_flow(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,
+    model: param.Model = RunConfig.model,
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
     prepare_on: param.PrepareOn = RunConfig.prepare_on,
@@ -79,15 +82,15 @@ def train_flow(
     devices: param.Devices = RunConfig.devices,
     accept_unlocked_storage: param.AcceptUnlockedStorage = RunConfig.accept_unlocked_storage,
 ) -> dict:
-    """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
+    """Train a model (the tf.GradientTape example's CNN by default) on a dataset and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
-    check_before_any_stage(config)
+    built = check_before_any_stage(config)
     run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
     if (done := completed(config, run_id)) is not None:  # history: before anything is written, the lease included
         return done
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
-    start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from)
+    start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from, built["variables"])
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
         try:  # again under the lease: the process that held it a moment ago may have completed the run
             return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check))
@@ -124,7 +127,7 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartC
         stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
-    scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
+    scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"], config.model)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
     promotion = stages.run(promote, storage, run_id, files, trained.model_uri, scores["accuracy"], config.promotion_margin)
@@ -136,10 +139,13 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartC
     return manifest
 
 
-def check_before_any_stage(config: RunConfig) -> None:
-    """What a run needs beyond its parameters' own rules: devices and cluster, and a store that keeps writers apart."""
+def check_before_any_stage(config: RunConfig) -> dict:
+    """What a run needs beyond its parameters' own rules: a model that takes the data, devices and cluster, and a
+    store that keeps writers apart. Returns the model's record (run.json's `model`), as built for the data."""
+    model = check_model(config.model, data_shape(config), config.precision)
     check_placement(config)
     require_conditional_writes(config.storage, config.accept_unlocked_storage)
+    return model_record(config.model, model)
 
 
 def main(parameters: dict, prog: str) -> int:

@@ -31,6 +31,7 @@ from tapeline.gradients.schema import GRADIENT_DTYPES
 from tapeline.storage.access import usable_root
 
 DEFAULT_STORAGE = "./artifacts"
+DEFAULT_MODEL = "tapeline.model:cnn"  # the example's CNN (tapeline/model.py)
 STORAGE_ENV = "TAPELINE_STORAGE"
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -62,6 +63,16 @@ Dataset = Annotated[
 Source = Annotated[
     str | None,
     Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
+]
+Model = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="the model: package.module:function or path/to/file.py:function, called as function(input_shape, num_classes), "
+        "or a .keras file (path or URI); default: the example's CNN",
+    ),
+    RESUME,
+    HPARAM,
 ]
 StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
@@ -158,6 +169,7 @@ AcceptUnlockedStorage = Annotated[
 class RunConfig:
     dataset: Dataset = "mnist"
     source: Source = None
+    model: Model = DEFAULT_MODEL
     storage: StorageRoot = None
     run_name: RunName = None
     prepare_on: PrepareOn = None

@@ -37,7 +37,7 @@ def write_run_manifest(
 ) -> dict:
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
-    model_card = write_model_card(storage, run_id, files, trained, scores)
+    model_card = write_model_card(storage, run_id, files, data, trained, scores)
     manifest = {
         "run_id": run_id,
         "status": "completed",
@@ -47,10 +47,12 @@ def write_run_manifest(
         "dataset": {
             "name": files.dataset,
             "sha256": files.sha256,
-            "classes": list(files.classes),
+            "classes": list(data.shape.classes),
+            "image_shape": list(data.shape.image_shape),
             "preprocessed": data.directory,
             "train_samples": samples_used(data.counts["train"], config.train_limit),
         },
+        "model": trained.model,
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,

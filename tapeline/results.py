@@ -66,6 +66,7 @@ class TrainedModel:
     steps_uri: str
     tensorboard_uri: str
     variables: list[str]
+    model: dict  # run.json's `model`: spec, architecture digest, parameter count, trainable variables (tapeline/model.py)
     steps: int
     resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
     warm_start: dict | None  # run.json's `warm_start`: the run whose weights training started from, and why (registry/warm_start.py)

@@ -287,7 +287,7 @@ def test_warm_start_begins_at_the_champions_weights(trained):
     config, data, result = trained
     storage = Storage(config.storage)
     promote_if_better(storage, result.run_id, config.dataset, "tiny-test", result.model_uri, 0.5, margin=0.0, train_set="tiny-train")
-    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None)
+    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None, variables=[])
     assert choice.record("other-train") == {  # a champion trained on other data is no start
         "from": None, "model": None, "reason": f"the champion, run {result.run_id}, was trained on other training data",
     }  # fmt: skip

@@ -26,11 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.config import RESUME, RunConfig, parameters_with
+from tapeline.data.shape import DataShape
 from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
-from tapeline.model import build_model
+from tapeline.model import ModelSpec, architecture_digest, model_record
 from tapeline.results import PreparedData, TrainedModel
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage
@@ -83,17 +84,17 @@ def train_model(
 
     with strategy.scope() if strategy else tf.device(devices[0]):
         # Build, then restore: another run's weights for a warm start, this run's checkpoint for a resume.
-        model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, strategy)
+        model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, data.shape, strategy)
         if warm_start and warm_start["from"]:
             _load_warm_start(model, storage, warm_start)
-        resume_parameters = _resume_parameters(config, data)
-        shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
+        resume_parameters = _resume_parameters(config, data, model)
+        shadow = model_and_optimizer(config, data.shape) if strategy is None else None  # checkpoints written in the background from it
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
-        variables = [v.path for v in model.trainable_variables]
-        trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
+        trained = _trained_model(storage, run, devices, cluster, model_record(config.model, model), warm_start, step, history)
+        variables = trained.variables
         summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
@@ -141,9 +142,10 @@ def _place(
     return devices, cluster, strategy
 
 
-def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
-    """The model, its optimizer, the compiled steps and their metrics; call in the device's or the strategy's scope."""
-    model, optimizer = model_and_optimizer(config)
+def build_training(config: RunConfig, shape: DataShape, strategy: tf.distribute.Strategy | None = None) -> Training:
+    """The model for data of `shape`, its optimizer, the compiled steps and their metrics; call in the device's or
+    the strategy's scope."""
+    model, optimizer = model_and_optimizer(config, shape)
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
@@ -153,9 +155,9 @@ def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = 
     return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
 
 
-def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    """The model and its optimizer, its slots created (so a checkpoint can fill them)."""
-    model = build_model(config.precision)
+def model_and_optimizer(config: RunConfig, shape: DataShape) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The run's model for data of `shape` and its optimizer, its slots created (so a checkpoint can fill them)."""
+    model = ModelSpec(config.model).build(shape, config.precision)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -163,20 +165,22 @@ def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizer
     return model, optimizer
 
 
-def _resume_parameters(config: RunConfig, data: PreparedData) -> dict:
-    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME and the prepared data."""
-    return {p.name: getattr(config, p.name) for p in parameters_with(RESUME)} | {"data": Path(data.directory).name}
+def _resume_parameters(config: RunConfig, data: PreparedData, model: keras.Model) -> dict:
+    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME, the prepared data
+    and the model's architecture (a spec's file may have changed since)."""
+    recorded = {p.name: getattr(config, p.name) for p in parameters_with(RESUME)}
+    return recorded | {"data": Path(data.directory).name, "architecture": architecture_digest(model)}
 
 
 def _trained_model(
     storage: Storage, run: RunPaths, devices: list[str], cluster: Cluster | None,
-    variables: list[str], warm_start: dict | None, resumed_from: int, history: list[dict],
+    model: dict, warm_start: dict | None, resumed_from: int, history: list[dict],
 ) -> TrainedModel:  # fmt: skip
     """What the run reports before its first step: where it writes, on what it trains, where it starts from."""
     return TrainedModel(
         run_id=run.run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
         model_uri=None, gradients_uri=storage.uri_of(run.gradients), steps_uri=storage.uri_of(run.steps),
-        tensorboard_uri=storage.uri_of(run.tensorboard), variables=variables,
+        tensorboard_uri=storage.uri_of(run.tensorboard), variables=[v["name"] for v in model["variables"]], model=model,
         steps=resumed_from, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
         role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
     )  # fmt: skip

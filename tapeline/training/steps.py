@@ -11,11 +11,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tapeline.data.splits import IMAGE_SHAPE
 from tapeline.gradients.per_example import TappedModel, example_columns, packed
 from tapeline.model import mean_loss, per_example_loss
 
-BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
+
+def batch_spec(model: keras.Model) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    """The compiled steps' input signature: a batch of the model's input (as `model.inputs` declares it) and its labels."""
+    (image,) = model.inputs
+    return tf.TensorSpec([None, *image.shape[1:]], image.dtype), tf.TensorSpec([None], tf.uint8)
 
 
 def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True) -> Callable:
@@ -31,7 +34,7 @@ def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile:
     """
     tapped = TappedModel(model) if per_example else None
 
-    @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
+    @tf.function(input_signature=batch_spec(model), jit_compile=jit_compile)
     def train_step(x, y):
         scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
@@ -155,7 +158,7 @@ def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
 
 
 def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
-    @tf.function(input_signature=BATCH_SPEC)
+    @tf.function(input_signature=batch_spec(model))
     def eval_step(x, y):
         logits = model(x, training=False)
         # Per-example losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.
