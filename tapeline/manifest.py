@@ -48,6 +48,8 @@ def write_run_manifest(
             "name": files.dataset,
             "sha256": files.sha256,
             "classes": list(files.classes),
+            "image_shape": list(data.shape.image_shape),
+            "test_split": files.test_split,
             "preprocessed": data.directory,
             "train_samples": samples_used(data.counts["train"], config.train_limit),
         },
