@@ -36,12 +36,14 @@ def test_cli_trains_on_an_idx_directory_and_records_its_digests(tmp_path, capsys
     manifest = json.loads((storage / "runs" / "own" / "run.json").read_text())
     assert manifest["dataset"]["name"] == IDX and manifest["dataset"]["sha256"] == digests
     assert manifest["dataset"]["classes"] == list(CLASSES)
+    assert manifest["dataset"]["image_shape"] == [28, 28, 1] and manifest["dataset"]["test_split"] is None
     assert manifest["parameters"]["source"] == str(own.resolve())
     assert manifest["metrics"]["epochs"][0]["train_loss"] > 0  # 250 samples: 8 steps of 32
     card = json.loads(Path(manifest["uris"]["model_card"]).read_text())
     assert card["classes"] == list(CLASSES) and card["dataset"]["sha256"] == digests
     splits = json.loads(Path(manifest["dataset"]["preprocessed"] + ".manifest.json").read_text())
     assert splits["dataset"] == IDX and splits["source_sha256"] == digests
+    assert splits["shape"] == {"image_shape": [28, 28, 1], "classes": list(CLASSES)}
     assert capsys.readouterr().out.strip().endswith(str(storage / "runs" / "own" / "run.json"))
 
 
