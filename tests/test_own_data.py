@@ -264,3 +264,14 @@ def test_a_bad_source_is_one_line_and_exit_2_before_any_stage(tmp_path, capsys, 
         make(source)
     err = refused(tmp_path, capsys, *flags, *(["--source", str(source)] if flags[1] != "mnist" and make else []))
     assert message in err, err
+
+
+def test_the_command_sizes_the_training_split_of_an_image_folder_before_tensorflow_and_prefect_load(tmp_path):
+    from tests.test_first_contact import HEAVY, run_with_imports
+
+    image_folder(tmp_path / "pets", {"cat": 2, "dog": 2})
+    flags = ["--dataset", "images", "--source", str(tmp_path / "pets"), "--storage", str(tmp_path / "store"), "--validation-size", "1"]
+    result, packages = run_with_imports(["flows/train.py", *flags, "--batch-size", "4"])
+    assert result.returncode == 2 and not packages & HEAVY, result.stderr
+    assert result.stderr == "flows/train.py: error: batch_size 4 is larger than the training split's 3 samples (4 less validation_size 1)\n"
+    assert not (tmp_path / "store").exists()
