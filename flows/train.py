@@ -52,6 +52,8 @@ log_expected_failures_without_traceback()
 def train_flow(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,
+    image_size: param.ImageSize = RunConfig.image_size,
+    channels: param.Channels = RunConfig.channels,
     model: param.Model = RunConfig.model,
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
@@ -116,7 +118,7 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartC
         stages.run(prepare_elsewhere, config)
     refresh = config.refresh and not config.prepare_on  # a refresh there is not repeated here
 
-    files = stages.run(download, config.dataset, config.source, storage, refresh)
+    files = stages.run(download, config.data, storage, refresh)
     data = stages.run(preprocess, files, storage, config.seed, config.validation_size, refresh)
     warm_start = start.record(files.train_set) if start else None  # the training data is known now
     if warm_start and warm_start["from"] is None:

@@ -49,6 +49,7 @@ def write_run_manifest(
             "sha256": files.sha256,
             "classes": list(data.shape.classes),
             "image_shape": list(data.shape.image_shape),
+            "test_split": files.test_split,
             "preprocessed": data.directory,
             "train_samples": samples_used(data.counts["train"], config.train_limit),
         },

@@ -17,6 +17,7 @@ from tapeline.data.fetch import fetch_dataset
 from tapeline.data.idx import encode_idx
 from tapeline.data.idx_source import FILE_NAMES as IDX_FILE_NAMES
 from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile
+from tapeline.data.shape import DataShape
 from tapeline.data.splits import prepare
 from tapeline.results import PreparedData
 from tapeline.storage.root import Storage
@@ -53,7 +54,8 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
         archive = gzip.compress(idx, mtime=0)
         (directory / FILE_NAMES[split]).write_bytes(archive)
         files[split] = DatasetFile(FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest())
-    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
+    shape = DataShape((*arrays["train_images"].shape[1:3], 1), tuple("0123456789"))
+    return Dataset(name="tiny", mirrors=(), files=files, shape=shape, train_count=len(arrays["train_labels"]))
 
 
 def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
