@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tapeline.data.arrays import label_dtype
 from tapeline.gradients.per_example import TappedModel, example_columns, packed
 from tapeline.model import mean_loss, per_example_loss
 
@@ -18,7 +19,7 @@ from tapeline.model import mean_loss, per_example_loss
 def batch_spec(model: keras.Model) -> tuple[tf.TensorSpec, tf.TensorSpec]:
     """The compiled steps' input signature: a batch of the model's input (as `model.inputs` declares it) and its labels."""
     (image,) = model.inputs
-    return tf.TensorSpec([None, *image.shape[1:]], image.dtype), tf.TensorSpec([None], tf.uint8)
+    return tf.TensorSpec([None, *image.shape[1:]], image.dtype), tf.TensorSpec([None], label_dtype(model.output_shape[-1]))
 
 
 def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True) -> Callable:
