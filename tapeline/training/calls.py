@@ -3,12 +3,12 @@
 A call runs the unchanged compiled step (steps.py) up to k times inside one
 `tf.function`, gathering each batch in the graph from the in-memory split by the
 epoch's index order (batches.py: a function of (seed, epoch), so a resumed run
-continues at the exact batch), and returns each step's values (by their `steps/`
-columns: schema.STEP_COLUMNS) and statistics stacked, with the gradients of its last step. The host knows in advance where
-it must act (a snapshot, a checkpoint, an epoch's end: `call_length` ends the call
-there); what it cannot know, a non-finite value or a norm spike, the device decides
-(`AnomalyWatch`) and ends the call early at that step, so its gradients are the
-ones returned.
+continues at the exact batch), and returns each step's values, by their `steps/`
+column names (schema.STEP_COLUMNS), and statistics stacked, with the gradients of
+its last step. The host knows in advance where it must act (a snapshot, a
+checkpoint, an epoch's end: `call_length` ends the call there); what it cannot
+know, a non-finite value or a norm spike, the device decides (`AnomalyWatch`) and
+ends the call early at that step, so its gradients are the ones returned.
 
 Under a distribution strategy the call is the same: the step it runs hands each
 replica its slice of the global batch (steps.make_distributed_train_step).
