@@ -261,13 +261,13 @@ class StepLoop:
             self.recorder.before_step(step + 1, self.model.trainable_variables)
             batch = step - (epoch - 1) * self.steps_per_epoch
             result = self.calls(batch, count)
-            ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(len(result.losses))]
+            ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(result.steps)]
             last, non_finite = self.recorder.record_call(step + 1, epoch, result, ids)
             if non_finite:
                 raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
             if self.summaries:
                 self.summaries.call(step + 1, result)  # TensorBoard
-            for done, loss in zip(range(step + 1, last + 1), result.losses.tolist()):
+            for done, loss in zip(range(step + 1, last + 1), result.values["loss"].tolist()):
                 self._step_done(done, loss)
             clock.call_done(sum(len(batch_ids) for batch_ids in ids))
             step = last
