@@ -203,14 +203,15 @@ def test_the_flow_exits_2_on_a_file_the_header_check_passes_and_leaves_no_run(wh
     """Refused once started (the download stage reads the whole file): no lease, no empty run directory is left."""
     own = tmp_path / "own"
     write_own_dir(own, tiny_arrays())
-    label_ten(own)
+    path = own / FILE_NAMES["test_images"]  # read after the training files; its header is good: only reading
+    path.write_bytes(path.read_bytes()[:-5])  # the whole file finds the missing bytes
     root = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3").uri(f"refused-{tmp_path.name}")
     monkeypatch.setenv("TAPELINE_WORKDIR", str(tmp_path / "work"))
     code = main(["train", "--dataset", "idx", "--source", str(own), "--storage", root, "--run-name", "bad", "--validation-size", "50"])
     err = capsys.readouterr().err
-    assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: ") and "has label 10" in err.splitlines()[-1], err
+    assert code == 2 and err.splitlines()[-1].startswith("tapeline train: error: ") and "needs 78416" in err.splitlines()[-1], err
     assert stored_under(root, "runs") == []
-    assert stored_under(root, "cache/idx")  # the stage did start: the files it read are in the cache
+    assert stored_under(root, "cache/idx")  # the stage did start: the files it read before are in the cache
 
 
 def test_each_directory_is_its_own_test_set_for_promotion(tmp_path):
