@@ -73,7 +73,8 @@ def render_hardest(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     count = len(images)
-    if images.ndim not in (3, 4) or images.ndim == 4 and images.shape[-1] != 3 or not count or not (len(labels) == len(predictions) == len(mean_norms) == count):
+    shaped = images.ndim == 3 or images.ndim == 4 and images.shape[-1] == 3
+    if not shaped or not count or not (len(labels) == len(predictions) == len(mean_norms) == count):
         raise HardestReportError(
             f"hardest examples: {images.shape} images need as many labels, predictions and norms, got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
         )
