@@ -29,6 +29,7 @@ class Call:
     inputs: tuple
     targets: tuple
     deltas: tuple = ()
+    values: tuple = ()  # for a rule that `reads_variables`: their values as the forward pass read them
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,14 @@ class Rule:
         computation stays the layer's) and says what it recorded.
     squared_norms(layer, calls) -> [B] per variable, over all of the layer's calls in the step.
     refuses(layer) -> a reason this layer takes the fallback instead, or None.
+    reads_variables: its norms need the variables' values, read before the step updates them (`Call.values`).
     """
 
     variables: Callable[[keras.layers.Layer], list]
     forward: Callable[..., tuple]
     squared_norms: Callable[[keras.layers.Layer, list[Call]], list[tf.Tensor]]
     refuses: Callable[[keras.layers.Layer], str | None] = lambda layer: None
+    reads_variables: bool = False
 
 
 # --- shared pieces -----------------------------------------------------------------------------------------------
@@ -168,7 +171,8 @@ def grouped_squared_norms(patches: tf.Tensor, d: tf.Tensor, groups: int) -> tf.T
         return outer_squared_norms(tf.reshape(patches, [batch, positions, offsets * channels]), d)
     patches = tf.reshape(patches, [batch, positions, offsets, groups, channels // groups])
     patches = tf.reshape(tf.transpose(patches, [0, 3, 1, 2, 4]), [batch * groups, positions, offsets * channels // groups])
-    d = tf.reshape(tf.transpose(tf.reshape(d, [batch, positions, groups, -1]), [0, 2, 1, 3]), [batch * groups, positions, -1])
+    per_group = d.shape[-1] // groups
+    d = tf.reshape(tf.transpose(tf.reshape(d, [batch, positions, groups, per_group]), [0, 2, 1, 3]), [batch * groups, positions, per_group])
     return tf.reduce_sum(tf.reshape(outer_squared_norms(patches, d), [batch, groups]), axis=1)
 
 
@@ -280,20 +284,25 @@ def _fallback_forward(layer, call, args, kwargs) -> tuple:
 
 def _fallback_norms(layer, calls: list[Call]) -> list[tf.Tensor]:
     """Per example, the VJP of the layer's own call with respect to its variables, given (aᵢ, δᵢ); summed over
-    the layer's calls. Exact when the layer treats examples independently (every tensor argument batch-major)."""
-    variables = layer.trainable_variables
+    the layer's calls. Exact when the layer treats examples independently (every tensor argument batch-major).
+
+    The call runs on the variables' values as the forward pass read them (`Call.values`, in a
+    `keras.StatelessScope`), so the step may update the variables before this runs.
+    """
+    variables, values = layer.trainable_variables, list(calls[0].values)
     structures = [c.inputs for c in calls]
     tensors = [[t for t in tf.nest.flatten(s) if tf.is_tensor(t)] for s in structures]
 
     def example(slices):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            tape.watch(values)
             total = 0.0
             for structure, (inputs, deltas) in zip(structures, slices):
                 rows = iter([t[None] for t in inputs])
                 args, kwargs = tf.nest.pack_sequence_as(structure, [next(rows) if tf.is_tensor(t) else t for t in tf.nest.flatten(structure)])
                 outputs = [t for t in tf.nest.flatten(layer(*args, **kwargs)) if tf.is_tensor(t) and t.dtype.is_floating]
                 total += sum(tf.reduce_sum(_f32(o) * d[None]) for o, d in zip(outputs, deltas))
-        gradients = tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        gradients = tape.gradient(total, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return tf.stack([tf.reduce_sum(tf.square(_f32(tf.convert_to_tensor(g)))) for g in gradients])
 
     elems = [(inputs, list(c.deltas)) for inputs, c in zip(tensors, calls)]
@@ -318,7 +327,7 @@ def _has_control_flow(fn, elems) -> bool:
     return any(op.type in ("While", "StatelessWhile", "If", "StatelessIf") for op in graph.get_operations())
 
 
-FALLBACK = Rule(variables=lambda layer: list(layer.trainable_variables), forward=_fallback_forward, squared_norms=_fallback_norms)
+FALLBACK = Rule(lambda layer: list(layer.trainable_variables), _fallback_forward, _fallback_norms, reads_variables=True)
 
 # Exact types: a subclass may compute something else in its `call`, so it takes the fallback.
 RULES: dict[type, Rule] = {

@@ -46,6 +46,7 @@ class Taps:
 
     batch_size: tf.Tensor
     calls: list[tuple[int, Call]] = field(default_factory=list)  # (unit index, call)
+    values: dict[int, tuple] = field(default_factory=dict)  # unit index -> its variables' values, read before the forward pass
 
     @property
     def targets(self) -> list[tf.Tensor]:
@@ -80,6 +81,7 @@ class PerExamplePlan:
         if self.unsupported:
             raise ValueError(f"per-example norms: {self.unsupported}")
         taps = Taps(batch_size=tf.shape(tf.nest.flatten(x)[0])[0])
+        taps.values = {i: tuple(tf.identity(v) for v in u.layer.trainable_variables) for i, u in enumerate(self.units) if u.rule.reads_variables}
         with self._installed():
             self._recording[threading.get_ident()] = taps
             try:
@@ -99,7 +101,8 @@ class PerExamplePlan:
         by_unit = [[] for _ in self.units]
         for index, call in taps.calls:
             deltas = [tf.zeros_like(t) if g is None else g for t, g in zip(call.targets, gradients)]  # a target the loss ignores
-            by_unit[index].append(Call(call.inputs, call.targets, tuple(tf.cast(d, tf.float32) * per_example_scale for d in deltas)))
+            scaled = tuple(tf.cast(d, tf.float32) * per_example_scale for d in deltas)
+            by_unit[index].append(Call(call.inputs, call.targets, scaled, taps.values.get(index, ())))
         columns = {}
         for unit, calls in zip(self.units, by_unit):
             norms = unit.rule.squared_norms(unit.layer, calls) if calls else [tf.zeros([taps.batch_size])] * len(unit.columns)
@@ -140,22 +143,31 @@ def _tapped_call(plan: PerExamplePlan, index: int, unit: Unit, call):
 
 def per_example_plan(model: keras.Model) -> PerExamplePlan:
     """The rules covering `model`'s trainable variables, each exactly once (a ValueError names any that is not)."""
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
-    coupling = [f"{layer.name} ({type(layer).__name__}) {reason}" for layer in layers for kind, reason in COUPLING.items() if isinstance(layer, kind) and layer.trainable]
     found = list({id(layer): (layer, rule) for layer, rule in _units(model, top=True)}.values())  # a layer met twice
     order = {id(v): i for i, v in enumerate(model.trainable_variables)}
     units, covered = [], {}
     for layer, rule in found:
         columns = tuple(order.get(id(v), -1) for v in rule.variables(layer))
         for v, column in zip(rule.variables(layer), columns):
-            if column < 0 or column in covered:
-                raise ValueError(f"per-example norms: variable {v.path} of layer {layer.name} is {'also in ' + covered[column] if column in covered else 'not a trainable variable of the model'}")
+            if column < 0:
+                raise ValueError(f"per-example norms: variable {v.path} of layer {layer.name} is not a trainable variable of the model")
+            if column in covered:
+                raise ValueError(f"per-example norms: variable {v.path} is in layers {covered[column]} and {layer.name}")
             covered[column] = layer.name
         units.append(Unit(layer, rule, columns))
     missing = [v.path for i, v in enumerate(model.trainable_variables) if i not in covered]
     if missing:
         raise ValueError(f"per-example norms: no layer's rule covers {', '.join(missing)}")
-    return PerExamplePlan(model, units, coupling[0] if coupling else None)
+    return PerExamplePlan(model, units, _coupling(model))
+
+
+def _coupling(model: keras.Model) -> str | None:
+    """Why one example's gradient depends on the others' (a layer that couples them in training), or None."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for kind, reason in COUPLING.items():
+            if isinstance(layer, kind) and layer.trainable:
+                return f"{layer.name} ({type(layer).__name__}) {reason}"
+    return None
 
 
 def _same(variables: list, others: list) -> bool:
