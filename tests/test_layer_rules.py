@@ -38,8 +38,9 @@ def brute_force(model, x, y) -> np.ndarray:
     """[B, variables]: each example's own gradient of its own loss, one tape per example, its squared norm per variable."""
     rows = []
     for i in range(len(y)):
+        example = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], x)
         with tf.GradientTape() as tape:
-            loss = per_example_loss(y[i : i + 1], model(tf.nest.map_structure(lambda t: t[i : i + 1], x), training=True))
+            loss = per_example_loss(y[i : i + 1], model(example, training=True))
         gradients = tape.gradient(loss, model.trainable_variables)
         rows.append([np.sum(np.square(tf.convert_to_tensor(g).numpy().astype(np.float64))) for g in gradients])
     return np.array(rows)
@@ -85,7 +86,7 @@ def test_dense_on_features_and_on_sequences_by_gram_and_by_per_example_gradient(
     [
         ((12, 4), [layers.Conv1D(6, 3, strides=2, padding="same", groups=2, activation="relu"), layers.Conv1D(4, 2, padding="causal", dilation_rate=2)]),
         ((9, 8, 4), [layers.Conv2D(6, 3, strides=(2, 1), padding="same", groups=2, activation="relu"), layers.Conv2D(4, (2, 3), dilation_rate=2)]),
-        ((9, 9, 3), [layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), layers.DepthwiseConv2D((2, 3), dilation_rate=(2, 1))]),
+        ((9, 9, 3), [layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), layers.DepthwiseConv2D(2, dilation_rate=2)]),
         ((8, 8, 3), [layers.SeparableConv2D(5, 3, padding="same", depth_multiplier=2, activation="relu"), layers.SeparableConv2D(4, 2, strides=2)]),
     ],
     ids=["conv1d", "conv2d", "depthwise", "separable"],
