@@ -80,8 +80,8 @@ class PerExamplePlan:
         """
         if self.unsupported:
             raise ValueError(f"per-example norms: {self.unsupported}")
-        taps = Taps(batch_size=tf.shape(tf.nest.flatten(x)[0])[0])
-        taps.values = {i: tuple(tf.identity(v) for v in u.layer.trainable_variables) for i, u in enumerate(self.units) if u.rule.reads_variables}
+        values = {i: tuple(tf.identity(v) for v in u.layer.trainable_variables) for i, u in enumerate(self.units) if u.rule.reads_variables}
+        taps = Taps(batch_size=tf.shape(tf.nest.flatten(x)[0])[0], values=values)
         with self._installed():
             self._recording[threading.get_ident()] = taps
             try:
