@@ -138,6 +138,22 @@ def check_model(spec: str, shape: DataShape, precision: str) -> keras.Model:
     return model
 
 
+# Layers whose gradient XLA has no deterministic implementation of (TensorFlow 2.21): --deterministic needs them
+# compiled without XLA.
+NOT_DETERMINISTIC_UNDER_XLA = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D)
+
+
+def check_determinism(spec: str, model: keras.Model, deterministic: bool, jit_compile: bool) -> None:
+    """ModelError when --deterministic asks XLA for a gradient it has no deterministic implementation of."""
+    if not (deterministic and jit_compile):
+        return
+    layer = next((layer for layer in model._flatten_layers() if isinstance(layer, NOT_DETERMINISTIC_UNDER_XLA)), None)
+    if layer is not None:
+        raise ModelError(
+            f"model {spec!r}: {layer.name} ({type(layer).__name__}) has no deterministic gradient under XLA; with --deterministic, add --no-jit-compile"
+        )
+
+
 def model_record(spec: str, model: keras.Model) -> dict:
     """run.json's `model`: the spec, a digest of the architecture, the parameter count, the trainable variables in order."""
     variables = [{"name": v.path, "shape": list(v.shape)} for v in model.trainable_variables]

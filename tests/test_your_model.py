@@ -206,3 +206,12 @@ def test_batch_normalization_trains_with_per_example_norms_off_and_one_line(tmp_
     assert main(parse_train_args([*flags, "--devices", "2"]), "tapeline train") == 2
     refused = f"tapeline train: error: --devices 2 would train another model than one device: {reason}; train on one device"
     assert capsys.readouterr().err.splitlines() == [refused]
+
+
+def test_deterministic_xla_refuses_a_max_pooling_model_before_any_stage(tmp_path, capsys):
+    flags = ["--dataset", "fashion-mnist", "--storage", str(tmp_path), "--model", f"{EXAMPLES}:small_convnet", "--deterministic"]
+    assert main(parse_train_args(flags), "tapeline train") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tapeline train: error: model '{EXAMPLES}:small_convnet': max_pooling2d (MaxPooling2D) has no deterministic gradient "
+        "under XLA; with --deterministic, add --no-jit-compile"
+    ]
