@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tapeline.cli import parse_train_args
@@ -215,3 +216,20 @@ def test_deterministic_xla_refuses_a_max_pooling_model_before_any_stage(tmp_path
         f"tapeline train: error: model '{EXAMPLES}:small_convnet': max_pooling2d (MaxPooling2D) has no deterministic gradient "
         "under XLA; with --deterministic, add --no-jit-compile"
     ]
+
+
+def test_a_keras_file_gives_its_architecture_and_starting_weights(tmp_path):
+    saved = ModelSpec(f"{EXAMPLES}:small_convnet").build(DataShape((32, 32, 3), ("a", "b")))
+    saved.save(tmp_path / "start.keras")
+    model = check_model(str(tmp_path / "start.keras"), DataShape((32, 32, 3), ("a", "b")), "float32")
+    assert [v.path for v in model.trainable_variables] == [v.path for v in saved.trainable_variables]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.trainable_variables, saved.trainable_variables))
+    with pytest.raises(ModelError, match="a .keras file computes in the precision it was saved with; train it with --precision float32"):
+        check_model(str(tmp_path / "start.keras"), DataShape((32, 32, 3), ("a", "b")), "mixed_bfloat16")
+
+
+def test_a_model_of_ones_own_trains_in_mixed_precision_with_exact_norms(tmp_path):
+    config, data = tiny_prepared(tmp_path, model=f"{EXAMPLES}:simple_model", epochs=1, validation_size=50, precision="mixed_bfloat16")
+    trained = train_model(config, data, "mixed")
+    assert trained.model["per_example"]["norms"] and np.isfinite(trained.epochs[-1]["train_loss"])
+    assert trained.model["variables"][0] == {"name": "simple_model/conv2d/kernel", "shape": [3, 3, 1, 32]}  # float32 variables
