@@ -1,7 +1,6 @@
 """A full disk in the middle of a run, on a real tmpfs, through `tapeline train` as a process: one line, exit 1,
 nothing half-written; given space, the rerun resumes and leaves nothing behind."""
 
-import gc
 import os
 import subprocess
 import sys
@@ -19,43 +18,10 @@ from tapeline.storage.layout import RunPaths
 from tapeline.storage.lease import RunLease
 from tapeline.storage.root import TEMP_SUFFIX, Storage, StorageFull
 from tapeline.training.summaries import RunSummaries
-from tests.helpers import tiny_arrays
-from tests.test_idx_source import write_own_dir
+from tests.helpers import fill, tiny_arrays, write_own_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(megabytes): a new tmpfs of that size, unmounted after the test."""
-    mounted = []
-
-    def mount(megabytes: int) -> Path:
-        directory = tmp_path / f"disk{len(mounted)}"
-        directory.mkdir()
-        options = f"size={megabytes}m,uid={os.getuid()},gid={os.getgid()}"
-        subprocess.run([*_as_root(), "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True)
-        mounted.append(directory)
-        return directory
-
-    yield mount
-    gc.collect()  # a failed write's exception, in a reference cycle, may still hold its (deleted) file open
-    for directory in mounted:
-        subprocess.run([*_as_root(), "umount", str(directory)], check=True)
-
-
-def _as_root() -> list[str]:
-    return [] if os.geteuid() == 0 else ["sudo", "-n"]
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """A file that takes all the free space of `disk` but `leave` bytes; delete it to give the space back."""
-    status = os.statvfs(disk)
-    filler = disk / "filler"
-    with filler.open("wb") as handle:
-        os.posix_fallocate(handle.fileno(), 0, status.f_bavail * status.f_frsize - leave)
-    return filler
 
 
 @pytest.fixture
