@@ -42,6 +42,7 @@ from tapeline.tasks.promote import promote, publish_model_registry
 from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help
 from tapeline.tasks.train import train
 from tapeline.training.devices import check_placement
+from tapeline.training.loop import coupling
 from tapeline.training.summaries import write_run_metrics
 
 log_expected_failures_without_traceback()
@@ -145,6 +146,8 @@ def check_before_any_stage(config: RunConfig) -> dict:
     """What a run needs beyond its parameters' own rules: a model that takes the data, devices and cluster, and a
     store that keeps writers apart. Returns the model's record (run.json's `model`), as built for the data."""
     model = check_model(config.model, data_shape(config), config.precision)
+    if config.devices > 1 and (coupled := coupling(model)[1]):
+        raise ConfigError(f"--devices {config.devices} would train another model than one device: {coupled}; train on one device")
     check_placement(config)
     require_conditional_writes(config.storage, config.accept_unlocked_storage)
     return model_record(config.model, model)

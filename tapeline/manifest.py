@@ -70,7 +70,7 @@ def write_run_manifest(
             "gradients": exported.uri,
             "steps": trained.steps_uri,
             "stats": storage.uri_of(run.stats),
-            "samples": storage.uri_of(run.samples) if config.per_example_norms else None,
+            "samples": storage.uri_of(run.samples) if trained.model["per_example"]["norms"] else None,
             "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },

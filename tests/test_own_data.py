@@ -4,7 +4,6 @@ Every dataset here is real files written by the test (PNG by Pillow, Parquet by 
 download and preprocess stages' library functions, and the Parquet splits read back.
 """
 
-import io
 import json
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from tapeline.cli import parse_train_args
 from tapeline.config import RunConfig
@@ -27,29 +25,7 @@ from tapeline.data.splits import prepare, read_split
 from tapeline.errors import ConfigError
 from tapeline.storage.layout import manifest_path
 from tapeline.storage.root import Storage
-from tests.helpers import tiny_arrays, write_own_dir
-
-
-def pictures(n: int, shape: tuple[int, ...], label: int, seed: int) -> list[np.ndarray]:
-    """`n` uint8 images of `shape` (height, width[, channels]) whose mean brightness says their class."""
-    rng = np.random.default_rng(seed)
-    return [np.clip(rng.integers(0, 60, shape) + 40 * label, 0, 255).astype(np.uint8) for _ in range(n)]
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array).save(path)
-
-
-def image_folder(directory: Path, classes: dict[str, int], shape=(12, 10, 3), split=True, seed=0) -> dict[str, list[np.ndarray]]:
-    """PNG files, `classes[name]` per class (train/ and test/ with 2 more each when `split`); the arrays by split."""
-    written = {"train": [], "test": []}
-    for label, (name, count) in enumerate(sorted(classes.items())):
-        for part, n in (("train", count), ("test", 2)) if split else (("", count),):
-            for i, array in enumerate(pictures(n, shape, label, seed + 17 * label + len(part))):
-                write_png(directory / part / name / f"{i:03d}.png", array)
-                written[part or "train"].append(array)
-    return written
+from tests.helpers import hub_parquet, image_folder, pictures, tiny_arrays, write_own_dir, write_png
 
 
 def prepared(request: DataRequest, storage: Storage, seed=0, validation_size=2):
@@ -152,35 +128,6 @@ def test_what_only_decoding_every_image_shows_is_one_line_from_the_download_stag
     with pytest.raises(SourceError, match="^[^\n]*$") as raised:
         fetch_files(DataRequest(IMAGES, str(folder)), Storage(tmp_path / "store"))
     assert isinstance(raised.value, ConfigError) and message.format(d=folder) in str(raised.value)  # ConfigError: exit 2
-
-
-def hub_parquet(directory: Path, classes: list[str] | None, shape=(8, 8, 3), counts=(("train", 10), ("test", 4)), tensor=False) -> dict:
-    """The Hub's layout: data/<split>-00000-of-00001.parquet, images as PNG bytes (or a tensor column), ClassLabel names."""
-    written = {}
-    features = {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}
-    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if classes else None
-    for split, n in counts:
-        labels = np.arange(n) % (len(classes) if classes else 3)
-        arrays = [pictures(1, shape, int(label), i)[0] for i, label in enumerate(labels)]
-        if tensor:
-            image = pa.ExtensionArray.from_storage(
-                pa.fixed_shape_tensor(pa.uint8(), list(shape)), pa.FixedSizeListArray.from_arrays(pa.array(np.stack(arrays).reshape(-1)), int(np.prod(shape)))
-            )
-        else:
-            image = pa.array(
-                [{"bytes": png_bytes(a), "path": f"{i}.png"} for i, a in enumerate(arrays)], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-            )
-        table = pa.table({"image": image, "label": pa.array(labels, pa.int64())}).replace_schema_metadata(metadata)
-        (directory / "data").mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, directory / "data" / f"{split}-00000-of-00001.parquet")
-        written[split] = (np.stack(arrays), labels)
-    return written
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_hub_parquet_files_of_encoded_images_take_their_class_names_from_the_metadata(tmp_path):

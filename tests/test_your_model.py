@@ -169,3 +169,40 @@ import keras
 def build(input_shape, num_classes):
     return keras.Sequential([keras.Input(input_shape, dtype="uint8"), keras.layers.Flatten(), keras.layers.Dense(num_classes)])
 """
+
+
+BATCH_NORM = """
+import keras
+
+def build(input_shape, num_classes):
+    inputs = keras.Input(input_shape, dtype="uint8")
+    x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.Flatten()(keras.layers.BatchNormalization()(x))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+"""
+
+
+def test_batch_normalization_trains_with_per_example_norms_off_and_one_line(tmp_path, capsys):
+    builder = tmp_path / "normed.py"
+    builder.write_text(BATCH_NORM)
+    config, data = tiny_prepared(tmp_path, model=f"{builder}:build", epochs=1, validation_size=50)
+    trained = train_model(config, data, "normed")
+    reason = "batch_normalization (BatchNormalization) normalises each example by its batch's statistics, so an example's gradient depends on the others"
+    assert f"per-example gradient norms off: {reason}" in capsys.readouterr().out.splitlines()
+    assert trained.model["per_example"] == {"norms": False, "fallback": [], "reason": reason}
+    assert not (Path(config.storage) / "runs" / "normed" / "samples").exists()
+    flags = [
+        "--dataset",
+        "idx",
+        "--source",
+        str(tmp_path / "source"),
+        "--storage",
+        str(tmp_path / "other"),
+        "--model",
+        f"{builder}:build",
+        "--validation-size",
+        "50",
+    ]
+    assert main(parse_train_args([*flags, "--devices", "2"]), "tapeline train") == 2
+    refused = f"tapeline train: error: --devices 2 would train another model than one device: {reason}; train on one device"
+    assert capsys.readouterr().err.splitlines() == [refused]

@@ -26,9 +26,6 @@ from tapeline.storage.root import (
 )
 
 FORMAT_VERSION = 3  # bump when the output of this stage changes for the same inputs (2: the manifest moved out; 3: its shape)
-# (Fashion-)MNIST's, for the model side until it sizes itself from PreparedData.shape; nothing in tapeline/data uses them.
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 SPLITS = ("train", "validation", "test")
 
 

@@ -29,6 +29,7 @@ from tapeline.config import RESUME, RunConfig, parameters_with
 from tapeline.data.shape import DataShape
 from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
+from tapeline.gradients.per_example import PerExamplePlan, per_example_plan
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
 from tapeline.model import ModelSpec, architecture_digest, model_record
@@ -55,6 +56,7 @@ class Training(NamedTuple):
     eval_step: Callable  # (images, labels) -> None, updates val_metrics
     train_metrics: list[keras.metrics.Metric]  # running loss and accuracy of the epoch
     val_metrics: list[keras.metrics.Metric]
+    per_example: dict  # run.json's `model.per_example`: whether the step computes each example's norms, and how
 
 
 def train_model(
@@ -84,7 +86,7 @@ def train_model(
 
     with strategy.scope() if strategy else tf.device(devices[0]):
         # Build, then restore: another run's weights for a warm start, this run's checkpoint for a resume.
-        model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, data.shape, strategy)
+        model, optimizer, train_step, eval_step, train_metrics, val_metrics, per_example = build_training(config, data.shape, strategy)
         if warm_start and warm_start["from"]:
             _load_warm_start(model, storage, warm_start)
         resume_parameters = _resume_parameters(config, data, model)
@@ -93,14 +95,15 @@ def train_model(
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
-        trained = _trained_model(storage, run, devices, cluster, model_record(config.model, model), warm_start, step, history)
+        recorded = model_record(config.model, model) | {"per_example": per_example}
+        trained = _trained_model(storage, run, devices, cluster, recorded, warm_start, step, history)
         variables = trained.variables
         summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # the run's one: calls end at its steps
         recorder = open_recorder(config, storage, run, variables, optimizer, schedule, writes, summaries.snapshot)
-        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
+        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None, per_example["norms"])
         steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
@@ -146,13 +149,37 @@ def build_training(config: RunConfig, shape: DataShape, strategy: tf.distribute.
     """The model for data of `shape`, its optimizer, the compiled steps and their metrics; call in the device's or
     the strategy's scope."""
     model, optimizer = model_and_optimizer(config, shape)
+    per_example = per_example_norms(config, model)
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
-        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, config.per_example_norms)
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, per_example["norms"])
     else:
-        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, config.per_example_norms)
-    return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
+        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, per_example["norms"])
+    return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics, per_example)
+
+
+def per_example_norms(config: RunConfig, model: keras.Model) -> dict:
+    """Whether the step computes each example's gradient norms (asked for, and defined for the model), the layers that
+    take the general fallback, and why not when not; the run says so in one line."""
+    if not config.per_example_norms:
+        return {"norms": False, "fallback": [], "reason": "not asked for (--no-per-example-norms)"}
+    plan, reason = coupling(model)
+    if reason:
+        print(f"per-example gradient norms off: {reason}")
+    elif note := plan.note():
+        print(note)
+    return {"norms": reason is None, "fallback": [] if reason else list(plan.fallback), "reason": reason}
+
+
+def coupling(model: keras.Model) -> tuple[PerExamplePlan | None, str | None]:
+    """(the model's per-example plan, None) when each example's own gradient is defined for it; else (the plan or None,
+    why not: a layer that couples the examples of a batch, or a variable no layer holds)."""
+    try:
+        plan = per_example_plan(model)
+    except ValueError as error:
+        return None, str(error)
+    return plan, plan.unsupported
 
 
 def model_and_optimizer(config: RunConfig, shape: DataShape) -> tuple[keras.Model, keras.optimizers.Optimizer]:
@@ -232,7 +259,9 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+def step_calls(
+    config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool, per_example: bool
+) -> StepCalls:
     """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
 
     Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
@@ -241,7 +270,7 @@ def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     watch = AnomalyWatch(config.spike_factor, loss_scaled)
     k = 1 if multi_worker else config.steps_per_call
-    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
+    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, per_example)
 
 
 class StepLoop:

@@ -71,11 +71,13 @@ class _Number(hp.Domain):
 
 
 def _hparam(parameter: Parameter) -> hp.HParam:
-    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, or a number."""
+    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, a number, or any text."""
     if parameter.choices:
         domain = hp.Discrete(list(parameter.choices))
+    elif parameter.kind is bool:
+        domain = hp.Discrete([False, True])
     else:
-        domain = hp.Discrete([False, True]) if parameter.kind is bool else _Number()
+        domain = None if parameter.kind is str else _Number()  # text (a model spec, an image size): no domain to list
     return hp.HParam(parameter.name, domain, description=parameter.help)
 
 
