@@ -1,7 +1,6 @@
 """Helpers the tests share: small real IDX datasets written to disk, a tiny prepared dataset, listings of a storage
 root, free loopback ports, image folders and Hub Parquet files, a training or a lease holder in a process of its
-own, a full disk. Fixtures are in
-conftest.py; tests import helpers from here only."""
+own, a full disk. Fixtures are in conftest.py; tests import helpers from here only."""
 
 from __future__ import annotations
 
