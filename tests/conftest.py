@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny IDX dataset, the real Fashion-MNIST files, one Prefect harness, the S3 test server.
+"""Shared fixtures: a tiny IDX dataset, the real Fashion-MNIST files, a small tmpfs, one Prefect harness, the S3 test server;
+and the `system` mark, put on every test that needs more than this process (see pytest_collection_modifyitems).
 The helpers they and the tests use are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import subprocess
 import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +18,44 @@ import pytest
 import tapeline.flows  # noqa: F401  (the environment's defaults, before Prefect loads)
 from tapeline.data.registry import Dataset
 from tests.helpers import FASHION_MNIST_DIR, FILE_NAMES, tiny_arrays, write_idx_dir
+
+# A test is a system test if it uses one of these fixtures (a real service, the real data, a real mount), or if its code,
+# a fixture's it uses, or a function of tests/ they call names one of these: a process, a training, or a fixture taken
+# by name (the S3 server or a tmpfs, for some of its parameters).
+SYSTEM_FIXTURES = {"prefect_api", "s3", "fashion_mnist_dir", "small_disk"}
+SYSTEM_NAMES = {"subprocess", "spawn_training", "holder_process", "run_with_imports", "train_model", "train_flow", "getfixturevalue"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark `system` every test that starts a process, trains, or uses a real service: `pytest -m "not system"` is the
+    quick loop of unit tests, `pytest -m system` the rest."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        functions = [item.function] if isinstance(item, pytest.Function) else []
+        if fixtures is not None:
+            functions += [definition.func for definitions in fixtures.name2fixturedefs.values() for definition in definitions]
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())) or any(SYSTEM_NAMES & names_used(f) for f in functions):
+            item.add_marker(pytest.mark.system)
+
+
+def names_used(function, depth: int = 3) -> set[str]:
+    """The global and attribute names `function`'s code uses, with those of the functions of tests/ it calls, `depth`
+    calls deep."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return set()
+    names = code_names(code)
+    if depth:
+        for name in list(names):
+            called = getattr(function, "__globals__", {}).get(name)
+            if isinstance(called, types.FunctionType) and called.__module__.startswith("tests.") and called is not function:
+                names |= names_used(called, depth - 1)
+    return names
+
+
+def code_names(code: types.CodeType) -> set[str]:
+    """The names a code object uses, its nested functions' and lambdas' included."""
+    return set(code.co_names).union(*(code_names(const) for const in code.co_consts if isinstance(const, types.CodeType)))
 
 
 @pytest.fixture
@@ -28,6 +70,25 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DIR / FILE_NAMES["train_images"]).exists():
         pytest.fail(f"{FASHION_MNIST_DIR} is missing: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(megabytes): a new tmpfs of that size, unmounted after the test (helpers.fill fills it)."""
+    mounted, as_root = [], [] if os.geteuid() == 0 else ["sudo", "-n"]
+
+    def mount(megabytes: int) -> Path:
+        directory = tmp_path / f"disk{len(mounted)}"
+        directory.mkdir()
+        options = f"size={megabytes}m,uid={os.getuid()},gid={os.getgid()}"
+        subprocess.run([*as_root, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True)
+        mounted.append(directory)
+        return directory
+
+    yield mount
+    gc.collect()  # a failed write's exception, in a reference cycle, may still hold its (deleted) file open
+    for directory in mounted:
+        subprocess.run([*as_root, "umount", str(directory)], check=True)
 
 
 @pytest.fixture

@@ -1,14 +1,21 @@
 """Helpers the tests share: small real IDX datasets written to disk, a tiny prepared dataset, listings of a storage
-root, free loopback ports. Fixtures are in conftest.py."""
+root, free loopback ports, image folders and Hub Parquet files, a training or a lease holder in a process of its
+own, a full disk. Fixtures are in conftest.py; tests import helpers from here only."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +34,8 @@ from tapeline.data.splits import prepare
 from tapeline.results import PreparedData
 from tapeline.storage.root import Storage
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: where the processes tests start run
+HEAVY = {"tensorflow", "keras", "prefect"}  # what a quick answer does not import
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FILE_NAMES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -107,6 +116,68 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def spawn_training(config: RunConfig, data: PreparedData, run_id: str, directory: Path, result: Path | None = None, **popen) -> subprocess.Popen:
+    """`train_model(config, data, run_id)` in a process of its own (tests/train_worker.py), for a test to kill it or to
+    give it an environment of its own. Its job is written to `directory`; with `result`, the process writes its
+    `TrainedModel` there as JSON. `popen`: subprocess.Popen's arguments (stderr goes to /dev/null unless given)."""
+    job = directory / f"{run_id}.job.json"
+    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": run_id}))
+    command = [sys.executable, "-m", "tests.train_worker", str(job), *([str(result)] if result else [])]
+    return subprocess.Popen(command, cwd=ROOT, **{"stderr": subprocess.DEVNULL, **popen})
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], object], timeout: float = 300, poll: float = 0.02) -> int:
+    """SIGKILL `process` as soon as `ready()` is true (asked every `poll` seconds), or once it has exited or `timeout`
+    seconds have passed; its exit status. `ready` may also check what the process has written so far."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll)
+    finally:
+        process.kill()
+        process.wait()
+    return process.returncode
+
+
+HOLD = """
+import contextlib, sys, time
+from tapeline.storage.lease import RunLease
+from tapeline.storage.root import Storage
+with contextlib.ExitStack() as leases:
+    for run_id in sys.argv[3:]:
+        leases.enter_context(RunLease(Storage(sys.argv[1]), run_id, seconds=float(sys.argv[2])))
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def holder_process(root: str, *run_ids: str, seconds: float = 60) -> subprocess.Popen:
+    """Another process that takes the leases of `run_ids` (default: run "same") of `root`, each `seconds` long, and
+    holds them until killed."""
+    command = [sys.executable, "-c", HOLD, root, str(seconds), *(run_ids or ("same",))]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "holding\n", "the holder never took the lease"
+    return process
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file that takes all the free space of `disk` but `leave` bytes; delete it to give the space back."""
+    status = os.statvfs(disk)
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, status.f_bavail * status.f_frsize - leave)
+    return filler
+
+
+def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run python with -X importtime; return the result (stderr without the import lines) and the top-level packages imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    packages = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports}
+    result.stderr = "".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    return result, packages
 
 
 def pictures(n: int, shape: tuple[int, ...], label: int, seed: int) -> list[np.ndarray]:

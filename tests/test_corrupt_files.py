@@ -17,8 +17,7 @@ from prefect.logging.handlers import APILogHandler
 
 from tapeline.flows.train import train_flow
 from tapeline.reader import CorruptFileError, read_gradients, read_samples, read_steps
-from tests.helpers import tiny_arrays
-from tests.test_idx_source import write_own_dir
+from tests.helpers import tiny_arrays, write_own_dir
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 ROOT = Path(__file__).resolve().parent.parent

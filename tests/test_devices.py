@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -18,9 +17,7 @@ from tapeline.errors import ConfigError
 from tapeline.reader import read_samples, read_stats, read_steps
 from tapeline.training.devices import resolve_devices
 from tapeline.training.loop import train_model
-from tests.helpers import tiny_prepared
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import spawn_training, tiny_prepared
 
 
 def test_more_devices_than_the_machine_has():
@@ -51,14 +48,12 @@ def test_two_devices_match_one(tmp_path, train_limit):
     one = train_model(config, data, "one")
 
     # Logical devices must be set before TensorFlow starts: a process of its own.
-    job = tmp_path / "job.json"
-    two_config = dataclasses.replace(config, devices=2)
-    job.write_text(json.dumps({"config": dataclasses.asdict(two_config), "data": dataclasses.asdict(data), "run_id": "two"}))
     result = tmp_path / "result.json"
-    worker = subprocess.run([sys.executable, "-m", "tests.train_worker", str(job), str(result)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert worker.returncode == 0, worker.stderr[-2000:]
-    assert "training on /CPU:0, /CPU:1" in worker.stdout
-    assert "epoch 2/2" in worker.stdout
+    worker = spawn_training(dataclasses.replace(config, devices=2), data, "two", tmp_path, result, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = worker.communicate(timeout=600)
+    assert worker.returncode == 0, stderr[-2000:]
+    assert "training on /CPU:0, /CPU:1" in stdout
+    assert "epoch 2/2" in stdout
     two = Path(config.storage) / "runs" / "two"
 
     # Every example of the split trained on once per epoch, padding nowhere: the steps' sample ids and the per-example rows.

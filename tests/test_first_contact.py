@@ -20,20 +20,10 @@ from tapeline.data.fetch import SOURCE_HINT, ChecksumError
 from tapeline.data.idx import parse_header
 from tapeline.data.registry import DATASETS
 from tapeline.tasks.failures import PREFECT_FAILURE_LOGGERS, log_expected_failures_without_traceback
-from tests.helpers import stored_under, tiny_arrays, write_idx_dir
+from tests.helpers import HEAVY, run_with_imports, stored_under, tiny_arrays, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = {"tensorflow", "keras", "prefect"}
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: connection refused
-
-
-def run_with_imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """Run python with -X importtime; return the result (stderr without the import lines) and the top-level packages imported."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
-    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
-    packages = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports}
-    result.stderr = "".join(line + "\n" for line in result.stderr.splitlines() if not line.startswith("import time:"))
-    return result, packages
 
 
 @pytest.mark.parametrize(

@@ -42,16 +42,12 @@ def storage(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(storage, fashion_mnist_dir) -> dict:
     # The issue's budget: 1 epoch on 10,000 samples.
-    return train_flow(
-        dataset="fashion-mnist",
-        source=str(fashion_mnist_dir),
-        storage=str(storage),
-        run_name="e2e",
-        epochs=1,
-        train_limit=10_000,
-        snapshot_every=100,
-        snapshot_weights=True,
-    )
+    return one_epoch(storage, str(fashion_mnist_dir), "e2e", train_limit=10_000, snapshot_every=100, snapshot_weights=True)
+
+
+def one_epoch(storage: Path, source: str, run_name: str, **parameters) -> dict:
+    """A train-flow run of one epoch on Fashion-MNIST from `source`."""
+    return train_flow(dataset="fashion-mnist", source=source, storage=str(storage), run_name=run_name, epochs=1, **parameters)
 
 
 @pytest.mark.slow
@@ -183,14 +179,7 @@ def test_gradient_rows_for_every_variable_readable_with_duckdb(first_run):
 
 @pytest.mark.slow
 def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
-    second = train_flow(
-        dataset="fashion-mnist",
-        source="/nonexistent",
-        storage=str(storage),
-        run_name="again",
-        epochs=1,
-        train_limit=64,
-    )
+    second = one_epoch(storage, "/nonexistent", "again", train_limit=64)
     assert second["stages"]["download"]["cached"] and second["stages"]["preprocess"]["cached"]
     assert same_data(second, first_run)
     assert Path(second["uris"]["model"]).parent.name == "again"
@@ -201,16 +190,7 @@ def test_second_run_downloads_and_preprocesses_nothing(first_run, storage):
 
 @pytest.mark.slow
 def test_warm_start_from_the_champion_with_refreshed_data(first_run, storage, fashion_mnist_dir):
-    warm = train_flow(
-        dataset="fashion-mnist",
-        source=str(fashion_mnist_dir),
-        storage=str(storage),
-        run_name="warm",
-        epochs=1,
-        train_limit=64,
-        warm_start=True,
-        refresh=True,
-    )
+    warm = one_epoch(storage, str(fashion_mnist_dir), "warm", train_limit=64, warm_start=True, refresh=True)
     assert warm["warm_start"] == {"from": "e2e", "model": first_run["uris"]["model"], "reason": "champion, same data"}
     assert warm["parameters"]["warm_start"]
     assert not warm["stages"]["download"]["cached"] and not warm["stages"]["preprocess"]["cached"]

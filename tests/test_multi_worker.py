@@ -1,6 +1,5 @@
 """Multi-worker training (TF_CONFIG, MultiWorkerMirroredStrategy): two worker processes on loopback against one."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -24,9 +23,8 @@ from tapeline.storage.layout import Layout, RunPaths
 from tapeline.storage.root import Storage
 from tapeline.training.cluster import check_cluster, cluster_from_env
 from tapeline.training.loop import train_model
-from tests.helpers import free_ports, tiny_prepared
+from tests.helpers import ROOT, free_ports, spawn_training, tiny_prepared
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for the whole two-process run: a hang fails the test instead of stalling the suite
 
 
@@ -174,24 +172,21 @@ def test_two_workers_match_one(tmp_path):
     assert one.role == "single" and one.steps == 6
 
     # The chief runs train_model as the flow's train stage would; worker 1 is the real worker entry point.
-    job, result = tmp_path / "job.json", tmp_path / "chief.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "two"}))
+    result = tmp_path / "chief.json"
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
     scratch = tmp_path / "worker-tmp"  # the worker's TMPDIR: its throw-away checkpoints must be gone afterwards
     scratch.mkdir()
-    commands = {
-        "chief": [sys.executable, "-m", "tests.train_worker", str(job), str(result)],
-        "worker": [sys.executable, "-m", "tapeline.cli", "worker", "--storage", config.storage, "--run-name", "two", "--wait", "120"],
-    }
-    processes = {}
-    for index, (name, command) in enumerate(commands.items()):
-        environment = os.environ | {"TF_CONFIG": tf_config(addresses, index), "TMPDIR": str(scratch)}
+
+    def popen(index: int, umask: int) -> dict:
         # The worker creates files with mode 0600, the chief 0644: a file of the run made by the worker would show.
-        umask = 0o022 if name == "chief" else 0o077
-        processes[name] = subprocess.Popen(
-            command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=lambda umask=umask: os.umask(umask),
-        )  # fmt: skip
+        environment = os.environ | {"TF_CONFIG": tf_config(addresses, index), "TMPDIR": str(scratch)}
+        return dict(env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: os.umask(umask))
+
+    worker = [sys.executable, "-m", "tapeline.cli", "worker", "--storage", config.storage, "--run-name", "two", "--wait", "120"]
+    processes = {
+        "chief": spawn_training(config, data, "two", tmp_path, result, **popen(0, 0o022)),
+        "worker": subprocess.Popen(worker, cwd=ROOT, **popen(1, 0o077)),
+    }
     outputs = finish(processes)
     assert all(process.returncode == 0 for process in processes.values()), outcomes(processes, outputs)
     assert "worker 0 of 2 workers (the chief)" in outputs["chief"]

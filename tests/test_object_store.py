@@ -1,13 +1,7 @@
 """The storage root on a real S3-compatible server (moto's, on loopback): stages, a killed export, a whole flow run."""
 
-import dataclasses
-import json
-import os
 import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import duckdb
 import pyarrow.fs as pafs
@@ -19,9 +13,7 @@ from tapeline.gradients.export import publish_gradients
 from tapeline.reader import open_dataset, read_gradients, read_run_json, read_stats
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
-from tests.helpers import tiny_prepared
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import kill_when, spawn_training, tiny_prepared
 
 
 def objects(uri: str) -> list[str]:
@@ -44,17 +36,8 @@ def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
         tmp_path, n_train=2000, n_test=50, storage=root, epochs=1, batch_size=16, seed=5, validation_size=100, snapshot_every=1,
         checkpoint_every=10**6,
     )  # fmt: skip
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
-    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while len(complete(f"{root}/runs/killed/gradients")) < 10 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(worker.pid, signal.SIGKILL)
-    finally:
-        worker.wait()
-    assert worker.returncode == -signal.SIGKILL
+    worker = spawn_training(config, data, "killed", tmp_path)
+    assert kill_when(worker, lambda: len(complete(f"{root}/runs/killed/gradients")) >= 10, poll=0.05) == -signal.SIGKILL
     stored = objects(f"{root}/runs/killed/gradients")
     published = complete(f"{root}/runs/killed/gradients")
     # An upload the kill cut short is at most a hidden temporary object at the root, outside every dataset.

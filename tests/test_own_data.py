@@ -214,7 +214,7 @@ def test_a_bad_source_is_one_line_and_exit_2_before_any_stage(tmp_path, capsys, 
 
 
 def test_the_command_sizes_the_training_split_of_an_image_folder_before_tensorflow_and_prefect_load(tmp_path):
-    from tests.test_first_contact import HEAVY, run_with_imports
+    from tests.helpers import HEAVY, run_with_imports
 
     image_folder(tmp_path / "pets", {"cat": 2, "dog": 2})
     flags = ["--dataset", "images", "--source", str(tmp_path / "pets"), "--storage", str(tmp_path / "store"), "--validation-size", "1"]

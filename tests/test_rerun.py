@@ -10,8 +10,7 @@ from tapeline.cli import main
 from tapeline.config import RunConfig, run_identity
 from tapeline.flows.train import train_flow
 from tapeline.storage.root import Storage
-from tests.helpers import tiny_arrays, write_own_dir
-from tests.test_lease import holder_process
+from tests.helpers import holder_process, tiny_arrays, write_own_dir
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -50,7 +49,7 @@ def test_the_champions_name_rerun_reports_it_or_is_refused_and_writes_nothing(wh
     before = snapshot(root)
 
     # Another process holds the run's lease: a rerun that took it would fail with "is being written".
-    holder = holder_process(root, run_id="r1")
+    holder = holder_process(root, "r1")
     try:
         # The same run: defaults given explicitly, the storage as $TAPELINE_STORAGE, the source as a relative path.
         monkeypatch.setenv("TAPELINE_STORAGE", root)

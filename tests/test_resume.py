@@ -1,12 +1,7 @@
 """Checkpoints, resume after SIGKILL, determinism and non-finite values: real processes, tiny data."""
 
 import dataclasses
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -23,10 +18,8 @@ from tapeline.reader import read_gradients, read_steps
 from tapeline.results import TrainedModel
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.helpers import tiny_prepared
+from tests.helpers import kill_when, spawn_training, tiny_prepared
 from tests.readers import PARTITIONED, assert_every_reader_agrees, read_by_every_reader
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +68,11 @@ def test_same_seed_same_weights_and_gradients(setup, uninterrupted):
 def test_killed_training_resumes_and_matches(setup, uninterrupted, tmp_path):
     config, data = setup
     run_dir = Storage(config.storage).layout.run("killed").directory
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
-    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    worker = spawn_training(config, data, "killed", tmp_path)
     steps_per_epoch = int(np.ceil(data.counts["train"] / config.batch_size))
-    try:
-        deadline = time.monotonic() + 120
-        while latest_checkpoint_step(run_dir) < 60 and worker.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(worker.pid, signal.SIGKILL)  # mid-epoch: 119 steps per epoch, killed after step 60
-    finally:
-        worker.wait()
+    status = kill_when(worker, lambda: latest_checkpoint_step(run_dir) >= 60)  # mid-epoch: 119 steps per epoch
     killed_at = latest_checkpoint_step(run_dir)
-    assert worker.returncode == -signal.SIGKILL and 60 <= killed_at < 2 * steps_per_epoch
+    assert status == -signal.SIGKILL and 60 <= killed_at < 2 * steps_per_epoch
 
     resumed = train_model(config, data, "killed")
     assert resumed.resumed_from >= killed_at and resumed.steps == uninterrupted.steps
@@ -136,19 +121,14 @@ def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_
     complete one, and the run resumes from it to the same weights, and removes what the killed save left."""
     config, data = dataclasses.replace(setup[0], checkpoint_every=1), setup[1]  # a write nearly always in flight
     run_dir = Storage(config.storage).layout.run("killed-writing").directory
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-writing"}))
-    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
-    writing = []
-    try:
-        deadline = time.monotonic() + 120
-        while not writing and worker.poll() is None and time.monotonic() < deadline:
-            if latest_checkpoint_step(run_dir) >= 30:
-                writing = [p.name for p in (run_dir / "checkpoints").iterdir() if "_temp" in p.name]
-        os.kill(worker.pid, signal.SIGKILL)
-    finally:
-        worker.wait()
-    assert writing and worker.returncode == -signal.SIGKILL
+    worker = spawn_training(config, data, "killed-writing", tmp_path)
+
+    def writing() -> list[str]:
+        if latest_checkpoint_step(run_dir) < 30:
+            return []
+        return [p.name for p in (run_dir / "checkpoints").iterdir() if "_temp" in p.name]
+
+    assert kill_when(worker, writing, poll=0) == -signal.SIGKILL and writing()
     killed_at = latest_checkpoint_step(run_dir)
     resumed = train_model(config, data, "killed-writing")
     assert resumed.resumed_from >= killed_at >= 30 and resumed.steps == uninterrupted.steps
@@ -208,23 +188,19 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     DuckDB and Polars read each dataset directory as it is, while training writes and after the kill."""
     config, data = dataclasses.replace(setup[0], snapshot_every=1, checkpoint_every=10), setup[1]
     run_dir = Storage(config.storage).layout.run("killed-export").directory
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed-export"}))
-    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
-    reads = 0
-    try:
-        deadline = time.monotonic() + 120
-        while len(data_files(run_dir / "gradients")) < 20 and time.monotonic() < deadline:
-            if data_files(run_dir / "stats"):  # every dataset has a file by now; the writers go on
-                for name in PARTITIONED:  # rows change between readers here: each must just read
-                    assert all(rows > 0 for rows, _ in read_by_every_reader(str(run_dir / name)).values())
-                reads += 1
-            time.sleep(0.01)
-        os.kill(worker.pid, signal.SIGKILL)
-    finally:
-        worker.wait()
+    worker = spawn_training(config, data, "killed-export", tmp_path)
+    reads = []
+
+    def read_while_written() -> bool:
+        if data_files(run_dir / "stats"):  # every dataset has a file by now; the writers go on
+            for name in PARTITIONED:  # rows change between readers here: each must just read
+                assert all(rows > 0 for rows, _ in read_by_every_reader(str(run_dir / name)).values())
+            reads.append(name)
+        return len(data_files(run_dir / "gradients")) >= 20
+
+    status = kill_when(worker, read_while_written)
     files = [run_dir / "gradients" / name for name in data_files(run_dir / "gradients")]
-    assert worker.returncode == -signal.SIGKILL and len(files) >= 20 and reads > 0
+    assert status == -signal.SIGKILL and len(files) >= 20 and reads
     variables = pq.read_table(files[0]).column("variable").to_pylist()
     trained = TrainedModel(
         run_id="killed-export", device="/CPU:0", model_uri=None, gradients_uri=str(run_dir / "gradients"),

@@ -27,9 +27,9 @@ from tapeline.evaluation import evaluate_model
 from tapeline.flows.gc import gc_flow
 from tapeline.flows.train import train_flow
 from tapeline.registry.retention import lineage
+from tapeline.storage.lease import live_holder
 from tapeline.storage.root import Storage
-from tests.helpers import tiny_arrays, write_idx_dir
-from tests.test_disk_full import fill, small_disk  # noqa: F401 (small_disk: a fixture, a tmpfs of a given size)
+from tests.helpers import fill, holder_process, kill_when, tiny_arrays, write_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WHERE = ["local", "s3"]
@@ -201,12 +201,8 @@ def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, cap
     """Another process holds the leases of r4 (which gc would delete) and of r6, a run that has only begun."""
     root = history.copy("leased")
     before = stored(root)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, root, "r4", "r6"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "TAPELINE_LEASE_SECONDS": "60"},
-    )  # fmt: skip
+    holder = holder_process(root, "r4", "r6")
     try:
-        assert holder.stdout.readline() == "holding\n"
         assert main(["gc", root, "--keep-last", "1", "--yes"]) == 0
     finally:
         holder.kill()
@@ -220,18 +216,6 @@ def test_a_run_being_written_is_never_deleted_nor_the_data_runs_use(history, cap
     # r6 has no run.json yet to say what data it uses: all of it stays, r1's too.
     assert "keep    cache/ and datasets/: run r6 is kept, and has no readable run.json to say what it uses" in out
     assert {path for path in before if path.startswith(("cache/", "datasets/"))} <= set(after)
-
-
-HOLD = """
-import contextlib, sys, time
-from tapeline.storage.lease import RunLease
-from tapeline.storage.root import Storage
-with contextlib.ExitStack() as leases:
-    for run_id in sys.argv[2:]:
-        leases.enter_context(RunLease(Storage(sys.argv[1]), run_id))
-    print("holding", flush=True)
-    time.sleep(600)
-"""
 
 
 def test_a_gc_killed_at_random_points_then_run_again_finishes_the_job(history):
@@ -345,11 +329,9 @@ def test_a_killed_run_keeps_its_checkpoints_through_gc_and_resumes(where, tmp_pa
     command += [f"--{name.replace('_', '-')}={value}" for name, value in flags.items() if name != "jit_compile"]
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TAPELINE_LEASE_SECONDS": "2", "TAPELINE_WORKDIR": str(tmp_path / "trainer")}
     trainer = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while "runs/killed/checkpoints/checkpoint" not in stored(root) and trainer.poll() is None:
-        time.sleep(0.05)
-    trainer.kill()
-    assert trainer.wait() == -signal.SIGKILL
-    time.sleep(2 if where == "s3" else 0)  # the dead trainer's lease expires
+    assert kill_when(trainer, lambda: "runs/killed/checkpoints/checkpoint" in stored(root), poll=0.05) == -signal.SIGKILL
+    while live_holder(Storage(root), "killed") is not None:  # on S3, until the dead trainer's 2-second lease expires
+        time.sleep(0.1)
     files = stored(root)
     assert "runs/killed/checkpoints/checkpoint" in files and "runs/killed/run.json" not in files
 

@@ -139,17 +139,25 @@ class RunLease:
         if holder is not None:
             print(f"run {self.run_id}: took over the expired lease of {_describe(holder)}")
 
+    def renew(self) -> bool:
+        """Extend an object-store lease by its lifetime, by a compare-and-swap on the version last written; False if
+        another process has taken it meanwhile (`check` then raises). The heartbeat calls it every third of the
+        lifetime; a test calls it directly, to renew at a moment of its choosing."""
+        version = self._object.swap(self._renewed(), self._version)
+        if version is None:
+            self._lost = self._object.read()[0] or {}
+            print(f"run {self.run_id}: lease lost to {_describe(self._lost)}; stopping at the next stage")
+            return False
+        self._version = version
+        return True
+
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                self._version = self._object.swap(self._renewed(), self._version)
+                if not self.renew():
+                    return
             except Exception as error:  # a passing fault: try again at the next beat, while the lease lasts
                 print(f"run {self.run_id}: could not renew the lease ({' '.join(str(error).split())}); retrying")
-                continue
-            if self._version is None:
-                self._lost = self._object.read()[0] or {}
-                print(f"run {self.run_id}: lease lost to {_describe(self._lost)}; stopping at the next stage")
-                return
 
     def _renewed(self) -> dict:
         return {**self._holder, "expires": time.time() + self.seconds}
