@@ -15,6 +15,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from tapeline.data.idx import read_idx_gz
 from tapeline.data.registry import FASHION_MNIST
+from tapeline.data.shape import DataShape
 from tapeline.data.splits import split_table
 from tapeline.gradients.export import render_norms
 from tapeline.gradients.hardest import (
@@ -191,7 +192,7 @@ def test_split_images_come_in_the_order_asked(tmp_path, fashion):
     images, labels = fashion
     sample_ids = np.arange(100, 132)  # as a split holds them: sorted, not from 0
     path = tmp_path / "train.parquet"
-    Storage(tmp_path).write_table(path, split_table(sample_ids, images, labels), tmp_path)
+    Storage(tmp_path).write_table(path, split_table(sample_ids, images, labels, DataShape((28, 28, 1), tuple("0123456789"))), tmp_path)
     asked = np.array([131, 100, 117, 105])
     assert np.array_equal(split_images(str(path), asked)[..., 0], images[asked - 100])
     with pytest.raises(HardestReportError, match=r"no sample_id \[7\]"):

@@ -51,7 +51,7 @@ def test_killed_export_leaves_the_bucket_consistent(s3, tmp_path, monkeypatch):
     trained = TrainedModel(
         run_id="killed", device="/CPU:0", model_uri=None, gradients_uri=f"{root}/runs/killed/gradients",
         steps_uri=f"{root}/runs/killed/steps", tensorboard_uri="", variables=variables, steps=0, resumed_from=0,
-        warm_start=None, epochs=[],
+        warm_start=None, epochs=[], model={},
     )  # fmt: skip
     exported = publish_gradients(other, trained)  # reads every object under a final name; a torn one would fail
     assert len(exported.steps) == len(published)

@@ -111,7 +111,7 @@ def test_registry_lists_runs_and_marks_the_champion(tmp_path, capsys):
     # Prefect's table: what a person compares, rounded, the champion's status in words.
     table = registry_table(rows)
     assert table[1] == {
-        "run": "20260102-000000-bbbbbb", "status": "champion", "test accuracy": 0.9123, "dataset": "mnist",
+        "run": "20260102-000000-bbbbbb", "status": "champion", "test accuracy": 0.9123, "dataset": "mnist", "model": "tapeline.model:cnn",
         "epochs": 1, "batch": 32, "lr": 0.001, "checkpoints": "dropped",
     }  # fmt: skip
     assert [row["status"] for row in table] == ["not promoted", "champion", "was champion"]

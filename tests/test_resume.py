@@ -204,7 +204,7 @@ def test_killed_while_writing_snapshots_leaves_a_readable_dataset(setup, tmp_pat
     variables = pq.read_table(files[0]).column("variable").to_pylist()
     trained = TrainedModel(
         run_id="killed-export", device="/CPU:0", model_uri=None, gradients_uri=str(run_dir / "gradients"),
-        steps_uri=str(run_dir / "steps"), tensorboard_uri="", variables=variables, steps=0, resumed_from=0, warm_start=None, epochs=[],
+        steps_uri=str(run_dir / "steps"), tensorboard_uri="", variables=variables, steps=0, resumed_from=0, warm_start=None, epochs=[], model={},
     )  # fmt: skip
     exported = publish_gradients(Storage(config.storage), trained)  # reads every complete file; would fail on a torn one
     assert exported.steps == [int(f.stem.split("-")[1]) for f in files]
