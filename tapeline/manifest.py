@@ -34,6 +34,8 @@ def write_run_manifest(
     scores: dict,
     promotion: Promotion,
     stages: dict,
+    curation: dict | None = None,
+    label_issues: dict | None = None,
 ) -> dict:
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
@@ -49,8 +51,10 @@ def write_run_manifest(
             "sha256": files.sha256,
             "classes": list(files.classes),
             "preprocessed": data.directory,
-            "train_samples": samples_used(data.counts["train"], config.train_limit),
+            "train_samples": samples_used(data.counts["train"], config.train_limit) - (curation or {}).get("count", 0),
         },
+        "curation": curation,
+        "label_issues": None if label_issues is None else {k: v for k, v in label_issues.items() if k != "uri"},
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,
@@ -68,6 +72,7 @@ def write_run_manifest(
             "steps": trained.steps_uri,
             "stats": storage.uri_of(run.stats),
             "samples": storage.uri_of(run.samples) if config.per_example_norms else None,
+            "label_issues": label_issues["uri"] if label_issues else None,
             "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },

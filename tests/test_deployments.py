@@ -133,6 +133,7 @@ def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
     assert (deployment.work_pool_name, deployment.work_queue_name) == ("tapeline", "gpu")
     assert deployment.parameters["epochs"] >= 1 and deployment.parameters["promotion_margin"] > 0
     assert deployment.parameters["warm_start"] is True
+    assert deployment.parameters["exclude"] == "auto"
 
 
 def _prepare_runs(api) -> dict:

@@ -57,7 +57,7 @@ def choose_warm_start(storage: Storage, warm_start: bool, warm_start_from: str |
         return WarmStartChoice(None, None, "no champion yet")
     if not storage.exists(storage.path_of(champion["model"])):
         raise TapelineError(f"warm start: the champion's model {champion['model']} is missing")
-    return WarmStartChoice(champion["run_id"], champion["model"], SAME_DATA, _champion_train_set(storage, champion))
+    return WarmStartChoice(champion["run_id"], champion["model"], SAME_DATA, champion_train_set(storage, champion))
 
 
 def _named_run(storage: Storage, run_id: str) -> WarmStartChoice:
@@ -69,7 +69,7 @@ def _named_run(storage: Storage, run_id: str) -> WarmStartChoice:
     return WarmStartChoice(run_id, storage.uri_of(run.model), NAMED_RUN)
 
 
-def _champion_train_set(storage: Storage, champion: dict) -> str | None:
+def champion_train_set(storage: Storage, champion: dict) -> str | None:
     """The champion's training data: recorded in the pointer, or, in a pointer written before it was, in its run.json."""
     if champion.get("train_set"):
         return champion["train_set"]
