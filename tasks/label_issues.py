@@ -31,8 +31,9 @@ def label_issues_markdown(root: Storage, run_id: str, report: LabelIssuesReport,
     ]
     return "\n\n".join([
         f"## Label issues, run `{run_id}`",
-        f"**{issues.estimated:,} of {issues.examples:,} training labels ({issues.estimated / max(issues.examples, 1):.1%}) are estimated wrong** "
-        f"and flagged ({issues.method}). A later run leaves them out with `--exclude {run_id}` (or `--exclude auto` once this run is the champion).",
+        f"**{issues.estimated:,} of {issues.examples:,} training labels ({issues.estimated / max(issues.examples, 1):.2%}) are estimated wrong** "
+        f"and flagged: the top {issues.estimated:,} below. A later run leaves them out with `--exclude {run_id}` (or `--exclude auto` once this "
+        f"run is the champion). Method: {issues.method}.",
         embedded_png("most suspect labels", report.grid_png),
         "\n".join(["| rank | sample_id | given | predicted | score | AUM | flagged |", "|---:|---:|---|---|---:|---:|---|", *rows]),
         f"All {issues.examples:,} rows: `{report.uri}` (`tapeline label-issues {run_id}`).",
