@@ -163,13 +163,9 @@ def verify(argv: list[str], prog: str) -> int:
 
 def samples(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["samples"] + " (then by mean loss)")
-    _add_run_arguments(parser)
-    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
-    parser.add_argument("--label", type=int, help="only examples of this label")
+    _add_ranking_arguments(parser, "only examples of this label")
     parser.add_argument("--epoch", type=int, help="the epoch to rank (default: the last)")
-    args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error("--top must be at least 1")
+    args = _parse_ranking_arguments(parser, argv)
     from tapeline.reader import class_names, rank_samples
 
     try:
@@ -187,12 +183,8 @@ def samples(argv: list[str], prog: str) -> int:
 
 def label_issues(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["label-issues"])
-    _add_run_arguments(parser)
-    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
-    parser.add_argument("--label", type=int, help="only examples given this label")
-    args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error("--top must be at least 1")
+    _add_ranking_arguments(parser, "only examples given this label")
+    args = _parse_ranking_arguments(parser, argv)
     from tapeline.curation.label_issues import read_label_issues
     from tapeline.reader import class_names, read_run_json
 
@@ -221,6 +213,20 @@ def predicted_name(row: dict, classes: list[str]) -> str:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run id, looked up under --storage; or a run directory, its run.json, or s3://…/runs/<id>")
     parser.add_argument("--storage", help=f"the storage root to look a run id up in (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+
+
+def _add_ranking_arguments(parser: argparse.ArgumentParser, label_help: str) -> None:
+    """RUN, --storage, and a ranking's --top and --label."""
+    _add_run_arguments(parser)
+    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
+    parser.add_argument("--label", type=int, help=label_help)
+
+
+def _parse_ranking_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    return args
 
 
 def _find_run(args: argparse.Namespace) -> str:

@@ -212,3 +212,14 @@ def test_an_exclude_that_names_no_run_is_refused_before_anything_is_written(nois
     assert main(["train", *flags, "--validation-size", "50", "--exclude", "nope"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"tapeline train: error: exclude 'nope': no run nope under {root / 'store'}"
     assert not (root / "store" / "runs" / "nope-run").exists()
+
+
+def test_a_named_run_trained_on_other_data_is_refused_in_one_line(noisy, capsys):
+    root, _, _ = noisy
+    write_own_dir(root / "other-data", flipped_arrays(seed=2)[0], classes=CLASSES)
+    flags = ["--dataset", "idx", "--source", str(root / "other-data"), "--storage", str(root / "store"), "--run-name", "elsewhere"]
+    assert main(["train", *flags, "--validation-size", "50", "--exclude", "noisy"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tapeline train: error: exclude 'noisy': that run was trained on other training data, so its flagged sample_ids name other examples"
+    )
+    assert not (root / "store" / "runs" / "elsewhere" / "checkpoints").exists()  # refused before training

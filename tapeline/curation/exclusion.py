@@ -2,7 +2,8 @@
 
 - `none`: nothing is left out.
 - a run id of the storage root, or a run's run.json (a path or URI): the examples its
-  label issues flagged (`label_issues.parquet`, column `flagged`) are left out.
+  label issues flagged (`label_issues.parquet`, column `flagged`) are left out. A run
+  trained on other training data is refused: its sample_ids name other examples.
 - `auto`: the current champion's flagged examples, only if it was trained on this run's
   training data (`DatasetFiles.train_set`); otherwise nothing, and one line says why.
 
@@ -25,10 +26,12 @@ import pyarrow.parquet as pq
 from tapeline.errors import ConfigError, TapelineError
 from tapeline.registry.champion import current_champion
 from tapeline.registry.warm_start import champion_train_set
+from tapeline.results import split_identity
 from tapeline.storage.layout import locate_run
 from tapeline.storage.root import Storage
 
 NONE, AUTO = "none", "auto"
+NAMED_RUN, CHAMPION = "named run", "the champion's flagged examples"
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,14 @@ class ExclusionChoice:
     source_run: str | None  # the run whose flagged examples are left out; None: nothing is
     label_issues: str | None  # its label_issues.parquet
     reason: str  # why (or why nothing)
-    train_set: str | None = None  # auto: the champion's training data, which must be this run's
+    train_set: str | None = None  # the source run's training data, which must be this run's
 
     def record(self, train_set: str, train_ids: np.ndarray) -> dict:
         """run.json's `curation` for a run on the training data `train_set` whose training split holds `train_ids`:
         `source_run`, `label_issues`, `count` (the examples left out), `digest` (of their sorted ids), `reason`."""
         if self.source_run is not None and self.train_set is not None and self.train_set != train_set:
+            if self.reason == NAMED_RUN:  # its sample_ids would name other examples: refused, not guessed at
+                raise TapelineError(f"exclude {self.source_run!r}: that run was trained on other training data, so its flagged sample_ids name other examples")
             return _nothing(f"the champion, run {self.source_run}, was trained on other training data")
         if self.source_run is None:
             return _nothing(self.reason)
@@ -62,7 +67,7 @@ def choose_exclusion(storage: Storage, exclude: str) -> ExclusionChoice:
         run = storage.layout.run(champion["run_id"])
         if not storage.exists(run.label_issues):
             return ExclusionChoice(None, None, f"the champion, run {champion['run_id']}, has no label issues")
-        return ExclusionChoice(champion["run_id"], storage.uri_of(run.label_issues), "the champion's flagged examples", champion_train_set(storage, champion))
+        return ExclusionChoice(champion["run_id"], storage.uri_of(run.label_issues), CHAMPION, champion_train_set(storage, champion))
     return _named_run(storage, exclude)
 
 
@@ -76,7 +81,7 @@ def _named_run(storage: Storage, exclude: str) -> ExclusionChoice:
     uri = manifest.get("uris", {}).get("label_issues")
     if not uri:
         raise ConfigError(f"exclude {exclude!r}: run {manifest['run_id']} has no label issues (trained without per-example norms, or before they existed)")
-    return ExclusionChoice(manifest["run_id"], uri, "named run")
+    return ExclusionChoice(manifest["run_id"], uri, NAMED_RUN, split_identity(manifest["dataset"]["sha256"], "train"))
 
 
 def flagged_ids(label_issues_uri: str) -> np.ndarray:
