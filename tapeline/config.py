@@ -141,7 +141,6 @@ Exclude = Annotated[
     ),
     Rule("must be none, auto, a run id, or a path or URI ending in /run.json"),
     RESUME,
-    HPARAM,
 ]
 Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]

@@ -127,7 +127,7 @@ def test_roles_are_marked_on_the_declared_parameters():
     from tapeline.training.summaries import HPARAMS
 
     resume = [p.name for p in parameters_with(RESUME)]
-    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "precision", "deterministic"]
+    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "exclude", "precision", "deterministic"]
     assert [h.name for h in HPARAMS] == [p.name for p in parameters_with(HPARAM)]
     assert {"epochs", "warm_start"} <= {h.name for h in HPARAMS} and "jit_compile" not in {h.name for h in HPARAMS}
     assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, IDX}  # your own IDX files too

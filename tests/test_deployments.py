@@ -242,7 +242,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
     assert re.search(r"a worker picked up prepare-data/cpu run \S+; waiting for it to end", log), log  # then as long as it takes
     manifest = read_run_json(f"{root}/runs/split")
     assert manifest["uris"]["model"] == f"{root}/runs/split/model.keras"
-    assert {"prepare-data", "download", "preprocess", "train", "export_gradients", "evaluate", "promote"} == set(manifest["stages"])
+    assert {"prepare-data", "download", "preprocess", "curate", "train", "export_gradients", "label_issues", "evaluate", "promote"} == set(manifest["stages"])
     # The GPU machine fetched and parsed nothing: the CPU machine did, into the bucket.
     assert manifest["stages"]["download"]["cached"] and manifest["stages"]["preprocess"]["cached"]
     assert list((tmp_path / "cpu" / "work").rglob("*.gz")) and not list((tmp_path / "gpu" / "work").rglob("*.gz"))

@@ -131,7 +131,11 @@ def example_dynamics(rows: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
-SCORE_METHOD = "score: z(-aum) + z(mean_loss); flagged: the top N by score, N from a 2-component Gaussian mixture on logit(1 - confidence)"
+CONFIDENCE_CEILING = 0.25  # a flagged label has, on average over training, less than this probability
+SCORE_METHOD = (
+    "score: z(-aum) + z(mean_loss); flagged: the top N by score, N the examples in the upper component of a 2-component "
+    f"Gaussian mixture on logit(1 - confidence) with confidence below {CONFIDENCE_CEILING:g}"
+)
 EM_ITERATIONS = 200
 
 
@@ -143,11 +147,13 @@ def combined_score(dynamics: dict[str, np.ndarray]) -> np.ndarray:
 
 def estimated_count(dynamics: dict[str, np.ndarray]) -> int:
     """How many labels look wrong: the examples a two-component Gaussian mixture on logit(1 - confidence) puts in its
-    upper component (posterior above one half). Clean examples sit low, confidently right; mislabeled ones high,
-    the model confidently preferring another class."""
+    upper component (posterior above one half) whose confidence is also below CONFIDENCE_CEILING. Clean examples sit
+    low, confidently right; mislabeled ones high, the model confidently preferring another class. Where classes are
+    confusable the upper component also takes in the ambiguous examples, near even between two classes: hard, not
+    wrong, and the ceiling keeps them (docs/performance.md has the class-conditional case that needs it)."""
     confidence = np.clip(dynamics["confidence"], 1e-6, 1 - 1e-6)
     posterior = upper_posterior(np.log((1 - confidence) / confidence))
-    return int(np.count_nonzero(posterior > 0.5))
+    return int(np.count_nonzero((posterior > 0.5) & (confidence < CONFIDENCE_CEILING)))
 
 
 def upper_posterior(x: np.ndarray) -> np.ndarray:
