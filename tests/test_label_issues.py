@@ -47,7 +47,7 @@ def flipped_arrays(seed: int) -> tuple[dict, np.ndarray]:
 
 
 def train(store: Path, name: str, source: Path, **parameters) -> dict:
-    return train_flow(dataset="idx", source=str(source), storage=str(store), run_name=name, **RUN, **parameters)
+    return train_flow(dataset="idx", source=str(source), storage=str(store), run_name=name, **(RUN | parameters))
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +223,19 @@ def test_a_named_run_trained_on_other_data_is_refused_in_one_line(noisy, capsys)
         "tapeline train: error: exclude 'noisy': that run was trained on other training data, so its flagged sample_ids name other examples"
     )
     assert not (root / "store" / "runs" / "elsewhere" / "checkpoints").exists()  # refused before training
+
+
+def test_a_run_without_per_example_norms_has_no_label_issues_to_show_or_exclude(noisy, capsys):
+    root, _, _ = noisy
+    plain = train(root / "store", "plain", root / "data", per_example_norms=False, epochs=1)
+    assert plain["label_issues"] is None and plain["uris"]["label_issues"] is None
+    assert main(["label-issues", "plain", "--storage", str(root / "store")]) == 2
+    store = root / "store"
+    assert capsys.readouterr().err.splitlines() == [
+        f"tapeline label-issues: error: {store / 'runs' / 'plain'} has no label_issues.parquet (written when a run with per-example norms completes)"
+    ]
+    flags = ["--dataset", "idx", "--source", str(root / "data"), "--storage", str(store), "--run-name", "from-plain"]
+    assert main(["train", *flags, "--validation-size", "50", "--exclude", "plain"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tapeline train: error: exclude 'plain': run plain has no label issues (trained without per-example norms, or before they existed)"
+    )
