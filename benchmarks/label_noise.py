@@ -44,8 +44,8 @@ from label_flip import FASHION_MNIST_DIR, TRAIN_LABELS, flip_labels, machine, wr
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.curation.exclusion import ids_digest  # noqa: E402
 from tapeline.curation.label_issues import label_issues  # noqa: E402
-from tapeline.data.fetch import fetch_files  # noqa: E402
 from tapeline.data.idx import read_idx_gz  # noqa: E402
+from tapeline.data.sources import fetch_files  # noqa: E402
 from tapeline.data.splits import prepare, read_split  # noqa: E402
 from tapeline.storage.root import Storage  # noqa: E402
 
@@ -110,6 +110,14 @@ def exclusion_record(work: Path, name: str, ids: np.ndarray) -> dict:
     return {"source_run": name, "label_issues": str(path), "count": len(ids), "digest": ids_digest(ids), "reason": "benchmark arm"}
 
 
+def run_config(args, source: Path, storage: Storage, seed: int, run_id: str | None = None) -> RunConfig:
+    """A run's parameters: the IDX directory, the seed, --epochs and --train-limit; snapshots and checkpoints only at the ends."""
+    return RunConfig(
+        dataset="idx", source=str(source), storage=str(storage.root), run_name=run_id, epochs=args.epochs, seed=seed,
+        train_limit=args.train_limit, snapshot_every=10**6, checkpoint_every=10**6,
+    ).validated()  # fmt: skip
+
+
 def train_arm(args, storage: Storage, source: Path, data, run_id: str, seed: int, curation: dict | None) -> dict:
     """Train one arm (or reuse it, trained before into the same --work) and score its model on the test split."""
     from tapeline.evaluation import evaluate_model
@@ -118,11 +126,7 @@ def train_arm(args, storage: Storage, source: Path, data, run_id: str, seed: int
     run = storage.layout.run(run_id)
     started = time.perf_counter()
     if not storage.exists(run.model):
-        config = RunConfig(
-            dataset="idx", source=str(source), storage=str(storage.root), run_name=run_id, epochs=args.epochs, seed=seed,
-            train_limit=args.train_limit, snapshot_every=10**6, checkpoint_every=10**6,
-        ).validated()  # fmt: skip
-        train_model(config, data, run_id, curation=curation)
+        train_model(run_config(args, source, storage, seed, run_id), data, run_id, curation=curation)
     scores = evaluate_model(run.model, data.uris["test"])
     return {"test_accuracy": scores["accuracy"], "left_out": curation["count"] if curation else 0, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -134,7 +138,8 @@ def one_condition(args, seed: int, condition: str) -> dict:
     flipped, relabeled = noisy_labels(condition, labels, seed)
     if not (source / "flipped.csv").exists():
         write_relabeled_dataset(source, labels, flipped, relabeled)
-    data = prepare(fetch_files("idx", storage, str(source)), storage, seed, 5000)
+    config = run_config(args, source, storage, seed)
+    data = prepare(fetch_files(config.data, storage), storage, seed, config.validation_size)
     trained_ids = read_split(data.uris["train"], args.train_limit)[2]
     result = {"seed": seed, "condition": condition, "train_limit": args.train_limit, "epochs": args.epochs, "arms": {}}
     result["arms"]["noisy"] = train_arm(args, storage, source, data, "noisy", seed, None)

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from tapeline.config import RunConfig
 from tapeline.data.idx import read_idx_gz
+from tapeline.data.registry import FASHION_MNIST
 from tapeline.gradients.recorder import SnapshotPolicy
 from tapeline.model import build_model
 from tapeline.storage.root import Storage
@@ -67,13 +68,14 @@ class Product:
         keras.utils.set_random_seed(0)
         config = RunConfig(batch_size=batch_size, steps_per_call=k, epochs=10**6, checkpoint_every=10**9, storage=directory, per_example_norms=per_example)
         self.images, steps_per_epoch = images, int(np.ceil(len(images) / batch_size))
-        training = build_training(config)
+        training = build_training(config, FASHION_MNIST.shape)
         storage = Storage(directory)
         run = storage.layout.run("bench")
         variables = [v.path for v in training.model.trainable_variables]
         schedule = SnapshotPolicy(config.snapshot_every, 10**9, config.spike_factor)
         self.recorder = open_recorder(config, storage, run, variables, training.optimizer, schedule, writes=True)
-        calls = step_calls(config, training.train_step, training.model, training.optimizer, tf.constant(images), tf.constant(labels), False)
+        images_on_device, labels_on_device, per_example = tf.constant(images), tf.constant(labels), training.per_example["norms"]
+        calls = step_calls(config, training.train_step, training.model, training.optimizer, images_on_device, labels_on_device, False, per_example)
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, training.model, training.optimizer, [], {})  # never saved
         self.loop = StepLoop(config, calls, self.recorder, schedule, checkpoint, training.model, None, np.arange(len(images)), steps_per_epoch, None)
         self.epoch, self.steps_per_epoch = 0, steps_per_epoch

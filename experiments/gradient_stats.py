@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from tapeline.config import RunConfig
 from tapeline.data.idx import read_idx_gz
+from tapeline.data.registry import FASHION_MNIST
 from tapeline.gradients.stats import gradient_stats
 from tapeline.training.loop import build_training
 
@@ -300,7 +301,7 @@ def real_gradients(steps: int, batch_size: int) -> list[tf.Tensor]:
     else:
         rng = np.random.default_rng(0)
         images, labels = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
-    training = build_training(RunConfig(batch_size=batch_size))
+    training = build_training(RunConfig(batch_size=batch_size), FASHION_MNIST.shape)
     for start in range(0, n, batch_size):
         _, gradients = training.train_step(tf.constant(images[start : start + batch_size]), tf.constant(labels[start : start + batch_size]))
     return [tf.identity(g) for g in gradients]

@@ -34,6 +34,8 @@ log_expected_failures_without_traceback()
 def prepare_data(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,
+    image_size: param.ImageSize = RunConfig.image_size,
+    channels: param.Channels = RunConfig.channels,
     storage: param.StorageRoot = RunConfig.storage,
     refresh: param.Refresh = RunConfig.refresh,
     seed: param.Seed = RunConfig.seed,
@@ -41,7 +43,7 @@ def prepare_data(
 ) -> dict:
     """Fetch, verify and preprocess a dataset into the storage root; returns where the splits are."""
     config = RunConfig(**locals()).validated()
-    files = download(config.dataset, config.source, config.storage, config.refresh)
+    files = download(config.data, config.storage, config.refresh)
     data = preprocess(files, config.storage, config.seed, config.validation_size, config.refresh)
     print(f"{data.dataset}: {data.counts} in {data.directory}")
     return {"directory": data.directory, "counts": data.counts}

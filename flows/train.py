@@ -24,9 +24,11 @@ from prefect.exceptions import TerminationSignal
 from tapeline import config as param  # the parameters' types: constraints and help
 from tapeline.config import RunConfig
 from tapeline.curation.exclusion import ExclusionChoice, choose_exclusion
+from tapeline.data.sources import data_shape
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError
 from tapeline.flows.prepare import prepare_elsewhere
 from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest
+from tapeline.model import check_determinism, check_model, model_record
 from tapeline.registry.retention import drop_checkpoints
 from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start
 from tapeline.storage.lease import RunLease, RunLeaseHeld
@@ -43,6 +45,7 @@ from tapeline.tasks.promote import promote, publish_model_registry
 from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help
 from tapeline.tasks.train import train
 from tapeline.training.devices import check_placement
+from tapeline.training.loop import coupling
 from tapeline.training.summaries import write_run_metrics
 
 log_expected_failures_without_traceback()
@@ -53,6 +56,9 @@ log_expected_failures_without_traceback()
 def train_flow(
     dataset: param.Dataset = RunConfig.dataset,
     source: param.Source = RunConfig.source,
+    image_size: param.ImageSize = RunConfig.image_size,
+    channels: param.Channels = RunConfig.channels,
+    model: param.Model = RunConfig.model,
     storage: param.StorageRoot = RunConfig.storage,
     run_name: param.RunName = RunConfig.run_name,
     prepare_on: param.PrepareOn = RunConfig.prepare_on,
@@ -83,15 +89,15 @@ def train_flow(
     devices: param.Devices = RunConfig.devices,
     accept_unlocked_storage: param.AcceptUnlockedStorage = RunConfig.accept_unlocked_storage,
 ) -> dict:
-    """Train the tf.GradientTape CNN on (Fashion-)MNIST and persist its gradients; returns the run manifest."""
+    """Train a model (the tf.GradientTape example's CNN by default) on a dataset and persist its gradients; returns the run manifest."""
     config = RunConfig(**locals()).validated()  # the parameters are exactly RunConfig's fields
-    check_before_any_stage(config)
+    built = check_before_any_stage(config)
     run_id, started = choose_run_id(config.run_name), utc_now()
     tag_flow_run(f"dataset:{config.dataset}")
     if (done := completed(config, run_id)) is not None:  # history: before anything is written, the lease included
         return done
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
-    start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from)
+    start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from, built["variables"])
     exclusion = choose_exclusion(Storage(config.storage), config.exclude)  # the same: a champion promoted later changes nothing
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
         try:  # again under the lease: the process that held it a moment ago may have completed the run
@@ -121,7 +127,7 @@ def run_pipeline(
         stages.run(prepare_elsewhere, config)
     refresh = config.refresh and not config.prepare_on  # a refresh there is not repeated here
 
-    files = stages.run(download, config.dataset, config.source, storage, refresh)
+    files = stages.run(download, config.data, storage, refresh)
     data = stages.run(preprocess, files, storage, config.seed, config.validation_size, refresh)
     warm_start = start.record(files.train_set) if start else None  # the training data is known now
     if warm_start and warm_start["from"] is None:
@@ -134,8 +140,8 @@ def run_pipeline(
         stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
-    issues = stages.run(report_label_issues, storage, run_id, data.uris["train"], files.classes) if config.per_example_norms else None
-    scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"])
+    issues = stages.run(report_label_issues, storage, run_id, data.uris["train"], files.classes) if trained.model["per_example"]["norms"] else None
+    scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"], config.model)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
     promotion = stages.run(promote, storage, run_id, files, trained.model_uri, scores["accuracy"], config.promotion_margin)
@@ -147,10 +153,16 @@ def run_pipeline(
     return manifest
 
 
-def check_before_any_stage(config: RunConfig) -> None:
-    """What a run needs beyond its parameters' own rules: devices and cluster, and a store that keeps writers apart."""
+def check_before_any_stage(config: RunConfig) -> dict:
+    """What a run needs beyond its parameters' own rules: a model that takes the data, devices and cluster, and a
+    store that keeps writers apart. Returns the model's record (run.json's `model`), as built for the data."""
+    model = check_model(config.model, data_shape(config), config.precision)
+    check_determinism(config.model, model, config.deterministic, config.jit_compile)
+    if config.devices > 1 and (coupled := coupling(model)[1]):
+        raise ConfigError(f"--devices {config.devices} would train another model than one device: {coupled}; train on one device")
     check_placement(config)
     require_conditional_writes(config.storage, config.accept_unlocked_storage)
+    return model_record(config.model, model)
 
 
 def main(parameters: dict, prog: str) -> int:

@@ -23,14 +23,16 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from tapeline.data.idx_source import IDX, check_idx_source, idx_train_count
-from tapeline.data.registry import DATASETS
+from tapeline.data.decode import CHANNELS, IMAGE_SIZE_PATTERN
+from tapeline.data.interface import DataRequest
+from tapeline.data.sources import OWN_DATA, SOURCES, source_of
 from tapeline.data.splits import TrainingSplit, training_split
 from tapeline.errors import ConfigError
 from tapeline.gradients.schema import GRADIENT_DTYPES
 from tapeline.storage.access import usable_root
 
 DEFAULT_STORAGE = "./artifacts"
+DEFAULT_MODEL = "tapeline.model:cnn"  # the example's CNN (tapeline/model.py)
 STORAGE_ENV = "TAPELINE_STORAGE"
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -54,14 +56,46 @@ class Role(enum.Enum):
 RESUME, HPARAM, PLACE = Role.RESUME, Role.HPARAM, Role.PLACE
 
 Dataset = Annotated[
-    Literal[(*DATASETS, IDX)],
-    Field(description=f"dataset to train on: one of the registry, or {IDX} for your own four IDX files, in the --source directory"),
+    Literal[tuple(SOURCES)],
+    Field(
+        description="dataset to train on: one of the registry, or your own in the --source directory: idx (four IDX files), "
+        "images (a folder per class), parquet (Hugging Face Hub Parquet files); docs/your-data.md"
+    ),
     RESUME,
     HPARAM,
 ]
 Source = Annotated[
     str | None,
-    Field(description=f"URL or local directory to take the dataset files from instead of the built-in mirrors (dataset {IDX}: required, a directory)"),
+    Field(
+        description="URL or local directory to take the dataset files from instead of the built-in mirrors "
+        f"(dataset {', '.join(OWN_DATA)}: required, a directory)"
+    ),
+]
+ImageSize = Annotated[
+    str | None,
+    Field(
+        pattern=IMAGE_SIZE_PATTERN,
+        description="resize every decoded image to HEIGHTxWIDTH pixels, e.g. 32x32 (dataset images, parquet); default: keep their one size",
+    ),
+    Rule("must be HEIGHTxWIDTH in pixels, like 32x32"),
+    RESUME,
+    HPARAM,
+]
+Channels = Annotated[
+    Literal[CHANNELS] | None,
+    Field(description="convert every decoded image to 1 (grey) or 3 (RGB) channels (dataset images, parquet); default: as the files have them"),
+    RESUME,
+    HPARAM,
+]
+Model = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="the model: package.module:function or path/to/file.py:function, called as function(input_shape, num_classes), "
+        "or a .keras file (path or URI); default: the example's CNN",
+    ),
+    RESUME,
+    HPARAM,
 ]
 StorageRoot = Annotated[str | None, Field(description=f"root for everything the pipeline writes (default ${STORAGE_ENV} or {DEFAULT_STORAGE})"), PLACE]
 # A run name becomes a directory under <storage>/runs: one plain path segment (and no '..' in it).
@@ -170,6 +204,9 @@ AcceptUnlockedStorage = Annotated[
 class RunConfig:
     dataset: Dataset = "mnist"
     source: Source = None
+    image_size: ImageSize = None
+    channels: Channels = None
+    model: Model = DEFAULT_MODEL
     storage: StorageRoot = None
     run_name: RunName = None
     prepare_on: PrepareOn = None
@@ -208,19 +245,25 @@ class RunConfig:
         """
         for parameter in run_parameters():
             parameter.check(getattr(self, parameter.name))
-        # Your own files: their headers now, so a bad directory starts nothing; recorded as an absolute path.
-        source = check_idx_source(self.source) if self.dataset == IDX else self.source
+        # Your own files: a cheap look now (headers, the tree and one image, a schema), so a bad source starts nothing;
+        # a directory is recorded as an absolute path.
+        source = source_of(self.dataset).check(self.data)
         warm_start = self.warm_start or self.warm_start_from is not None  # a named run to start from is a warm start
         checked = replace(self, source=source, warm_start=warm_start)
         checked.training_split().check_batch_size(self.batch_size)  # the split's size: the registry's, or the headers'
         return replace(checked, storage=usable_root(storage_root(self.storage)))
 
     def training_split(self) -> TrainingSplit:
-        """The samples training will use, known before any stage: the training file's count is the registry's for a
-        built-in dataset (its files must match the registry's digests) and the IDX header's for your own files.
-        ConfigError when validation_size leaves none."""
-        count = idx_train_count(self.source) if self.dataset == IDX else DATASETS[self.dataset].train_count
-        return training_split(count, self.validation_size, self.train_limit)
+        """The samples training will use, known before any stage: the training data's count is the registry's for a
+        built-in dataset (its files must match the registry's digests), and for your own the IDX header's, the image
+        folder's files (less the test split held out) or the Parquet files' row counts. ConfigError when
+        validation_size leaves none."""
+        return training_split(source_of(self.dataset).train_count(self.data), self.validation_size, self.train_limit)
+
+    @property
+    def data(self) -> DataRequest:
+        """The parameters that say which data and how to make arrays of it: what the data sources are asked."""
+        return DataRequest.of(self)
 
     def parameters(self) -> dict:
         """Every parameter by name, as recorded in run.json."""
@@ -238,7 +281,7 @@ def run_identity(parameters: dict) -> dict:
     (whichever it is, the files are the registry's, verified). A parameter the record predates counts as its default."""
     defaults = {parameter.name: parameter.default for parameter in run_parameters()}
     values = defaults | {name: value for name, value in parameters.items() if name in defaults}
-    ignored = {p.name for p in parameters_with(PLACE)} | (set() if values["dataset"] == IDX else {"source"})
+    ignored = {p.name for p in parameters_with(PLACE)} | (set() if values["dataset"] in OWN_DATA else {"source"})
     return {name: value for name, value in values.items() if name not in ignored}
 
 
@@ -274,7 +317,7 @@ class Parameter:
     """One run parameter as the CLI, the checks and docs/parameters.md see it, read from its annotation."""
 
     name: str
-    kind: type  # what a flag's text is parsed as: str, int, float or bool
+    kind: type  # what a flag's text is parsed as: str, int, float or bool (a Literal's: its values' type)
     default: object
     help: str
     choices: tuple[str, ...] | None
@@ -298,7 +341,7 @@ class Parameter:
         if error_type == "string_too_long":
             return f"{self.name} is {len(value)} characters; at most {error['ctx']['max_length']} are allowed"
         if self.choices:
-            return f"unknown {self.name} {value!r}; choose one of: {', '.join(self.choices)}"
+            return f"unknown {self.name} {value!r}; choose one of: {', '.join(map(str, self.choices))}"
         if self.kind is bool:
             return f"{self.name} must be true or false, got {value!r}"
         if self.kind is str:
@@ -341,7 +384,8 @@ def _parameter(name: str, annotation, default) -> Parameter:
     choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
     rule = next((m.text for m in info.metadata if isinstance(m, Rule)), None)
     roles = frozenset(m for m in info.metadata if isinstance(m, Role))
-    return Parameter(name, str if choices else kind, default, info.description, choices, rule or _bounds_in_words(info.metadata), roles)
+    kind = type(choices[0]) if choices else kind
+    return Parameter(name, kind, default, info.description, choices, rule or _bounds_in_words(info.metadata), roles)
 
 
 def _without_none(annotation):

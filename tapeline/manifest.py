@@ -39,7 +39,7 @@ def write_run_manifest(
 ) -> dict:
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
-    model_card = write_model_card(storage, run_id, files, trained, scores)
+    model_card = write_model_card(storage, run_id, files, data, trained, scores)
     manifest = {
         "run_id": run_id,
         "status": "completed",
@@ -49,10 +49,13 @@ def write_run_manifest(
         "dataset": {
             "name": files.dataset,
             "sha256": files.sha256,
-            "classes": list(files.classes),
+            "classes": list(data.shape.classes),
+            "image_shape": list(data.shape.image_shape),
+            "test_split": files.test_split,
             "preprocessed": data.directory,
             "train_samples": samples_used(data.counts["train"], config.train_limit) - (curation or {}).get("count", 0),
         },
+        "model": trained.model,
         "curation": curation,
         "label_issues": None if label_issues is None else {k: v for k, v in label_issues.items() if k != "uri"},
         "device": trained.device,
@@ -71,7 +74,7 @@ def write_run_manifest(
             "gradients": exported.uri,
             "steps": trained.steps_uri,
             "stats": storage.uri_of(run.stats),
-            "samples": storage.uri_of(run.samples) if config.per_example_norms else None,
+            "samples": storage.uri_of(run.samples) if trained.model["per_example"]["norms"] else None,
             "label_issues": label_issues["uri"] if label_issues else None,
             "tensorboard": trained.tensorboard_uri,
             **data.uris,

@@ -27,7 +27,7 @@ from tapeline.gradients.schema import (
     PARTITIONING,
     SAMPLE_SCHEMA,
     STATS_SCHEMA,
-    STEP_SCHEMA,
+    step_schema,
 )
 from tapeline.storage.layout import MODEL_CARD, RUN_JSON, locate_run, run_location
 
@@ -87,7 +87,7 @@ def open_dataset(run: str | Path, name: str) -> ds.Dataset:
     source = published_files(run) if name == "gradients" else base
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
         raise NoGradientsError(f"{run} has no {name}/")
-    schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": STEP_SCHEMA, "samples": SAMPLE_SCHEMA}[name]
+    schema = {"gradients": GRADIENT_SCHEMA, "stats": STATS_SCHEMA, "steps": step_schema(), "samples": SAMPLE_SCHEMA}[name]
     # Temporary files are never inside a dataset directory (tapeline/storage/root.py); pyarrow would skip them anyway.
     return ds.dataset(source, schema=schema, format="parquet", filesystem=filesystem, partitioning=PARTITIONING, partition_base_dir=base)
 

@@ -13,13 +13,19 @@ from tapeline.data.shape import DataShape
 
 @dataclass(frozen=True)
 class DatasetFiles:
-    """The download stage's result: verified files in the storage cache."""
+    """The download stage's result: the dataset's files in the storage cache, and what they hold."""
 
     dataset: str
     paths: dict[str, str]  # storage URIs, keyed by SPLIT_FILES
-    sha256: dict[str, str]  # IDX content digests, keyed like paths
+    sha256: dict[str, str]  # content digests, keyed like paths (what each is a digest of: docs/your-data.md#digests)
     cached: bool  # every file was already in the cache
-    classes: tuple[str, ...]  # class names in label order (the model's output order)
+    shape: DataShape  # the images' shape and the class names in label order (the model's output order)
+    encoding: str = "idx"  # of the cached files: "idx" (gzipped IDX) or "npy" (gzipped .npy arrays of decoded images)
+    test_split: dict | None = None  # how the test split was carved out of one folder ({"seed", "fraction"}); None: the source has one
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.shape.classes
 
     @property
     def test_set(self) -> str:
@@ -66,6 +72,7 @@ class TrainedModel:
     steps_uri: str
     tensorboard_uri: str
     variables: list[str]
+    model: dict  # run.json's `model`: spec, architecture digest, parameter count, trainable variables (tapeline/model.py)
     steps: int
     resumed_from: int  # the step of the checkpoint training resumed from; 0 for a fresh start
     warm_start: dict | None  # run.json's `warm_start`: the run whose weights training started from, and why (registry/warm_start.py)

@@ -1,15 +1,16 @@
-"""Stage 1, download: the dataset's four verified IDX files in the storage cache."""
+"""Stage 1, download: the dataset's files in the storage cache, verified or digested, whatever its source."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from tapeline.data.fetch import fetch_files
+from tapeline.data.interface import DataRequest
+from tapeline.data.sources import fetch_files
 from tapeline.results import DatasetFiles
 from tapeline.storage.root import Storage
 
 
 @task(name="download")
-def download(dataset: str, source: str | None, storage: str, refresh: bool) -> DatasetFiles:
-    """Fetch and verify the dataset's four IDX files into the storage cache (idx: digest those of `source`)."""
-    return fetch_files(dataset, Storage(storage), source, refresh)
+def download(data: DataRequest, storage: str, refresh: bool) -> DatasetFiles:
+    """Fetch and verify a registry dataset's IDX files, or digest (and decode) your own, into the storage cache."""
+    return fetch_files(data, Storage(storage), refresh)

@@ -9,6 +9,6 @@ from tapeline.storage.root import Storage
 
 
 @task(name="evaluate")
-def evaluate(storage: str, model_uri: str, test_uri: str) -> dict:
-    """Score the saved model on the test split: accuracy, loss, samples."""
-    return evaluate_model(Storage(storage).local(model_uri), test_uri)
+def evaluate(storage: str, model_uri: str, test_uri: str, model_spec: str) -> dict:
+    """Score the saved model (a model of `model_spec`) on the test split: accuracy, loss, samples."""
+    return evaluate_model(Storage(storage).local(model_uri), test_uri, model_spec)

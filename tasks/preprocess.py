@@ -1,4 +1,4 @@
-"""Stage 2, preprocess: the IDX files as train/validation/test Parquet splits, cached by content."""
+"""Stage 2, preprocess: the cached files as train/validation/test Parquet splits, cached by content."""
 
 from __future__ import annotations
 
@@ -11,5 +11,5 @@ from tapeline.storage.root import Storage
 
 @task(name="preprocess")
 def preprocess(files: DatasetFiles, storage: str, seed: int, validation_size: int, refresh: bool) -> PreparedData:
-    """Parse and validate the IDX files; write train/validation/test Parquet splits (cached by content)."""
+    """Read and check the cached files; write train/validation/test Parquet splits (cached by content)."""
     return prepare(files, Storage(storage), seed, validation_size, refresh)

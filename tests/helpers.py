@@ -6,17 +6,23 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
+import json
 import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
 
 from tapeline.config import RunConfig
 from tapeline.data.fetch import fetch_dataset
 from tapeline.data.idx import encode_idx
 from tapeline.data.idx_source import FILE_NAMES as IDX_FILE_NAMES
 from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile
+from tapeline.data.shape import DataShape
 from tapeline.data.splits import prepare
 from tapeline.results import PreparedData
 from tapeline.storage.root import Storage
@@ -53,7 +59,8 @@ def write_idx_dir(directory: Path, arrays: dict[str, np.ndarray]) -> Dataset:
         archive = gzip.compress(idx, mtime=0)
         (directory / FILE_NAMES[split]).write_bytes(archive)
         files[split] = DatasetFile(FILE_NAMES[split], hashlib.sha256(archive).hexdigest(), hashlib.sha256(idx).hexdigest())
-    return Dataset(name="tiny", mirrors=(), files=files, classes=tuple("0123456789"), train_count=len(arrays["train_labels"]))
+    shape = DataShape((*arrays["train_images"].shape[1:3], 1), tuple("0123456789"))
+    return Dataset(name="tiny", mirrors=(), files=files, shape=shape, train_count=len(arrays["train_labels"]))
 
 
 def write_own_dir(directory: Path, arrays: dict[str, np.ndarray], gzipped=(), classes=None) -> dict[str, str]:
@@ -100,3 +107,54 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def pictures(n: int, shape: tuple[int, ...], label: int, seed: int) -> list[np.ndarray]:
+    """`n` uint8 images of `shape` (height, width[, channels]) whose mean brightness says their class."""
+    rng = np.random.default_rng(seed)
+    return [np.clip(rng.integers(0, 60, shape) + 40 * label, 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array).save(path)
+
+
+def image_folder(directory: Path, classes: dict[str, int], shape=(12, 10, 3), split=True, seed=0) -> dict[str, list[np.ndarray]]:
+    """PNG files, `classes[name]` per class (train/ and test/ with 2 more each when `split`); the arrays by split."""
+    written = {"train": [], "test": []}
+    for label, (name, count) in enumerate(sorted(classes.items())):
+        for part, n in (("train", count), ("test", 2)) if split else (("", count),):
+            for i, array in enumerate(pictures(n, shape, label, seed + 17 * label + len(part))):
+                write_png(directory / part / name / f"{i:03d}.png", array)
+                written[part or "train"].append(array)
+    return written
+
+
+def hub_parquet(directory: Path, classes: list[str] | None, shape=(8, 8, 3), counts=(("train", 10), ("test", 4)), tensor=False) -> dict:
+    """The Hub's layout: data/<split>-00000-of-00001.parquet, images as PNG bytes (or a tensor column), ClassLabel names."""
+    written = {}
+    features = {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()} if classes else None
+    for split, n in counts:
+        labels = np.arange(n) % (len(classes) if classes else 3)
+        arrays = [pictures(1, shape, int(label), i)[0] for i, label in enumerate(labels)]
+        if tensor:
+            image = pa.ExtensionArray.from_storage(
+                pa.fixed_shape_tensor(pa.uint8(), list(shape)), pa.FixedSizeListArray.from_arrays(pa.array(np.stack(arrays).reshape(-1)), int(np.prod(shape)))
+            )
+        else:
+            image = pa.array(
+                [{"bytes": png_bytes(a), "path": f"{i}.png"} for i, a in enumerate(arrays)], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+            )
+        table = pa.table({"image": image, "label": pa.array(labels, pa.int64())}).replace_schema_metadata(metadata)
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, directory / "data" / f"{split}-00000-of-00001.parquet")
+        written[split] = (np.stack(arrays), labels)
+    return written
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -11,8 +11,8 @@ from prefect.utilities.callables import parameter_schema
 
 from tapeline.cli import parse_train_args as parse_args
 from tapeline.config import GradientDtype, RunConfig, parameters_markdown, run_parameters
-from tapeline.data.idx_source import IDX
 from tapeline.data.registry import DATASETS
+from tapeline.data.sources import OWN_DATA
 from tapeline.errors import ConfigError
 from tapeline.flows.prepare import prepare_data
 from tapeline.flows.train import train_flow
@@ -81,7 +81,7 @@ def test_flows_annotate_their_parameters_as_the_config_does(flow):
     assert signature.parameters and all(p.annotation == config[p.name] for p in signature.parameters.values())
     assert all(p.default == getattr(RunConfig, p.name) for p in signature.parameters.values())
     schema = parameter_schema(flow).properties
-    assert schema["dataset"]["enum"] == [*DATASETS, IDX] and schema["seed"]["minimum"] == 0
+    assert schema["dataset"]["enum"] == [*DATASETS, *OWN_DATA] and schema["seed"]["minimum"] == 0
     help_of = {p.name: p.help for p in run_parameters()}  # what the UI's run form shows under each field
     assert {name: field.get("description") for name, field in schema.items()} == {name: help_of[name] for name in schema}
 
@@ -127,7 +127,20 @@ def test_roles_are_marked_on_the_declared_parameters():
     from tapeline.training.summaries import HPARAMS
 
     resume = [p.name for p in parameters_with(RESUME)]
-    assert resume == ["dataset", "batch_size", "learning_rate", "seed", "train_limit", "validation_size", "exclude", "precision", "deterministic"]
+    assert resume == [
+        "dataset",
+        "image_size",
+        "channels",
+        "model",
+        "batch_size",
+        "learning_rate",
+        "seed",
+        "train_limit",
+        "validation_size",
+        "exclude",
+        "precision",
+        "deterministic",
+    ]
     assert [h.name for h in HPARAMS] == [p.name for p in parameters_with(HPARAM)]
     assert {"epochs", "warm_start"} <= {h.name for h in HPARAMS} and "jit_compile" not in {h.name for h in HPARAMS}
-    assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, IDX}  # your own IDX files too
+    assert HPARAMS[0].name == "dataset" and set(HPARAMS[0].domain.values) == {*DATASETS, *OWN_DATA}  # your own data too

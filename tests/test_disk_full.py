@@ -109,7 +109,7 @@ def write_step_log(storage: Storage, run: RunPaths) -> None:
     """The steps, stats and samples files of a flush, written on the log's thread; the error comes back on close."""
     variables = [v.path for v in build_model().trainable_variables]
     log = StepLog(storage, run, variables)
-    log.append(1, 1, 0.5, 1.0, 1e-3, np.arange(16), np.ones((len(variables), len(STAT_NAMES)), np.float32))
+    log.append(1, 1, {"loss": 0.5, "global_norm": 1.0, "learning_rate": 1e-3}, np.arange(16), np.ones((len(variables), len(STAT_NAMES)), np.float32))
     log.flush()
     log.close()
 

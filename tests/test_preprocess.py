@@ -10,7 +10,7 @@ import pytest
 
 from tapeline.data.fetch import fetch_dataset
 from tapeline.data.idx import IdxError, encode_idx, parse_idx, read_idx_gz
-from tapeline.data.splits import IMAGE_TYPE, prepare, read_split
+from tapeline.data.splits import image_type, prepare, read_split
 from tapeline.errors import ConfigError
 from tapeline.storage.layout import manifest_path
 from tapeline.storage.root import Storage
@@ -55,7 +55,7 @@ def test_splits_schema_and_manifest(files, tmp_path):
     table = pq.read_table(data.uris["train"])
     assert table.schema.field("sample_id").type == pa.int64()
     assert table.schema.field("label").type == pa.uint8()
-    assert table.schema.field("image").type == IMAGE_TYPE
+    assert table.schema.field("image").type == image_type((28, 28, 1))
     assert table.schema.field("image").type.shape == [28, 28, 1]
     assert sorted(p.name for p in Path(data.directory).iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
     manifest = json.loads(manifest_path(Path(data.directory)).read_text())  # beside the splits' directory

@@ -70,7 +70,7 @@ def test_keeps_first_scheduled_spike_and_last_steps_with_their_weights(tmp_path)
             weights = [np.full(shape, -step, np.float32) for shape in SHAPES]  # before the step: its weights
             recording.before_step(step, weights)
             norm = 50.0 if step == 13 else 1.0  # 13: above 10x the median of the twelve before it
-            assert recording.record(step, 1, 0.5, np.arange(step, step + 4), stats(norm), gradients(step)) == []
+            assert recording.record(step, 1, {"loss": 0.5}, np.arange(step, step + 4), stats(norm), gradients(step)) == []
             if step == 7:
                 recording.flush()  # as at a checkpoint
         recording.flush()
@@ -95,8 +95,8 @@ def test_keeps_first_scheduled_spike_and_last_steps_with_their_weights(tmp_path)
 def test_a_non_finite_step_is_kept_named_and_logged(tmp_path):
     with recorder(tmp_path) as recording:
         for step in (1, 2):
-            assert recording.record(step, 1, 0.5, np.arange(2), stats(), gradients(step)) == []
-        assert recording.record(3, 1, 0.5, np.arange(2), stats(nan_in="dense/bias"), gradients(3)) == ["dense/bias"]
+            assert recording.record(step, 1, {"loss": 0.5}, np.arange(2), stats(), gradients(step)) == []
+        assert recording.record(3, 1, {"loss": 0.5}, np.arange(2), stats(nan_in="dense/bias"), gradients(3)) == ["dense/bias"]
     # The run stops here, without another flush: once closed, the log holds the failing step.
     assert table(tmp_path, "steps").column("step").to_pylist() == [1, 2, 3]
     reasons = dict(zip(*table(tmp_path, "gradients").select(["step", "reason"]).to_pydict().values()))
@@ -107,8 +107,8 @@ def test_a_non_finite_step_is_kept_named_and_logged(tmp_path):
 def test_the_non_finite_rule_under_loss_scaling(tmp_path):
     """An overflowing gradient under loss scaling is a skipped step, not a failure; a non-finite loss always is."""
     with recorder(tmp_path, loss_scaled=True) as recording:
-        assert recording.record(1, 1, 0.5, np.arange(2), stats(nan_in="dense/kernel"), gradients(1)) == []
-        assert recording.record(2, 1, float("nan"), np.arange(2), stats(nan_in="dense/kernel"), gradients(2)) == ["loss", "dense/kernel"]
+        assert recording.record(1, 1, {"loss": 0.5}, np.arange(2), stats(nan_in="dense/kernel"), gradients(1)) == []
+        assert recording.record(2, 1, {"loss": float("nan")}, np.arange(2), stats(nan_in="dense/kernel"), gradients(2)) == ["loss", "dense/kernel"]
     reasons = dict(zip(*table(tmp_path, "gradients").select(["step", "reason"]).to_pydict().values()))
     assert reasons == {1: "first", 2: "non-finite"}
 
@@ -117,9 +117,9 @@ def test_the_null_recorder_applies_the_same_rule_and_writes_nothing(tmp_path):
     with NullRecorder(VARIABLES) as recording:
         for step in range(1, LAST_STEP + 1):
             recording.before_step(step, gradients(step))
-            assert recording.record(step, 1, 0.5, np.arange(2), stats(50.0 if step == 13 else 1.0), gradients(step)) == []
+            assert recording.record(step, 1, {"loss": 0.5}, np.arange(2), stats(50.0 if step == 13 else 1.0), gradients(step)) == []
             recording.flush()
-        assert recording.record(15, 1, float("inf"), np.arange(2), stats(nan_in="dense/bias"), gradients(15)) == ["loss", "dense/bias"]
+        assert recording.record(15, 1, {"loss": float("inf")}, np.arange(2), stats(nan_in="dense/bias"), gradients(15)) == ["loss", "dense/bias"]
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(AttributeError):  # a real class: a misspelt method fails, it is not swallowed
         NullRecorder(VARIABLES).recrod  # noqa: B018

@@ -109,7 +109,7 @@ def test_a_resumed_run_smooths_the_noise_scale_on_from_its_checkpoint(runs, tmp_
     with RunSummaries(Storage(config.storage), tmp_path / "resumed", writes=True) as resumed:
         resumed.catch_up(run, checkpoint)  # the log holds every step of the run: those after the checkpoint must not count
         for row in steps[checkpoint:]:
-            resumed.step(row["step"], row["loss"], row["global_norm"], None, row["grad_variance"], row["grad_signal"])
+            resumed.step(row["step"], row)
     written = values(events(tmp_path / "resumed"), "step/noise_scale_smoothed")
     assert sorted(written) == [s for s in range(10, first.steps + 1, 10) if s > checkpoint and math.isfinite(smoothed[s - 1])]
     for step, value in written.items():  # the same float32 estimates on both sides: only the scalar's float32 rounding
@@ -224,7 +224,7 @@ def test_noise_scale_raw_and_smoothed_skip_what_is_not_finite(tmp_path):
     with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
         for step in range(1, 31):
             v, s, b = (float(a[step - 1]) for a in (variance, signal, raw))
-            summaries.step(step, loss=1.0 / step, grad_norm=2.0, noise_scale=b, grad_variance=v, grad_signal=s)
+            summaries.step(step, {"loss": 1.0 / step, "global_norm": 2.0, "grad_noise_scale": b, "grad_variance": v, "grad_signal": s})
     accumulator = events(directory)
     written_raw, written_smoothed = values(accumulator, "step/noise_scale_raw"), values(accumulator, "step/noise_scale_smoothed")
     smoothed = smoothed_noise_scale(variance, signal)
@@ -240,7 +240,7 @@ def test_no_noise_estimates_no_noise_scalars(tmp_path):
     directory = tmp_path / "tensorboard"
     with RunSummaries(Storage(str(tmp_path)), directory, writes=True) as summaries:
         for step in range(1, 21):
-            summaries.step(step, loss=0.5, grad_norm=1.0)
+            summaries.step(step, {"loss": 0.5, "global_norm": 1.0})
     assert sorted(events(directory).Tags()["tensors"]) == ["step/grad_norm", "step/loss"]
 
 
@@ -261,7 +261,7 @@ def test_a_worker_that_does_not_write_writes_nothing(tmp_path):
     directory = tmp_path / "tensorboard"
     with RunSummaries(Storage(str(tmp_path)), directory, writes=False) as summaries:
         summaries.start(None, "r")  # not even looked at
-        summaries.step(10, 0.5, 1.0, 3.0, 1.0, 0.5)
+        summaries.step(10, {"loss": 0.5, "global_norm": 1.0, "grad_noise_scale": 3.0})
         summaries.snapshot(10, ["dense/kernel"], [np.ones((3, 2), np.float32)])
         summaries.epoch_end(10, {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": None, "val_accuracy": None}, 1e-3, np.ones(4))
     assert not directory.exists()

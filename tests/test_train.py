@@ -17,7 +17,7 @@ import tensorflow as tf
 from tapeline.data.splits import read_split
 from tapeline.gradients.export import GradientExportError, plot_norms, publish_gradients
 from tapeline.gradients.recorder import SnapshotPolicy
-from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STAT_NAMES, STATS_SCHEMA, STEP_SCHEMA, file_schema
+from tapeline.gradients.schema import GRADIENT_SCHEMA, PARTITIONING, STAT_NAMES, STATS_SCHEMA, file_schema, step_schema
 from tapeline.gradients.writers import atomic_partition_path, partition_file, snapshot_file
 from tapeline.model import build_model
 from tapeline.reader import NoGradientsError, gradient_arrays, read_gradients, read_stats, read_steps
@@ -55,7 +55,7 @@ def epoch_of(step: int, data) -> int:
 def test_datasets_are_hive_partitioned_by_epoch(trained):
     """`epoch` is the directory's, never a file's: pyarrow refuses a dataset that has both."""
     config, data, result = trained
-    for name, schema, prefix in (("gradients", GRADIENT_SCHEMA, "step"), ("steps", STEP_SCHEMA, "steps"), ("stats", STATS_SCHEMA, "stats")):
+    for name, schema, prefix in (("gradients", GRADIENT_SCHEMA, "step"), ("steps", step_schema(), "steps"), ("stats", STATS_SCHEMA, "stats")):
         directory = run_dir(result) / name
         files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.parquet"))
         assert files and all(re.fullmatch(rf"epoch=[12]/{prefix}-\d{{9}}\.parquet", f) for f in files), files
@@ -108,7 +108,7 @@ def test_first_snapshot_is_exactly_tape_gradient(trained):
     """Recompute step 1 from the seeded initial weights and the recorded batch."""
     config, data, result = trained
     steps = read_steps(run_dir(result), steps=[1])
-    assert steps.schema.equals(STEP_SCHEMA)
+    assert steps.schema.equals(step_schema())
     batch_ids = steps.column("sample_ids")[0].as_py()
     images, labels, sample_ids = read_split(data.uris["train"])
     position = {sid: i for i, sid in enumerate(sample_ids)}
@@ -287,7 +287,7 @@ def test_warm_start_begins_at_the_champions_weights(trained):
     config, data, result = trained
     storage = Storage(config.storage)
     promote_if_better(storage, result.run_id, config.dataset, "tiny-test", result.model_uri, 0.5, margin=0.0, train_set="tiny-train")
-    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None)
+    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None, variables=[])
     assert choice.record("other-train") == {  # a champion trained on other data is no start
         "from": None, "model": None, "reason": f"the champion, run {result.run_id}, was trained on other training data",
     }  # fmt: skip

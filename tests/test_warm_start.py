@@ -82,9 +82,9 @@ def test_a_pointer_written_before_training_data_was_recorded_is_read_through_its
     run.model.write_bytes(b"a model")
     pointer = {"run_id": "old", "dataset": "idx", "test_set": "t", "model": str(run.model), "test_accuracy": 0.9, "promoted": "then"}
     ChampionPointer(storage).swap(pointer, None)
-    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None)
+    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None, variables=[])
     assert choice.record("any")["reason"] == "the champion, run old, was trained on training data it does not record"
     run.run_json.write_text(json.dumps({"dataset": {"sha256": digests}}))
-    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None)
+    choice = choose_warm_start(storage, warm_start=True, warm_start_from=None, variables=[])
     assert choice.record(split_identity(digests, "train"))["from"] == "old"
     assert choice.record(split_identity({**digests, "train_labels": "f" * 64}, "train"))["from"] is None

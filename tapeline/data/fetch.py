@@ -5,8 +5,8 @@ when given (an http(s) or file:// base URL, or a local directory); otherwise
 Keras's own cache (`~/.keras/datasets/mnist.npz`) and then each mirror of the
 registry. Every file is verified against the registry's digests before it is
 renamed into the cache, so the cache only ever holds verified files.
-`--dataset idx` has no registry entry to verify against: its files come from the
-`--source` directory as they are, digested (tapeline/data/idx_source.py).
+`RegistrySource` is a registry dataset as a DataSource (tapeline/data/interface.py); the
+other sources are listed beside it in tapeline/data/sources.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from tapeline.data.idx import encode_idx
-from tapeline.data.idx_source import IDX, fetch_idx_source
-from tapeline.data.registry import DATASETS, SPLIT_FILES, Dataset, DatasetFile
+from tapeline.data.interface import DataRequest, without_decoding
+from tapeline.data.registry import SPLIT_FILES, Dataset, DatasetFile
+from tapeline.data.shape import DataShape
 from tapeline.errors import TapelineError
 from tapeline.results import DatasetFiles
 from tapeline.storage.root import Storage, sha256_file, sha256_stream
@@ -48,11 +49,24 @@ class ChecksumError(TapelineError, ValueError):
     """A file's content is not what the registry says it must be."""
 
 
-def fetch_files(dataset: str, storage: Storage, source: str | None = None, refresh: bool = False) -> DatasetFiles:
-    """The download stage: a registry dataset's files, or with `dataset` idx the files of the `source` directory."""
-    if dataset == IDX:
-        return fetch_idx_source(source, storage, refresh)
-    return fetch_dataset(DATASETS[dataset], storage, source, refresh)
+class RegistrySource:
+    """A dataset of the registry as a DataSource: its shape and size are the registry's, its files verified against it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def check(self, request: DataRequest) -> str | None:
+        without_decoding(request)
+        return request.source
+
+    def train_count(self, request: DataRequest) -> int:
+        return self.dataset.train_count
+
+    def shape(self, request: DataRequest) -> DataShape:
+        return self.dataset.shape
+
+    def fetch(self, request: DataRequest, storage: Storage, refresh: bool = False) -> DatasetFiles:
+        return fetch_dataset(self.dataset, storage, request.source, refresh)
 
 
 def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None, refresh: bool = False) -> DatasetFiles:
@@ -70,7 +84,7 @@ def fetch_dataset(dataset: Dataset, storage: Storage, source: str | None = None,
         paths=paths,
         sha256={split: dataset.files[split].idx_sha256 for split in SPLIT_FILES},
         cached=not fetched,
-        classes=dataset.classes,
+        shape=dataset.shape,
     )
 
 

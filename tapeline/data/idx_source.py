@@ -5,14 +5,16 @@ and recorded as a registry dataset's are (run.json, the model card, the splits'
 manifest); the cache and the preprocessed splits are keyed on them, so a directory
 whose files change is a new dataset, and one that does not is served from the cache.
 
-Each file is its standard name (FILE_NAMES), raw or with `.gz`. An optional
-`classes.txt` names the classes, one per line in label order; without it the names
-are the labels' own numbers, "0" up to the largest label seen.
+Each file is its standard name (FILE_NAMES), raw or with `.gz`. The image files are 3-D
+(n, height, width: one channel) or 4-D (n, height, width, channels), of any size, the
+same for train and test. An optional `classes.txt` names the classes, one per line in
+label order (2 or more); without it the names are the labels' own numbers, "0" up to
+the largest label seen.
 
-Two checks, one rule set: `check_idx_source` reads only the headers, when the run's
-parameters are checked (a bad directory stops the run before any stage, exit 2);
-`fetch_idx_source`, the download stage, reads the files whole, takes their digests,
-and finds what only the whole file shows (a truncated file, a label above 9).
+Two checks, one rule set: `check` reads only the headers, when the run's parameters are
+checked (a bad directory stops the run before any stage, exit 2); `fetch`, the download
+stage, reads the files whole, takes their digests, and finds what only the whole file
+shows (a truncated file, a label without a class).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tapeline.data.idx import IdxError, parse_header, parse_idx
+from tapeline.data.decode import SourceError
+from tapeline.data.idx import IdxError, parse_header, parse_idx, read_idx_gz
+from tapeline.data.interface import DataRequest, local_directory, without_decoding
 from tapeline.data.registry import SPLIT_FILES
-from tapeline.data.splits import IMAGE_SHAPE, NUM_CLASSES
-from tapeline.errors import ConfigError
+from tapeline.data.shape import DataShape
 from tapeline.results import DatasetFiles
-from tapeline.storage.root import Storage, is_remote
+from tapeline.storage.root import Storage
 
 IDX = "idx"  # the dataset parameter's value for a directory of one's own
 FILE_NAMES = {
@@ -38,62 +41,76 @@ FILE_NAMES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-NDIM = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
+IMAGE_NDIM = (3, 4)  # (n, height, width) with one channel, or (n, height, width, channels)
+NDIM = {"train_images": IMAGE_NDIM, "train_labels": 1, "test_images": IMAGE_NDIM, "test_labels": 1}
 CLASSES_FILE = "classes.txt"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class IdxSourceError(ConfigError):
+class IdxSourceError(SourceError):
     """The source of `--dataset idx` is not a directory of four good IDX files: bad input, nothing was done."""
 
 
-def check_idx_source(source: str | None) -> str:
-    """The source as an absolute directory, once its four files' headers and its classes.txt are good."""
-    directory = source_directory(source)
-    files = idx_files(directory)
-    _check_shapes(files, {split: _header_shape(path, NDIM[split]) for split, path in files.items()})
-    read_classes(directory)
-    return str(directory)
+class IdxSource:
+    """`--dataset idx`: the DataSource of a directory of IDX files (tapeline/data/interface.py)."""
+
+    def check(self, request: DataRequest) -> str:
+        """The source as an absolute directory, once its four files' headers and its classes.txt are good."""
+        without_decoding(request)
+        directory = source_directory(request.source)
+        files = idx_files(directory)
+        _image_shape(files, {split: _header_shape(path, NDIM[split]) for split, path in files.items()})
+        read_classes(directory)
+        return str(directory)
+
+    def train_count(self, request: DataRequest) -> int:
+        """How many images the training file of a checked source holds, as its header says."""
+        path = idx_files(source_directory(request.source))["train_images"]
+        return _header_shape(path, IMAGE_NDIM)[0]
+
+    def shape(self, request: DataRequest) -> DataShape:
+        """The images' shape from the headers; the classes from classes.txt, else from the labels (read whole: a byte each)."""
+        directory = source_directory(request.source)
+        files = idx_files(directory)
+        image_shape = _image_shape(files, {split: _header_shape(path, NDIM[split]) for split, path in files.items()})
+        labels = {split: _parse(_read(files[split])[1], 1, files[split]) for split in ("train_labels", "test_labels")}
+        return DataShape(image_shape, _classes(directory, files, labels))
+
+    def fetch(self, request: DataRequest, storage: Storage, refresh: bool = False) -> DatasetFiles:
+        """Read the four files whole, validate them, and put each in the storage cache under its IDX digest."""
+        directory = source_directory(request.source)
+        files = idx_files(directory)
+        paths, digests, shapes, labels, fetched = {}, {}, {}, {}, False
+        for split, path in files.items():
+            archive, idx = _read(path)
+            array = _parse(idx, NDIM[split], path)
+            shapes[split] = array.shape
+            if NDIM[split] == 1:
+                labels[split] = array.copy()
+            digests[split] = hashlib.sha256(idx).hexdigest()
+            target = storage.layout.cache_file(IDX, digests[split])
+            if refresh or not storage.exists(target):
+                # The bytes just digested, not the file again: it may have changed since.
+                with storage.atomic(target) as temporary:
+                    temporary.write_bytes(archive if archive is not None else gzip.compress(idx, compresslevel=6, mtime=0))
+                fetched = True
+            paths[split] = storage.uri_of(target)
+        shape = DataShape(_image_shape(files, shapes), _classes(directory, files, labels))
+        return DatasetFiles(dataset=IDX, paths=paths, sha256=digests, cached=not fetched, shape=shape)
 
 
-def idx_train_count(source: str) -> int:
-    """How many images the training file of a checked source holds, as its header says."""
-    path = idx_files(source_directory(source))["train_images"]
-    return _header_shape(path, NDIM["train_images"])[0]
+SOURCE = IdxSource()
 
 
-def fetch_idx_source(source: str, storage: Storage, refresh: bool = False) -> DatasetFiles:
-    """Read the four files whole, validate them, and put each in the storage cache under its IDX digest."""
-    directory = source_directory(source)
-    files = idx_files(directory)
-    paths, digests, shapes, labels, fetched = {}, {}, {}, {}, False
-    for split, path in files.items():
-        archive, idx = _read(path)
-        array = _parse(idx, NDIM[split], path)
-        shapes[split] = array.shape
-        if NDIM[split] == 1:
-            labels[split] = array.copy()
-        digests[split] = hashlib.sha256(idx).hexdigest()
-        target = storage.layout.cache_file(IDX, digests[split])
-        if refresh or not storage.exists(target):
-            # The bytes just digested, not the file again: it may have changed since.
-            with storage.atomic(target) as temporary:
-                temporary.write_bytes(archive if archive is not None else gzip.compress(idx, compresslevel=6, mtime=0))
-            fetched = True
-        paths[split] = storage.uri_of(target)
-    _check_shapes(files, shapes)
-    return DatasetFiles(dataset=IDX, paths=paths, sha256=digests, cached=not fetched, classes=_classes(directory, files, labels))
+def read_idx_split(storage: Storage, files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images [n, height, width, channels] and labels from the cached IDX files of a registry dataset or `idx`."""
+    images = read_idx_gz(storage.local(files.paths[f"{split}_images"]), ndim=IMAGE_NDIM)
+    labels = read_idx_gz(storage.local(files.paths[f"{split}_labels"]), ndim=1)
+    return (images[..., None] if images.ndim == 3 else images), labels
 
 
 def source_directory(source: str | None) -> Path:
-    if not source:
-        raise IdxSourceError(f"dataset {IDX} needs a source: the directory of your four IDX files (--source DIR)")
-    if is_remote(source):
-        raise IdxSourceError(f"dataset {IDX} reads a local directory; source {source!r} is a URL")
-    directory = Path(source.removeprefix("file://")).expanduser().resolve()
-    if not directory.is_dir():
-        raise IdxSourceError(f"source {source!r} is not a directory (dataset {IDX} reads the four IDX files in one)")
-    return directory
+    return local_directory(source, IDX, "your four IDX files")
 
 
 def idx_files(directory: Path) -> dict[str, Path]:
@@ -129,8 +146,8 @@ def read_classes(directory: Path) -> tuple[str, ...] | None:
         raise IdxSourceError(f"{path} is empty: write one class name per line, in label order")
     if "" in names:
         raise IdxSourceError(f"{path}: line {names.index('') + 1} is blank; every label needs a name")
-    if len(names) > NUM_CLASSES:
-        raise IdxSourceError(f"{path} names {len(names)} classes; the model has {NUM_CLASSES} outputs")
+    if len(names) < 2:
+        raise IdxSourceError(f"{path} names 1 class; a classifier needs at least 2")
     repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
     if repeated is not None:
         raise IdxSourceError(f"{path}: {repeated!r} names two classes")
@@ -138,35 +155,46 @@ def read_classes(directory: Path) -> tuple[str, ...] | None:
 
 
 def _classes(directory: Path, files: dict[str, Path], labels: dict[str, np.ndarray]) -> tuple[str, ...]:
-    """One name per output of the model: classes.txt's, then numbers for any output it does not name (all numbers
-    without it); every label must have a name of classes.txt and an output."""
+    """The class names: classes.txt's, every label naming one of them; without it, "0" up to the largest label."""
     split, largest = max(((split, int(values.max())) for split, values in labels.items() if values.size), key=lambda item: item[1])
-    if largest >= NUM_CLASSES:
-        raise IdxSourceError(f"{files[split].name}: label {largest}, but the model has {NUM_CLASSES} outputs (labels 0-{NUM_CLASSES - 1})")
     names = read_classes(directory)
     if names is not None and largest >= len(names):
         raise IdxSourceError(f"{directory / CLASSES_FILE} names {len(names)} classes, but {files[split].name} has label {largest}")
-    names = names or ()
-    return names + tuple(str(output) for output in range(len(names), NUM_CLASSES))  # a prediction can be any output
+    if names is None and largest == 0:
+        raise IdxSourceError(f"every label of {directory} is 0: a classifier needs at least 2 classes")
+    return names or tuple(str(label) for label in range(largest + 1))
 
 
-def _check_shapes(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
+def _image_shape(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
+    """The images' (height, width, channels), the same in both image files; as many labels as images, and some."""
+    image_shapes = {}
     for split in ("train", "test"):
         images, labels = f"{split}_images", f"{split}_labels"
         count, *size = shapes[images]
-        if tuple(size) != IMAGE_SHAPE[:2]:
-            raise IdxSourceError(f"{files[images].name}: images are {'x'.join(map(str, size))}; the model takes 28x28 pixels, one uint8 channel")
+        image_shapes[split] = (*size, 1) if len(size) == 2 else tuple(size)
         if count == 0:
             raise IdxSourceError(f"{files[images].name} holds no images")
         if count != shapes[labels][0]:
             raise IdxSourceError(f"{files[images].name} has {count} images but {files[labels].name} has {shapes[labels][0]} labels")
+        if 0 in image_shapes[split]:
+            raise IdxSourceError(f"{files[images].name}: images of {_size(image_shapes[split])} pixels have no pixels")
+    if image_shapes["train"] != image_shapes["test"]:
+        raise IdxSourceError(
+            f"{files['test_images'].name}: images are {_size(image_shapes['test'])}, but {files['train_images'].name}'s are "
+            f"{_size(image_shapes['train'])} (height x width x channels)"
+        )
+    return image_shapes["train"]
 
 
-def _header_shape(path: Path, ndim: int) -> tuple[int, ...]:
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _header_shape(path: Path, ndim: int | tuple[int, ...]) -> tuple[int, ...]:
     """The shape the file's header declares, read without reading the rest."""
     try:
         with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as handle:
-            header = handle.read(4 + 4 * ndim)
+            header = handle.read(4 + 4 * max((ndim,) if isinstance(ndim, int) else ndim))
     except (OSError, EOFError, zlib.error) as error:
         raise IdxSourceError(f"{path.name}: cannot read it ({_reason(error)})") from None
     return _parse(header, ndim, path, parse=parse_header)
@@ -181,7 +209,7 @@ def _read(path: Path) -> tuple[bytes | None, bytes]:
         raise IdxSourceError(f"{path.name}: not a complete gzip file ({_reason(error)})") from None
 
 
-def _parse(data: bytes, ndim: int, path: Path, parse=parse_idx):
+def _parse(data: bytes, ndim: int | tuple[int, ...], path: Path, parse=parse_idx):
     if data.startswith(GZIP_MAGIC):
         raise IdxSourceError(f"{path.name} is gzipped: name it {path.name}.gz")
     try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tapeline.data.shape import DataShape
+
 SPLIT_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -35,9 +37,13 @@ class Dataset:
     name: str
     mirrors: tuple[str, ...]
     files: dict[str, DatasetFile]  # keyed by SPLIT_FILES
-    classes: tuple[str, ...]
+    shape: DataShape  # its images' shape and its classes (the digests fix them): known before any download
     train_count: int  # images in its training file (the digests fix it): known before any download
     keras_archive: KerasArchive | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.shape.classes
 
 
 MNIST = Dataset(
@@ -69,7 +75,7 @@ MNIST = Dataset(
             "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         ),
     },
-    classes=tuple(str(digit) for digit in range(10)),
+    shape=DataShape((28, 28, 1), tuple(str(digit) for digit in range(10))),
     keras_archive=KerasArchive("mnist.npz", "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
     train_count=60_000,
 )
@@ -103,7 +109,7 @@ FASHION_MNIST = Dataset(
             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         ),
     },
-    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    shape=DataShape((28, 28, 1), ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
     train_count=60_000,
 )
 

@@ -1,6 +1,8 @@
-"""Stage 2, preprocess: IDX files to one Parquet file per split, plus a manifest beside them.
+"""Stage 2, preprocess: the cached files of any source to one Parquet file per split, plus a manifest beside them.
 
 The splits' schema, their content-keyed directory and its manifest: docs/data-format.md#splits.
+The images keep their shape (any height, width and channels: the manifest's `shape`, a
+DataShape, which `PreparedData.shape` carries to the model).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tapeline.data.idx import IdxError, read_idx_gz
+from tapeline.data.arrays import label_dtype
 from tapeline.data.shape import DataShape
-from tapeline.errors import ConfigError
+from tapeline.data.sources import read_cached_split
+from tapeline.errors import ConfigError, TapelineError
 from tapeline.results import DatasetFiles, PreparedData
 from tapeline.storage.layout import DatasetPaths
 from tapeline.storage.root import (
@@ -22,11 +25,8 @@ from tapeline.storage.root import (
     utc_now,
 )
 
-FORMAT_VERSION = 2  # bump when the output of this stage changes for the same inputs (2: the manifest moved out)
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10  # the model's outputs: labels are 0 to NUM_CLASSES - 1
+FORMAT_VERSION = 3  # bump when the output of this stage changes for the same inputs (2: the manifest moved out; 3: its shape)
 SPLITS = ("train", "validation", "test")
-IMAGE_TYPE = pa.fixed_shape_tensor(pa.uint8(), list(IMAGE_SHAPE))
 
 
 def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: int, refresh: bool = False) -> PreparedData:
@@ -43,13 +43,14 @@ def prepare(files: DatasetFiles, storage: Storage, seed: int, validation_size: i
         uris={split: storage.uri_of(prepared.split(split)) for split in SPLITS},
         counts={split: manifest["splits"][split]["count"] for split in SPLITS},
         cached=cached,
-        shape=DataShape(IMAGE_SHAPE, files.classes),
+        shape=DataShape.from_json(manifest["shape"]),
     )
 
 
 def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths, seed: int, validation_size: int) -> None:
     train_images, train_labels = _read_pair(storage, files, "train")
     test_images, test_labels = _read_pair(storage, files, "test")
+    shape = files.shape
     training_split(len(train_images), validation_size)  # checked before any stage too, from the registry or the headers
 
     # Seeded and sorted: the same seed always holds out the same samples, and each
@@ -68,8 +69,8 @@ def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths,
         ("validation", train_images, train_labels, validation_ids),
         ("test", test_images, test_labels, np.arange(len(test_images))),
     ):
-        storage.write_table(prepared.split(split), split_table(ids, images[ids], labels[ids]), prepared.directory, compression="zstd")
-        splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=NUM_CLASSES).tolist()}
+        storage.write_table(prepared.split(split), split_table(ids, images[ids], labels[ids], shape), prepared.directory, compression="zstd")
+        splits[split] = {"count": len(ids), "class_counts": np.bincount(labels[ids], minlength=shape.num_classes).tolist()}
     train_pixels = train_images[train_ids].astype(np.float64) / 255.0
     storage.write_json(
         prepared.manifest,
@@ -80,6 +81,8 @@ def _write_splits(storage: Storage, files: DatasetFiles, prepared: DatasetPaths,
             "validation_size": validation_size,
             "format": FORMAT_VERSION,
             "created": utc_now(),
+            "shape": shape.to_json(),
+            "test_split": files.test_split,
             # Statistics of x / 255 on the training split, for anyone standardising further.
             "pixel_mean": float(train_pixels.mean()),
             "pixel_std": float(train_pixels.std()),
@@ -143,20 +146,26 @@ def single_label_warning(labels: np.ndarray) -> str | None:
     return f"warning: all {len(labels)} training samples have label {values[0]}: the model can learn only to answer {values[0]}"
 
 
-def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> pa.Table:
-    images = np.ascontiguousarray(images, dtype=np.uint8).reshape((-1, *IMAGE_SHAPE))
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), int(np.prod(IMAGE_SHAPE)))
+def image_type(image_shape: tuple[int, int, int]) -> pa.DataType:
+    """The splits' `image` column: a fixed-shape tensor of uint8, (height, width, channels)."""
+    return pa.fixed_shape_tensor(pa.uint8(), list(image_shape))
+
+
+def split_table(sample_ids: np.ndarray, images: np.ndarray, labels: np.ndarray, shape: DataShape) -> pa.Table:
+    images = np.ascontiguousarray(images, dtype=np.uint8).reshape((-1, *shape.image_shape))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), int(np.prod(shape.image_shape)))
     return pa.table(
         {
             "sample_id": pa.array(sample_ids, pa.int64()),
-            "image": pa.ExtensionArray.from_storage(IMAGE_TYPE, storage),
-            "label": pa.array(labels, pa.uint8()),
+            "image": pa.ExtensionArray.from_storage(image_type(shape.image_shape), storage),
+            "label": pa.array(labels, pa.from_numpy_dtype(label_dtype(shape.num_classes))),
         }
     )
 
 
 def read_split(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images [n, 28, 28, 1] uint8, labels [n] uint8, sample_ids [n] int64) of a split file."""
+    """(images [n, height, width, channels] uint8, labels [n] uint8 (uint16 above 256 classes), sample_ids [n] int64)
+    of a split file."""
     table = pq.read_table(uri)
     if limit is not None:
         table = table.slice(0, limit)
@@ -165,12 +174,12 @@ def read_split(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarr
 
 
 def _read_pair(storage: Storage, files: DatasetFiles, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx_gz(storage.local(files.paths[f"{split}_images"]), ndim=3)
-    labels = read_idx_gz(storage.local(files.paths[f"{split}_labels"]), ndim=1)
-    if images.shape[1:] != IMAGE_SHAPE[:2]:
-        raise IdxError(f"{split} images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    """A split's arrays from the cache, checked against what the download stage said they hold."""
+    images, labels = read_cached_split(storage, files, split)
+    if images.shape[1:] != files.shape.image_shape:
+        raise TapelineError(f"{split} images are {images.shape[1:]}, but the download stage found {files.shape.image_shape}: rerun with --refresh")
     if len(images) != len(labels):
-        raise IdxError(f"{split} split has {len(images)} images but {len(labels)} labels")
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise IdxError(f"{split} labels must be 0-{NUM_CLASSES - 1}, found {labels.max()}")
+        raise TapelineError(f"{split} split has {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= files.shape.num_classes:
+        raise TapelineError(f"{split} labels must be 0-{files.shape.num_classes - 1}, found {labels.max()}")
     return images, labels

@@ -42,7 +42,7 @@ class HardestExamples:
 
     epoch: int
     sample_ids: np.ndarray  # int64 [n]
-    images: np.ndarray  # uint8 [n, 28, 28]
+    images: np.ndarray  # uint8 [n, height, width, channels]
     labels: np.ndarray  # [n] class indices
     predictions: np.ndarray  # [n] class indices predicted at each example's latest step of the epoch (UNKNOWN: not recorded)
     latest_steps: np.ndarray  # [n] that step
@@ -73,13 +73,15 @@ def render_hardest(
     images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, mean_norms: np.ndarray, classes, title: str = "",
     value_name: str = "‖g‖", key: str = NORM_KEY,
 ) -> bytes:  # fmt: skip
-    """A grid of `images` (uint8 [n, 28, 28], in rank order), each titled with its label, prediction and mean norm
-    (or another value per image: `value_name` on the tile, `key` says what the tiles show)."""
+    """A grid of `images` (uint8 [n, height, width] or [n, height, width, 1 or 3], in rank order), each titled with
+    its label, prediction and mean norm (or another value per image: `value_name` on the tile, `key` says what the
+    tiles show): grey images dark on light, colour images as they are."""
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     count = len(images)
-    if images.ndim != 3 or not count or not (len(labels) == len(predictions) == len(mean_norms) == count):
+    shaped = images.ndim == 3 or images.ndim == 4 and images.shape[-1] == 3
+    if not shaped or not count or not (len(labels) == len(predictions) == len(mean_norms) == count):
         raise HardestReportError(
             f"hardest examples: {images.shape} images need as many labels, predictions and norms, got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
         )
@@ -98,7 +100,7 @@ def render_hardest(
             continue
         label, predicted = int(labels[index]), int(predictions[index])
         wrong = label != predicted  # UNKNOWN only where the run recorded a wrong prediction
-        axis.imshow(images[index], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        axis.imshow(images[index], cmap="gray_r" if images.ndim == 3 else None, vmin=0, vmax=255, interpolation="nearest")
         if wrong:  # a frame, not only coloured text: visible at a glance, and without colour vision
             axis.set_axis_on()
             axis.set_xticks([]), axis.set_yticks([])
@@ -135,7 +137,7 @@ def hardest_examples(run: str | Path, train_uri: str, classes, top: int = HARDES
 
 
 def split_images(uri: str, sample_ids: np.ndarray) -> np.ndarray:
-    """The images (uint8 [n, 28, 28, 1]) of some `sample_id`s of a split file, in the order asked; only their rows are read."""
+    """The images (uint8 [n, height, width, channels]) of some `sample_id`s of a split file, in the order asked; only their rows are read."""
     table = pq.read_table(uri, columns=["sample_id", "image"], filters=pc.field("sample_id").isin(sample_ids))
     found = table.column("sample_id").to_numpy()
     missing = np.setdiff1d(sample_ids, found)

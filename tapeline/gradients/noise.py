@@ -20,8 +20,8 @@ DECAY = 0.99  # per step: the averages weigh roughly the last 100 steps, the ano
 NOISE_SCALE_METRIC = "noise_scale_smoothed_median_last_epoch"  # run.json's key, TensorBoard's metrics/ tag
 
 
-def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_squared: np.ndarray) -> np.ndarray:
-    """[steps, NOISE_COLUMNS] float32: tr Σ, ‖𝒢‖², B_simple of each step; NaN for a batch of one.
+def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_squared: np.ndarray) -> dict[str, np.ndarray]:
+    """Each step's tr Σ, ‖𝒢‖² and B_simple, float32, by their `steps/` columns; NaN for a batch of one.
 
     `per_example_squared`: ‖gᵢ‖² of every example of the steps, in order; `sizes`: each
     step's batch size; `batch_squared`: each step's ‖G‖². With m = mean ‖gᵢ‖² over the batch:
@@ -34,9 +34,8 @@ def noise_estimates(per_example_squared: np.ndarray, sizes: np.ndarray, batch_sq
     g = np.asarray(batch_squared, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         variance, signal = (m - g) / (1.0 - 1.0 / b), (b * g - m) / (b - 1.0)
-        estimates = np.stack([variance, signal, variance / signal], axis=1)
-    estimates[b <= 1] = np.nan
-    return estimates.astype(np.float32)
+        estimates = {"grad_variance": variance, "grad_signal": signal, "grad_noise_scale": variance / signal}
+    return {name: np.where(b > 1, values, np.nan).astype(np.float32) for name, values in estimates.items()}
 
 
 class NoiseSmoother:

@@ -2,11 +2,17 @@
 
 For a layer y = a·W + b, example i's own gradient of its loss ℓᵢ is the outer
 product aᵢᵀδᵢ, with δᵢ = ∂ℓᵢ/∂yᵢ: its norm is ‖aᵢ‖·‖δᵢ‖, and the bias's is ‖δᵢ‖.
-A convolution's is Pᵢᵀδᵢ, Pᵢ the example's input patches (676 × 9 by 676 × 32 for
-the model's 3 × 3 kernel): small enough to form per example. The δ come from the
-tape that already differentiates the batch loss: the layers' outputs are extra
-targets of the one `tape.gradient`, scaled back from the batch mean to each
-example's own loss.
+Convolutions, embeddings, normalisations have rules of the same kind
+(tapeline/gradients/layer_rules.py); any other layer with variables takes a general
+fallback. The δ come from the tape that already differentiates the batch loss: the
+tapped tensors are extra targets of the one `tape.gradient`, scaled back from the batch
+mean to each example's own loss.
+
+    plan = per_example_plan(model)        # once, before the step is traced
+    plan.unsupported                      # a one-line reason, or None
+    logits, taps = plan.tapped(x, training=True)       # inside the GradientTape
+    ... tape.gradient(loss, [*variables, *taps.targets])
+    plan.squared_norms(taps, target_gradients, scale)  # [B, variables]
 
 From these norms and the batch gradient's, the host estimates the gradient noise of
 each step (tapeline/gradients/noise.py).
@@ -14,95 +20,176 @@ each step (tapeline/gradients/noise.py).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
 import keras
 import tensorflow as tf
 
+from tapeline.gradients.layer_rules import COUPLING, FALLBACK, OPAQUE, RULES, Call, Rule
 from tapeline.gradients.schema import EXAMPLE_COLUMNS
 
 
-class TappedModel:
-    """A Sequential model run layer by layer, keeping each Dense and Conv2D layer's input and output.
+@dataclass(frozen=True)
+class Unit:
+    """A layer whose variables one rule covers, and their columns in the model's trainable variables."""
 
-    The model's activations must be layers of their own (see tapeline/model.py), so
-    a kept output is the layer's pre-activation, whose gradient is δ.
+    layer: keras.layers.Layer
+    rule: Rule
+    columns: tuple[int, ...]
+
+
+@dataclass
+class Taps:
+    """What one tapped forward pass recorded: each call of a unit's layer, in call order."""
+
+    batch_size: tf.Tensor
+    calls: list[tuple[int, Call]] = field(default_factory=list)  # (unit index, call)
+    values: dict[int, tuple] = field(default_factory=dict)  # unit index -> its variables' values, read before the forward pass
+
+    @property
+    def targets(self) -> list[tf.Tensor]:
+        """The tensors whose gradients `squared_norms` needs, for the step's one `tape.gradient`."""
+        return [t for _, call in self.calls for t in call.targets]
+
+
+class PerExamplePlan:
+    """Which rule computes each example's squared gradient norm for each of the model's trainable variables.
+
+    `unsupported`: a one-line reason per-example norms are not defined for this model (a layer that couples
+    the batch's examples), or None. `fallback`: the names of the layers that take the general fallback.
     """
 
-    def __init__(self, model: keras.Model):
-        self.model = model
-        self.tapped = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense | keras.layers.Conv2D)]
-        for layer in self.tapped:
-            if layer.activation not in (None, keras.activations.linear):
-                raise ValueError(f"layer {layer.name}: per-example norms need its activation as a layer of its own")
-            if isinstance(layer, keras.layers.Conv2D) and (layer.data_format != "channels_last" or layer.groups != 1):
-                raise ValueError(f"layer {layer.name}: per-example norms support channels-last Conv2D without groups")
-        covered = [v.path for layer in self.tapped for v in _layer_variables(layer)]
-        if sorted(covered) != sorted(v.path for v in model.trainable_variables):
-            raise ValueError(f"per-example norms cover Dense and Conv2D layers only; the model trains {model.trainable_variables}")
-        # For each tapped variable, its column in the model's order of trainable variables.
-        order = [v.path for v in model.trainable_variables]
-        self._columns = [order.index(path) for path in covered]
+    def __init__(self, model: keras.Model, units: list[Unit], unsupported: str | None):
+        self.model, self.units, self.unsupported = model, units, unsupported
+        self.fallback = tuple(u.layer.name for u in units if u.rule is FALLBACK)
+        self._lock, self._recording, self._entered = threading.Lock(), {}, 0  # thread id -> Taps: replicas trace on threads of their own
 
-    def __call__(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, list[tuple[tf.Tensor, tf.Tensor]]]:
-        """(logits, [(input, output) of each tapped layer]); the same computation as `model(x, training)`."""
-        taps = []
-        for layer in self.model.layers:
-            y = layer(x, training=training)
-            if layer in self.tapped:
-                taps.append((x, y))
-            x = y
-        return x, taps
+    def note(self) -> str | None:
+        """The one human line about how the norms are computed, when some layer takes the fallback; else None."""
+        if not self.fallback:
+            return None
+        return f"per-example norms: {', '.join(self.fallback)} by the general fallback (its own call, differentiated per example)"
 
-    def squared_norms(self, taps: list, output_gradients: list, per_example_scale: tf.Tensor) -> tf.Tensor:
-        """[B, variables]: each example's squared gradient norm per variable, in the model's order.
+    def tapped(self, x, training: bool) -> tuple[tf.Tensor, Taps]:
+        """(outputs, taps): `model(x, training)`, the same computation, recording each unit's calls.
 
-        `output_gradients`: the tape's gradients of the loss it differentiated with respect to
-        each tap's output; `per_example_scale` turns them into each example's own
-        (B for a batch-mean loss, divided by the loss scale when there is one).
+        Each unit's layer has its `call` wrapped for the duration of this call only (tracing happens once per
+        tf.function, so this costs nothing per step).
         """
-        columns = []
-        for layer, (inputs, _), delta in zip(self.tapped, taps, output_gradients):
-            a, d = tf.cast(inputs, tf.float32), tf.cast(delta, tf.float32) * per_example_scale
-            norms = _conv_squared_norms(layer, a, d) if isinstance(layer, keras.layers.Conv2D) else _dense_squared_norms(a, d)
-            columns += norms[: len(_layer_variables(layer))]
-        by_variable = sorted(zip(self._columns, columns), key=lambda column: column[0])
-        return tf.stack([column for _, column in by_variable], axis=1)
+        if self.unsupported:
+            raise ValueError(f"per-example norms: {self.unsupported}")
+        values = {i: tuple(tf.identity(v) for v in u.layer.trainable_variables) for i, u in enumerate(self.units) if u.rule.reads_variables}
+        taps = Taps(batch_size=tf.shape(tf.nest.flatten(x)[0])[0], values=values)
+        with self._installed():
+            self._recording[threading.get_ident()] = taps
+            try:
+                outputs = self.model(x, training=training)
+            finally:
+                del self._recording[threading.get_ident()]
+        return outputs, taps
+
+    def squared_norms(self, taps: Taps, target_gradients: list, per_example_scale: tf.Tensor) -> tf.Tensor:
+        """[B, variables] float32: each example's squared gradient norm per variable, in `model.trainable_variables`' order.
+
+        `target_gradients`: the tape's gradients, of the loss it differentiated, at `taps.targets`;
+        `per_example_scale` turns them into each example's own (B for a batch-mean loss, divided by the
+        loss scale when there is one).
+        """
+        gradients = iter(target_gradients)
+        by_unit = [[] for _ in self.units]
+        for index, call in taps.calls:
+            deltas = [tf.zeros_like(t) if g is None else g for t, g in zip(call.targets, gradients)]  # a target the loss ignores
+            scaled = tuple(tf.cast(d, tf.float32) * per_example_scale for d in deltas)
+            by_unit[index].append(Call(call.inputs, call.targets, scaled, taps.values.get(index, ())))
+        columns = {}
+        for unit, calls in zip(self.units, by_unit):
+            norms = unit.rule.squared_norms(unit.layer, calls) if calls else [tf.zeros([taps.batch_size])] * len(unit.columns)
+            columns.update(zip(unit.columns, norms))
+        return tf.stack([columns[i] for i in range(len(columns))], axis=1)
+
+    @contextlib.contextmanager
+    def _installed(self):
+        """While any thread is inside, each unit's layer runs its rule's `forward` around its own `call`."""
+        with self._lock:
+            self._entered += 1
+            if self._entered == 1:
+                for index, unit in enumerate(self.units):
+                    object.__setattr__(unit.layer, "call", _tapped_call(self, index, unit, unit.layer.call))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._entered -= 1
+                if self._entered == 0:
+                    for unit in self.units:
+                        del unit.layer.__dict__["call"]
+
+    def _record(self, index: int, call: Call) -> None:
+        self._recording[threading.get_ident()].calls.append((index, call))
 
 
-def _layer_variables(layer) -> list:
-    return [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+def _tapped_call(plan: PerExamplePlan, index: int, unit: Unit, call):
+    def tapped_call(*args, **kwargs):
+        if threading.get_ident() not in plan._recording:  # another thread's untapped call
+            return call(*args, **kwargs)
+        outputs, record = unit.rule.forward(unit.layer, call, args, kwargs)
+        plan._record(index, record)
+        return outputs
+
+    return tapped_call
 
 
-def _dense_squared_norms(a: tf.Tensor, d: tf.Tensor) -> list[tf.Tensor]:
-    """(kernel, bias): ‖aᵢ‖²·‖δᵢ‖² and ‖δᵢ‖², for inputs [B, n] and output gradients [B, m]."""
-    if a.shape.rank != 2:
-        raise ValueError(f"per-example norms support Dense layers on [batch, features] inputs, not {a.shape}")
-    d_squared = tf.reduce_sum(tf.square(d), axis=-1)
-    return [tf.reduce_sum(tf.square(a), axis=-1) * d_squared, d_squared]
+def per_example_plan(model: keras.Model) -> PerExamplePlan:
+    """The rules covering `model`'s trainable variables, each exactly once (a ValueError names any that is not)."""
+    found = list({id(layer): (layer, rule) for layer, rule in _units(model, top=True)}.values())  # a layer met twice
+    order = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    units, covered = [], {}
+    for layer, rule in found:
+        columns = tuple(order.get(id(v), -1) for v in rule.variables(layer))
+        for v, column in zip(rule.variables(layer), columns):
+            if column < 0:
+                raise ValueError(f"per-example norms: variable {v.path} of layer {layer.name} is not a trainable variable of the model")
+            if column in covered:
+                raise ValueError(f"per-example norms: variable {v.path} is in layers {covered[column]} and {layer.name}")
+            covered[column] = layer.name
+        units.append(Unit(layer, rule, columns))
+    missing = [v.path for i, v in enumerate(model.trainable_variables) if i not in covered]
+    if missing:
+        raise ValueError(f"per-example norms: no layer's rule covers {', '.join(missing)}")
+    return PerExamplePlan(model, units, _coupling(model))
 
 
-def _conv_squared_norms(layer, a: tf.Tensor, d: tf.Tensor) -> list[tf.Tensor]:
-    """(kernel, bias): ‖Pᵢᵀδᵢ‖² with Pᵢ the example's patches [positions, kh·kw·channels], and ‖Σ_positions δᵢ‖²."""
-    patches = _patches(layer, a, d.shape[1], d.shape[2])
-    d = tf.reshape(d, [tf.shape(d)[0], -1, d.shape[-1]])
-    kernel = tf.matmul(patches, d, transpose_a=True)  # [B, kh·kw·channels, filters]: the example's kernel gradient
-    return [tf.reduce_sum(tf.square(kernel), axis=[1, 2]), tf.reduce_sum(tf.square(tf.reduce_sum(d, axis=1)), axis=-1)]
+def _coupling(model: keras.Model) -> str | None:
+    """Why one example's gradient depends on the others' (a layer that couples them in training), or None."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for kind, reason in COUPLING.items():
+            if isinstance(layer, kind) and layer.trainable:
+                return f"{layer.name} ({type(layer).__name__}) {reason}"
+    return None
 
 
-def _patches(layer, a: tf.Tensor, height: int, width: int) -> tf.Tensor:
-    """[B, height·width, kh·kw·channels]: each output position's input patch, one strided slice per kernel offset.
+def _same(variables: list, others: list) -> bool:
+    return sorted(id(v) for v in variables) == sorted(id(v) for v in others)
 
-    Slices and one concatenation, not `tf.image.extract_patches`: on this CPU under
-    XLA the product that follows runs twice as fast on this layout (docs/performance.md).
-    """
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
-    if layer.padding == "same":  # as TensorFlow pads: the odd pixel after
-        rows, cols = (max((n - 1) * s + (k - 1) * r + 1 - size, 0) for n, s, k, r, size in ((height, sh, kh, dh, a.shape[1]), (width, sw, kw, dw, a.shape[2])))
-        a = tf.pad(a, [[0, 0], [rows // 2, rows - rows // 2], [cols // 2, cols - cols // 2], [0, 0]])
-    views = [
-        a[:, i * dh : i * dh + (height - 1) * sh + 1 : sh, j * dw : j * dw + (width - 1) * sw + 1 : sw, :]
-        for i in range(kh) for j in range(kw)
-    ]  # fmt: skip
-    return tf.reshape(tf.concat(views, axis=-1), [tf.shape(a)[0], height * width, -1])
+
+def _units(layer, top: bool = False) -> list[tuple[keras.layers.Layer, Rule]]:
+    """(layer, rule) pairs covering `layer`'s trainable variables: its own rule, its sublayers', or the fallback."""
+    variables = layer.trainable_variables
+    if not variables:
+        return []
+    rule = RULES.get(type(layer))
+    if rule is not None and rule.refuses(layer) is None and _same(rule.variables(layer), variables):
+        return [(layer, rule)]
+    children = list(layer._flatten_layers(include_self=False, recursive=False))
+    inside = {id(v) for child in children for v in child.trainable_variables}
+    own = [v.path for v in variables if id(v) not in inside]
+    if rule is None and not own and not isinstance(layer, OPAQUE):
+        return [unit for child in children for unit in _units(child)]
+    if top:
+        raise ValueError(f"per-example norms: the model's own variables {', '.join(own)} are in no layer")
+    return [(layer, FALLBACK)]
 
 
 def example_columns(labels: tf.Tensor, logits: tf.Tensor, losses: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -1,8 +1,8 @@
 """What a training run keeps of each step's gradients, and why.
 
-The loop tells a recorder what each step produced (its loss, its batch's sample
-ids, the statistics computed on the device, and the gradients still on the
-device); the recorder appends the step to the step log, asks the snapshot policy
+The loop tells a recorder what each step produced (its values by their `steps/`
+columns, its batch's sample ids, the statistics computed on the device, and the
+gradients still on the device); the recorder appends the step to the step log, asks the snapshot policy
 whether to keep the step in full, and only then copies the gradients to the host
 for the snapshot writer. It also applies the non-finite rule and answers which
 values of the step were not finite, so the loop can stop.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -86,15 +86,13 @@ class _Recording:
         The call ended early at a non-finite step (the device applies the same rule),
         so that step is always its last; nothing after it is recorded.
         """
-        last = len(result.losses) - 1
+        last = result.steps - 1
         sizes = [len(ids) for ids in sample_ids]
         examples = [None] * len(sizes) if result.examples is None else result.examples.split(sizes)
-        for i in range(len(result.losses)):
+        for i in range(result.steps):
             step = first_step + i
-            non_finite = self.record(
-                step, epoch, float(result.losses[i]), sample_ids[i], result.stats[i], result.gradients if i == last else None,
-                float(result.norms[i]), result.noise[i], examples[i],
-            )  # fmt: skip
+            values = {name: column[i] for name, column in result.values.items()}
+            non_finite = self.record(step, epoch, values, sample_ids[i], result.stats[i], result.gradients if i == last else None, examples[i])
             if non_finite:
                 return step, non_finite
         return first_step + last, []
@@ -130,19 +128,20 @@ class GradientRecorder(_Recording):
         self._weights = self.to_host(weights) if self.snapshot_weights and self.policy.scheduled(step) else None
 
     def record(
-        self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None,
-        norm: float | None = None, noise: np.ndarray | None = None, examples: Examples | None = None,
+        self, step: int, epoch: int, values: Mapping[str, float], sample_ids: np.ndarray, stats: np.ndarray, gradients: Sequence | None,
+        examples: Examples | None = None,
     ) -> list[str]:  # fmt: skip
         """Log the step, keep it in full if the policy says so; returns what was not finite (see `non_finite_values`).
 
-        `stats`: [variables, STAT_NAMES] as `gradient_stats` computed them; `gradients`: on the device, None for a
-        step inside a call (never kept: a call ends at every step that is); `norm`: the global norm as the device
-        computed it (calls.AnomalyWatch), else computed here from `stats`; `noise`: [NOISE_COLUMNS] and
-        `examples`: the step's per-example results (per_example.py), both numpy, None without per-example norms.
+        `values`: the step's `steps/` columns by name (schema.STEP_COLUMNS), its loss at least; its global norm as
+        the device computed it (calls.AnomalyWatch), else computed here from `stats`, [variables, STAT_NAMES] as
+        `gradient_stats` computed them; `gradients`: on the device, None for a step inside a call (never kept: a
+        call ends at every step that is); `examples`: the step's per-example results (per_example.py), numpy, None
+        without per-example norms.
         """
-        non_finite = non_finite_values(loss, stats, self.variables, self.loss_scaled)
-        norm = global_norm(stats) if norm is None else norm
-        self.log.append(step, epoch, loss, norm, self.learning_rate, sample_ids, stats, noise, examples)
+        non_finite = non_finite_values(float(values["loss"]), stats, self.variables, self.loss_scaled)
+        norm = float(values["global_norm"]) if "global_norm" in values else global_norm(stats)
+        self.log.append(step, epoch, {**values, "global_norm": norm, "learning_rate": self.learning_rate}, sample_ids, stats, examples)
         reason = self.policy.reason(step, norm, finite=not non_finite)
         if reason and gradients is None:
             raise RuntimeError(f"step {step} is kept in full ({reason}) but its call did not end there")
@@ -188,8 +187,8 @@ class NullRecorder(_Recording):
     def before_step(self, step: int, weights: Sequence) -> None:
         pass
 
-    def record(self, step: int, epoch: int, loss: float, sample_ids: np.ndarray, stats: np.ndarray, gradients, *results) -> list[str]:
-        return non_finite_values(loss, stats, self.variables, self.loss_scaled)
+    def record(self, step: int, epoch: int, values: Mapping[str, float], sample_ids: np.ndarray, stats: np.ndarray, *results) -> list[str]:
+        return non_finite_values(float(values["loss"]), stats, self.variables, self.loss_scaled)
 
     def flush(self) -> None:
         return None

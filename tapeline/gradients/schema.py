@@ -45,20 +45,44 @@ def gradient_schema(dtype: str = "float32") -> pa.Schema:
 
 
 GRADIENT_SCHEMA = gradient_schema()
-STEP_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int32()),
-        ("loss", pa.float32()),
-        ("global_norm", pa.float32()),
-        ("learning_rate", pa.float32()),
-        ("sample_ids", pa.list_(pa.int64())),
-        ("grad_variance", pa.float32()),
-        ("grad_signal", pa.float32()),
-        ("grad_noise_scale", pa.float32()),
-    ]
+
+
+@dataclass(frozen=True)
+class StepColumn:
+    """A column of `steps/`: its stored type and, if TensorBoard shows it, its scalar's tag (training/summaries.py)."""
+
+    type: pa.DataType
+    tag: str | None = None
+    description: str | None = None  # TensorBoard shows it beside the chart
+    finite_only: bool = False  # TensorBoard leaves out a step whose value is not finite
+
+
+RAW_NOISE = (
+    "Raw: B_simple = tr Σ / |G|² of this step alone, as estimated. Each estimate is a difference, so the ratio is "
+    "often ≤ 0 or huge; a NaN step is not written. The smoothed one is step/noise_scale_smoothed."
 )
-NOISE_COLUMNS = ("grad_variance", "grad_signal", "grad_noise_scale")  # the estimates, in the order noise.noise_estimates returns them
+# The columns of `steps/` in stored order, by name; every per-step value travels under its name here, from the step
+# that computes it (training/calls.STEP_VALUES on the device, noise.noise_estimates on the host) through the recorder
+# to the writer and TensorBoard. A value a step did not compute is stored as NaN (the noise estimates without
+# per-example norms). A new per-step number is an entry here and one where it is computed.
+STEP_COLUMNS = {
+    "step": StepColumn(pa.int64()),
+    "epoch": StepColumn(pa.int32()),
+    "loss": StepColumn(pa.float32(), "step/loss"),
+    "global_norm": StepColumn(pa.float32(), "step/grad_norm"),
+    "learning_rate": StepColumn(pa.float32()),
+    "sample_ids": StepColumn(pa.list_(pa.int64())),
+    "grad_variance": StepColumn(pa.float32()),
+    "grad_signal": StepColumn(pa.float32()),
+    "grad_noise_scale": StepColumn(pa.float32(), "step/noise_scale_raw", RAW_NOISE, finite_only=True),
+}
+
+
+def step_schema() -> pa.Schema:
+    """The `steps/` dataset's schema, from STEP_COLUMNS as they are now."""
+    return pa.schema([(name, column.type) for name, column in STEP_COLUMNS.items()])
+
+
 # One number per example, computed in the compiled step (per_example.example_columns), in the order the step packs
 # them (per_example.packed), with the numpy type each is stored as. A new per-example column is a line here, one in
 # example_columns, and its row in docs/data-format.md.

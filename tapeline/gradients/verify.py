@@ -45,7 +45,7 @@ def compare_snapshot(run, step: int) -> dict:
     """Recompute the gradients of snapshot `step`, one with weights, and compare them with the stored."""
     import tensorflow as tf  # seconds of imports: only once the snapshot is known to be there
 
-    from tapeline.model import build_model, mean_loss
+    from tapeline.model import mean_loss
 
     manifest = read_run_json(run)
     weights, stored = gradient_arrays(run, step, field="weights"), gradient_arrays(run, step)
@@ -54,7 +54,7 @@ def compare_snapshot(run, step: int) -> dict:
     images, labels, sample_ids = read_split(manifest["uris"]["train"])
     rows = np.searchsorted(sample_ids, batch_ids)  # the split is sorted by sample_id
 
-    model = build_model(manifest["parameters"]["precision"])
+    model = rebuilt_model(manifest)
     for variable in model.trainable_variables:
         variable.assign(weights[variable.path])
     with tf.GradientTape() as tape:
@@ -74,3 +74,14 @@ def compare_snapshot(run, step: int) -> dict:
         "max_relative_difference": max(d["relative_difference"] for d in differences.values()),
         "variables": differences,
     }
+
+
+def rebuilt_model(manifest: dict):
+    """A new model of the run's spec, for its data's shape, under its precision: the one it trained, before training."""
+    from tapeline.config import DEFAULT_MODEL
+    from tapeline.data.shape import DataShape
+    from tapeline.model import ModelSpec
+
+    dataset, parameters = manifest["dataset"], manifest["parameters"]
+    shape = DataShape(dataset.get("image_shape", (28, 28, 1)), dataset["classes"])  # a run.json without it: 28x28 grey
+    return ModelSpec(parameters.get("model", DEFAULT_MODEL)).build(shape, parameters["precision"])

@@ -5,24 +5,27 @@ The gradients, steps, stats and samples datasets, their schemas and hive layout:
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from tapeline.errors import TapelineError
 from tapeline.gradients.schema import (
-    NOISE_COLUMNS,
     SAMPLE_SCHEMA,
     STAT_NAMES,
     STATS_SCHEMA,
-    STEP_SCHEMA,
+    STEP_COLUMNS,
     Examples,
     file_schema,
     gradient_schema,
+    step_schema,
 )
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage, atomic_path
@@ -153,6 +156,14 @@ class SnapshotWriter:
             raise RuntimeError(f"writing gradient snapshots failed: {self._error}") from self._error
 
 
+class LoggedStep(NamedTuple):
+    """One step as the log keeps it until a flush writes it."""
+
+    row: dict  # its `steps/` columns by name (schema.STEP_COLUMNS)
+    stats: np.ndarray  # [variables, STAT_NAMES]
+    examples: Examples | None
+
+
 class StepLog:
     """Per-step rows, per-(step, variable) statistics and per-(step, example) rows, flushed to `steps/`, `stats/`
     and `samples/` together, on a background thread.
@@ -165,19 +176,20 @@ class StepLog:
 
     def __init__(self, storage: Storage, run: RunPaths, variables: list[str]):
         self.storage, self.run, self.variables = storage, run, variables
-        self._rows: list[tuple] = []
+        self._rows: list[LoggedStep] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="step-log-writer")
         self._pending: Future | None = None
 
     def append(
-        self, step: int, epoch: int, loss: float, global_norm: float, learning_rate: float, sample_ids: np.ndarray, stats: np.ndarray,
-        noise: np.ndarray | None = None, examples: Examples | None = None,
+        self, step: int, epoch: int, values: Mapping[str, float], sample_ids: np.ndarray, stats: np.ndarray, examples: Examples | None = None
     ) -> None:  # fmt: skip
-        """`stats`: [variables, STAT_NAMES], as `gradient_stats` computed them; `noise`, `examples`: see recorder.record."""
-        if self._rows and self._rows[-1][1] != epoch:
+        """`values`: the step's other `steps/` columns by name (one it lacks is stored as NaN); `stats`: [variables,
+        STAT_NAMES], as `gradient_stats` computed them; `examples`: see recorder.record."""
+        if unknown := set(values) - STEP_COLUMNS.keys():
+            raise ValueError(f"step values not in the steps schema (schema.STEP_COLUMNS): {', '.join(sorted(unknown))}")
+        if self._rows and self._rows[-1].row["epoch"] != epoch:
             self.flush()
-        noise = np.full(len(NOISE_COLUMNS), np.nan, np.float32) if noise is None else noise
-        self._rows.append((step, epoch, loss, global_norm, learning_rate, sample_ids, stats, noise, examples))
+        self._rows.append(LoggedStep({**values, "step": step, "epoch": epoch, "sample_ids": sample_ids}, stats, examples))
 
     def flush(self) -> Future | None:
         """Hand the gathered rows to the writer; the write, done when its files are published (None: nothing pending)."""
@@ -197,27 +209,22 @@ class StepLog:
         self.wait()
         self._writer.shutdown()
 
-    def _write(self, rows: list[tuple]) -> None:
-        steps, epochs, losses, global_norms, rates, sample_ids, stats, noise, examples = zip(*rows)
-        tables = {"steps": _step_table(steps, losses, global_norms, rates, sample_ids, np.stack(noise))}
-        tables["stats"] = _stats_table(steps, self.variables, np.stack(stats))
-        if examples[0] is not None:
-            tables["samples"] = _samples_table(steps, sample_ids, examples)
+    def _write(self, logged: list[LoggedStep]) -> None:
+        rows = [step.row for step in logged]
+        steps, sample_ids = [row["step"] for row in rows], [row["sample_ids"] for row in rows]
+        tables = {"steps": _step_table(rows)}
+        tables["stats"] = _stats_table(steps, self.variables, np.stack([step.stats for step in logged]))
+        if logged[0].examples is not None:
+            tables["samples"] = _samples_table(steps, sample_ids, [step.examples for step in logged])
         for name, table in tables.items():
-            path = partition_file(self.run.dataset(name), epochs[0], f"{name}-{steps[0]:09d}.parquet")
+            path = partition_file(self.run.dataset(name), rows[0]["epoch"], f"{name}-{steps[0]:09d}.parquet")
             write_partition_file(self.storage, path, table, compression="zstd")
 
 
-def _step_table(steps, losses, global_norms, rates, sample_ids, noise: np.ndarray) -> pa.Table:
-    columns = {
-        "step": pa.array(steps, pa.int64()),
-        "loss": pa.array(losses, pa.float32()),
-        "global_norm": pa.array(global_norms, pa.float32()),
-        "learning_rate": pa.array(rates, pa.float32()),
-        "sample_ids": pa.array([ids.tolist() for ids in sample_ids], pa.list_(pa.int64())),
-    }
-    columns |= {name: pa.array(noise[:, i], pa.float32()) for i, name in enumerate(NOISE_COLUMNS)}
-    return pa.table(columns, schema=file_schema(STEP_SCHEMA))
+def _step_table(rows: list[dict]) -> pa.Table:
+    """The rows' `steps/` columns, each in its type (schema.STEP_COLUMNS); a value a row lacks is NaN."""
+    schema = file_schema(step_schema())
+    return pa.table({field.name: pa.array([row.get(field.name, math.nan) for row in rows], field.type) for field in schema}, schema=schema)
 
 
 def _stats_table(steps, variables: list[str], stats: np.ndarray) -> pa.Table:

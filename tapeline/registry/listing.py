@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from tapeline.config import DEFAULT_MODEL
 from tapeline.registry.champion import current_champion
 from tapeline.storage.root import Storage
 
@@ -39,6 +40,7 @@ def _registry_row(run: dict, champion: dict) -> dict:
         "current": run["run_id"] == champion.get("run_id"),
         "test_accuracy": run["metrics"]["test_accuracy"],
         "dataset": run["dataset"]["name"],
+        "model": run["parameters"].get("model", DEFAULT_MODEL),  # a run.json without it trained the example's CNN
         "train_images_sha256": run["dataset"]["sha256"]["train_images"][:12],
         "epochs": run["parameters"]["epochs"],
         "learning_rate": run["parameters"]["learning_rate"],
@@ -67,6 +69,7 @@ def registry_table(rows: list[dict]) -> list[dict]:
             "status": _status(row),
             "test accuracy": round(row["test_accuracy"], 4),
             "dataset": row["dataset"],
+            "model": row["model"],
             "epochs": row["epochs"],
             "batch": row["batch_size"],
             "lr": row["learning_rate"],  # as `tapeline models` calls it
@@ -86,7 +89,7 @@ def registry_lines(rows: list[dict]) -> list[str]:
     """The registry for a terminal, one run a line; * marks the champion."""
     return [
         f"{'*' if row['current'] else ' '} {row['run_id']:<28} {row['dataset']:<14} {row['train_images_sha256']}  "
-        f"epochs {row['epochs']:<3} lr {row['learning_rate']:<8g} test accuracy {row['test_accuracy']:.4f}"
+        f"epochs {row['epochs']:<3} lr {row['learning_rate']:<8g} test accuracy {row['test_accuracy']:.4f}  model {row['model']}"
         + ("  checkpoints dropped" if row["checkpoints"] == "dropped" else "")
         for row in rows
     ]

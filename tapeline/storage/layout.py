@@ -1,6 +1,6 @@
 """The storage layout: what lives where under a storage root. The one place that names its files.
 
-    cache/<dataset>/<idx sha256>.gz         verified dataset files, content-addressed
+    cache/<dataset>/<sha256>.gz             dataset files (IDX, or decoded images), content-addressed
     datasets/<dataset>/<key>/               preprocessed splits: train/validation/test.parquet
     datasets/<dataset>/<key>.manifest.json  their manifest, written last: the splits are complete
     datasets/<dataset>/<key>.deleting       while gc deletes them, the manifest first (tapeline/registry/retention.py)
@@ -197,8 +197,8 @@ class Layout:
     def datasets(self) -> PurePath:
         return self.root / "datasets"
 
-    def cache_file(self, dataset: str, idx_sha256: str) -> PurePath:
-        return self.cache / dataset / f"{idx_sha256}.gz"
+    def cache_file(self, dataset: str, sha256: str) -> PurePath:
+        return self.cache / dataset / f"{sha256}.gz"
 
     def dataset(self, dataset: str, key: str) -> DatasetPaths:
         return DatasetPaths(self.datasets / dataset / key)

@@ -3,12 +3,12 @@
 A call runs the unchanged compiled step (steps.py) up to k times inside one
 `tf.function`, gathering each batch in the graph from the in-memory split by the
 epoch's index order (batches.py: a function of (seed, epoch), so a resumed run
-continues at the exact batch), and returns each step's loss, statistics and global
-norm stacked, with the gradients of its last step. The host knows in advance where
-it must act (a snapshot, a checkpoint, an epoch's end: `call_length` ends the call
-there); what it cannot know, a non-finite value or a norm spike, the device decides
-(`AnomalyWatch`) and ends the call early at that step, so its gradients are the
-ones returned.
+continues at the exact batch), and returns each step's values, by their `steps/`
+column names (schema.STEP_COLUMNS), and statistics stacked, with the gradients of
+its last step. The host knows in advance where it must act (a snapshot, a
+checkpoint, an epoch's end: `call_length` ends the call there); what it cannot
+know, a non-finite value or a norm spike, the device decides (`AnomalyWatch`) and
+ends the call early at that step, so its gradients are the ones returned.
 
 Under a distribution strategy the call is the same: the step it runs hands each
 replica its slice of the global batch (steps.make_distributed_train_step).
@@ -24,19 +24,27 @@ import tensorflow as tf
 
 from tapeline.gradients.noise import noise_estimates
 from tapeline.gradients.recorder import MIN_NORMS, NORM_WINDOW, SnapshotPolicy
-from tapeline.gradients.schema import L2_NORM, NOISE_COLUMNS, NON_FINITE_COUNTS, Examples
+from tapeline.gradients.schema import L2_NORM, NON_FINITE_COUNTS, Examples
 from tapeline.gradients.stats import gradient_stats
+
+# The per-step values the call computes on the device, by their `steps/` column (schema.STEP_COLUMNS): each a
+# function of the step's (loss, gradients, examples: its packed per-example rows, per_example.packed, or None)
+# to a scalar, returned as float64 and stored in its column's type. Beside these the call returns the global norm
+# (the anomaly watch's) and the host adds the noise estimates (noise.noise_estimates). A new one is an entry here.
+STEP_VALUES: dict[str, Callable] = {"loss": lambda loss, gradients, examples: loss}
 
 
 class CallResult(NamedTuple):
     """What a call ran, on the host: one entry per step, and the gradients of its last step (on the device)."""
 
-    losses: np.ndarray  # [steps]
+    values: dict[str, np.ndarray]  # by `steps/` column, each [steps]; global_norm float64, as the device decided on it
     stats: np.ndarray  # [steps, variables, STAT_NAMES]
-    norms: np.ndarray  # [steps] the global gradient norm, float64, as the device decided on it
     gradients: list
-    noise: np.ndarray  # [steps, NOISE_COLUMNS]; NaN without per-example norms
     examples: Examples | None  # numpy, one row per example of the call's steps in order; None without per-example norms
+
+    @property
+    def steps(self) -> int:
+        return len(self.stats)
 
 
 def call_length(step: int, k: int, epoch_end: int, checkpoint_every: int, policy: SnapshotPolicy, snapshot_weights: bool) -> int:
@@ -100,7 +108,7 @@ def make_step_calls(
     train_step: Callable, variables: list, images: tf.Tensor, labels: tf.Tensor, batch_size: int, watch: AnomalyWatch,
     per_example: bool,
 ):  # fmt: skip
-    """The compiled call: (epoch order, first batch, steps) -> (per-step results, last gradients, per-example results).
+    """The compiled call: (epoch order, first batch, steps) -> (per-step values, statistics, per-example results, last gradients).
 
     `train_step(images, labels) -> (loss, gradients, examples or None)` runs as
     compiled (XLA); the batches are gathered here, in the graph, and the loop, the
@@ -112,42 +120,42 @@ def make_step_calls(
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
     def run_steps(order, first_batch, count):
-        def body(i, stop, results, examples, gradients):
+        def body(i, stop, values, stats, examples, gradients):
             start = (first_batch + i) * batch_size
             batch = order[start : start + batch_size]  # the epoch's last batch may be shorter
             loss, step_gradients, step_examples = train_step(tf.gather(images, batch), tf.gather(labels, batch))
             step_stats = gradient_stats(step_gradients)
             norm, stop = watch(loss, step_stats)
-            results = [array.write(i, value) for array, value in zip(results, [loss, step_stats, norm])]
+            step_values = {name: tf.cast(value(loss, step_gradients, step_examples), tf.float64) for name, value in STEP_VALUES.items()}
+            values = {name: values[name].write(i, value) for name, value in (step_values | {"global_norm": norm}).items()}
             examples = [array.write(i, step_examples) for array in examples]
-            return i + 1, stop, results, examples, list(step_gradients)
+            return i + 1, stop, values, stats.write(i, step_stats), examples, list(step_gradients)
 
-        result_types = [tf.float32, tf.float32, tf.float64]
-        example_types = [tf.float32] if per_example else []
         start = (
             tf.constant(0), tf.constant(False),
-            [tf.TensorArray(dtype, size=0, dynamic_size=True) for dtype in result_types],
-            [tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False) for dtype in example_types],
+            {name: tf.TensorArray(tf.float64, size=0, dynamic_size=True) for name in (*STEP_VALUES, "global_norm")},
+            tf.TensorArray(tf.float32, size=0, dynamic_size=True),
+            [tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False)] if per_example else [],
             [tf.zeros(v.shape, tf.float32) for v in variables],
         )  # fmt: skip
-        _, _, results, examples, gradients = tf.while_loop(lambda i, stop, *_: (i < count) & ~stop, body, start, parallel_iterations=1)
-        return [array.stack() for array in results], [array.concat() for array in examples], gradients
+        _, _, values, stats, examples, gradients = tf.while_loop(lambda i, stop, *_: (i < count) & ~stop, body, start, parallel_iterations=1)
+        return {name: array.stack() for name, array in values.items()}, stats.stack(), [array.concat() for array in examples], gradients
 
     return run_steps
 
 
-def host_call_result(results: list[tf.Tensor], examples: list[tf.Tensor], gradients: list, sizes: np.ndarray) -> CallResult:
+def host_call_result(values: dict, stats: tf.Tensor, examples: list[tf.Tensor], gradients: list, sizes: np.ndarray) -> CallResult:
     """A call's results read to the host (the one sync per call), and each step's noise estimated from them.
 
     `sizes`: each step's batch size. The estimates are a few numbers per step from what
     the device computed: on the host, a graph op per step would cost more than the arithmetic.
     """
-    losses, stats, norms = (t.numpy() for t in results)
+    values, stats = {name: t.numpy() for name, t in values.items()}, stats.numpy()
     if not examples:
-        return CallResult(losses, stats, norms, gradients, np.full([len(losses), len(NOISE_COLUMNS)], np.nan, np.float32), None)
+        return CallResult(values, stats, gradients, None)
     rows = Examples.from_rows(examples[0].numpy())
-    noise = noise_estimates(rows.squared_norms.sum(axis=1, dtype=np.float64), sizes[: len(losses)], np.square(norms))
-    return CallResult(losses, stats, norms, gradients, noise, rows)
+    noise = noise_estimates(rows.squared_norms.sum(axis=1, dtype=np.float64), sizes[: len(stats)], np.square(values["global_norm"]))
+    return CallResult(values | noise, stats, gradients, rows)
 
 
 class StepCalls:
@@ -165,6 +173,6 @@ class StepCalls:
         self._order, self._samples = tf.constant(order, tf.int32), len(order)  # on the device once an epoch, read by every call
 
     def __call__(self, batch: int, count: int) -> CallResult:
-        results, examples, gradients = self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32))
+        values, stats, examples, gradients = self._run(self._order, tf.constant(batch, tf.int32), tf.constant(count, tf.int32))
         starts = np.arange(batch, batch + count) * self._batch_size
-        return host_call_result(results, examples, gradients, np.minimum(self._batch_size, self._samples - starts))
+        return host_call_result(values, stats, examples, gradients, np.minimum(self._batch_size, self._samples - starts))

@@ -34,6 +34,9 @@ from tapeline.storage.root import Storage
 KEEP = 3  # checkpoints kept; older ones are deleted by the manager
 
 
+STATE_KEY = "state/.ATTRIBUTES/VARIABLE_VALUE"  # the `state` variable of the checkpoint below, as tf.train names it
+
+
 class TrainingCheckpoint:
     """Kept in the run's `checkpoints/`; on an object-store root each save is uploaded, the `checkpoint` index last.
 
@@ -90,11 +93,11 @@ class TrainingCheckpoint:
         latest = tf.train.latest_checkpoint(str(self.directory))
         if latest is None:
             return 0, []
-        self._checkpoint.restore(latest).assert_existing_objects_matched()
-        state = json.loads(self._state.numpy().decode())
-        if state["parameters"] != self.parameters:
+        state = json.loads(tf.train.load_checkpoint(latest).get_tensor(STATE_KEY).decode())  # read before restoring:
+        if state["parameters"] != self.parameters:  # another model's variables would not even fit
             changed = sorted(k for k in self.parameters if state["parameters"].get(k) != self.parameters[k])
             raise ConfigError(f"{latest} was trained with other values of {', '.join(changed)}: use a new run_name")
+        self._checkpoint.restore(latest).assert_existing_objects_matched()
         for metric, values in zip(self.metrics, state["metrics"]):
             for variable, value in zip(metric.variables, values):
                 variable.assign(value)

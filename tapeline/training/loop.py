@@ -27,11 +27,13 @@ import tensorflow as tf
 
 from tapeline.config import RESUME, RunConfig, parameters_with
 from tapeline.curation.exclusion import without_excluded
+from tapeline.data.shape import DataShape
 from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
+from tapeline.gradients.per_example import PerExamplePlan, per_example_plan
 from tapeline.gradients.recorder import GradientRecorder, NullRecorder, SnapshotPolicy
 from tapeline.gradients.writers import SnapshotWriter, StepLog
-from tapeline.model import build_model
+from tapeline.model import ModelSpec, architecture_digest, model_record
 from tapeline.results import PreparedData, TrainedModel
 from tapeline.storage.layout import RunPaths
 from tapeline.storage.root import Storage
@@ -55,6 +57,7 @@ class Training(NamedTuple):
     eval_step: Callable  # (images, labels) -> None, updates val_metrics
     train_metrics: list[keras.metrics.Metric]  # running loss and accuracy of the epoch
     val_metrics: list[keras.metrics.Metric]
+    per_example: dict  # run.json's `model.per_example`: whether the step computes each example's norms, and how
 
 
 def train_model(
@@ -86,23 +89,24 @@ def train_model(
 
     with strategy.scope() if strategy else tf.device(devices[0]):
         # Build, then restore: another run's weights for a warm start, this run's checkpoint for a resume.
-        model, optimizer, train_step, eval_step, train_metrics, val_metrics = build_training(config, strategy)
+        model, optimizer, train_step, eval_step, train_metrics, val_metrics, per_example = build_training(config, data.shape, strategy)
         if warm_start and warm_start["from"]:
             _load_warm_start(model, storage, warm_start)
-        resume_parameters = _resume_parameters(config, data, curation)
-        shadow = model_and_optimizer(config) if strategy is None else None  # checkpoints written in the background from it
+        resume_parameters = _resume_parameters(config, data, model, curation)
+        shadow = model_and_optimizer(config, data.shape) if strategy is None else None  # checkpoints written in the background from it
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
         step, history = checkpoint.restore()
         steps_per_epoch = math.ceil(len(images) / config.batch_size)
         last_step = config.epochs * steps_per_epoch
-        variables = [v.path for v in model.trainable_variables]
-        trained = _trained_model(storage, run, devices, cluster, variables, warm_start, step, history)
+        recorded = model_record(config.model, model) | {"per_example": per_example}
+        trained = _trained_model(storage, run, devices, cluster, recorded, warm_start, step, history)
+        variables = trained.variables
         summaries = RunSummaries(storage, run.tensorboard, writes)  # TensorBoard: tags and HParams in summaries.py
         summaries.start(config, run_id)
         summaries.catch_up(storage.uri_of(run.directory), step)  # a resume: the smoothed noise scale goes on where it stopped
         schedule = SnapshotPolicy(config.snapshot_every, last_step, config.spike_factor)  # the run's one: calls end at its steps
         recorder = open_recorder(config, storage, run, variables, optimizer, schedule, writes, summaries.snapshot)
-        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None)
+        calls = step_calls(config, train_step, model, optimizer, tf.constant(images), tf.constant(labels), cluster is not None, per_example["norms"])
         steps = StepLoop(config, calls, recorder, schedule, checkpoint, model, trained, sample_ids, steps_per_epoch, on_progress, summaries)
 
         with recorder, checkpoint, summaries:  # leaving: snapshots and the checkpoint in flight written
@@ -144,21 +148,46 @@ def _place(
     return devices, cluster, strategy
 
 
-def build_training(config: RunConfig, strategy: tf.distribute.Strategy | None = None) -> Training:
-    """The model, its optimizer, the compiled steps and their metrics; call in the device's or the strategy's scope."""
-    model, optimizer = model_and_optimizer(config)
+def build_training(config: RunConfig, shape: DataShape, strategy: tf.distribute.Strategy | None = None) -> Training:
+    """The model for data of `shape`, its optimizer, the compiled steps and their metrics; call in the device's or
+    the strategy's scope."""
+    model, optimizer = model_and_optimizer(config, shape)
+    per_example = per_example_norms(config, model)
     train_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     val_metrics = [keras.metrics.Mean(), keras.metrics.SparseCategoricalAccuracy()]
     if strategy:
-        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, config.per_example_norms)
+        train_step = make_distributed_train_step(strategy, model, optimizer, *train_metrics, config.batch_size, per_example["norms"])
     else:
-        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, config.per_example_norms)
-    return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics)
+        train_step = make_train_step(model, optimizer, *train_metrics, config.jit_compile, per_example["norms"])
+    return Training(model, optimizer, train_step, make_eval_step(model, *val_metrics), train_metrics, val_metrics, per_example)
 
 
-def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    """The model and its optimizer, its slots created (so a checkpoint can fill them)."""
-    model = build_model(config.precision)
+def per_example_norms(config: RunConfig, model: keras.Model) -> dict:
+    """Whether the step computes each example's gradient norms (asked for, and defined for the model), the layers that
+    take the general fallback, and why not when not; the run says so in one line."""
+    if not config.per_example_norms:
+        return {"norms": False, "fallback": [], "reason": "not asked for (--no-per-example-norms)"}
+    plan, reason = coupling(model)
+    if reason:
+        print(f"per-example gradient norms off: {reason}")
+    elif note := plan.note():
+        print(note)
+    return {"norms": reason is None, "fallback": [] if reason else list(plan.fallback), "reason": reason}
+
+
+def coupling(model: keras.Model) -> tuple[PerExamplePlan | None, str | None]:
+    """(the model's per-example plan, None) when each example's own gradient is defined for it; else (the plan or None,
+    why not: a layer that couples the examples of a batch, or a variable no layer holds)."""
+    try:
+        plan = per_example_plan(model)
+    except ValueError as error:
+        return None, str(error)
+    return plan, plan.unsupported
+
+
+def model_and_optimizer(config: RunConfig, shape: DataShape) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """The run's model for data of `shape` and its optimizer, its slots created (so a checkpoint can fill them)."""
+    model = ModelSpec(config.model).build(shape, config.precision)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -166,22 +195,24 @@ def model_and_optimizer(config: RunConfig) -> tuple[keras.Model, keras.optimizer
     return model, optimizer
 
 
-def _resume_parameters(config: RunConfig, data: PreparedData, curation: dict | None = None) -> dict:
+def _resume_parameters(config: RunConfig, data: PreparedData, model: keras.Model, curation: dict | None = None) -> dict:
     """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME, the prepared data,
-    and the examples left out (their digest) when there are any."""
+    the model's architecture (a spec's file may have changed since), and the examples left out (their digest) when
+    there are any."""
+    recorded = {p.name: getattr(config, p.name) for p in parameters_with(RESUME)}
     excluded = {"excluded": curation["digest"]} if curation and curation.get("count") else {}
-    return {p.name: getattr(config, p.name) for p in parameters_with(RESUME)} | {"data": Path(data.directory).name} | excluded
+    return recorded | {"data": Path(data.directory).name, "architecture": architecture_digest(model)} | excluded
 
 
 def _trained_model(
     storage: Storage, run: RunPaths, devices: list[str], cluster: Cluster | None,
-    variables: list[str], warm_start: dict | None, resumed_from: int, history: list[dict],
+    model: dict, warm_start: dict | None, resumed_from: int, history: list[dict],
 ) -> TrainedModel:  # fmt: skip
     """What the run reports before its first step: where it writes, on what it trains, where it starts from."""
     return TrainedModel(
         run_id=run.run_id, device=",".join(devices) + (f" on each of {cluster.workers} workers" if cluster else ""),
         model_uri=None, gradients_uri=storage.uri_of(run.gradients), steps_uri=storage.uri_of(run.steps),
-        tensorboard_uri=storage.uri_of(run.tensorboard), variables=variables,
+        tensorboard_uri=storage.uri_of(run.tensorboard), variables=[v["name"] for v in model["variables"]], model=model,
         steps=resumed_from, resumed_from=resumed_from, warm_start=warm_start, epochs=history,
         role="single" if cluster is None else "chief" if cluster.chief else f"{cluster.task_type} {cluster.task_id}",
     )  # fmt: skip
@@ -233,7 +264,9 @@ def _validate(eval_step: Callable, metrics: list[keras.metrics.Metric], images: 
     return [float(metric.result()) if len(images) else None for metric in metrics]
 
 
-def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool) -> StepCalls:
+def step_calls(
+    config: RunConfig, train_step: Callable, model, optimizer, images: tf.Tensor, labels: tf.Tensor, multi_worker: bool, per_example: bool
+) -> StepCalls:
     """Calls of up to `steps_per_call` steps, on one device or a distribution strategy's replicas.
 
     Multi-worker training runs one step per call: on TensorFlow 2.21 the workers' collectives
@@ -242,7 +275,7 @@ def step_calls(config: RunConfig, train_step: Callable, model, optimizer, images
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     watch = AnomalyWatch(config.spike_factor, loss_scaled)
     k = 1 if multi_worker else config.steps_per_call
-    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, config.per_example_norms)
+    return StepCalls(train_step, model.trainable_variables, images, labels, config.batch_size, watch, k, per_example)
 
 
 class StepLoop:
@@ -262,13 +295,13 @@ class StepLoop:
             self.recorder.before_step(step + 1, self.model.trainable_variables)
             batch = step - (epoch - 1) * self.steps_per_epoch
             result = self.calls(batch, count)
-            ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(len(result.losses))]
+            ids = [batch_sample_ids(self.sample_ids, order, batch + i, config.batch_size) for i in range(result.steps)]
             last, non_finite = self.recorder.record_call(step + 1, epoch, result, ids)
             if non_finite:
                 raise _non_finite(last, epoch, non_finite, self.checkpoint, self.trained)
             if self.summaries:
                 self.summaries.call(step + 1, result)  # TensorBoard
-            for done, loss in zip(range(step + 1, last + 1), result.losses.tolist()):
+            for done, loss in zip(range(step + 1, last + 1), result.values["loss"].tolist()):
                 self._step_done(done, loss)
             clock.call_done(sum(len(batch_ids) for batch_ids in ids))
             step = last

@@ -11,11 +11,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tapeline.data.splits import IMAGE_SHAPE
-from tapeline.gradients.per_example import TappedModel, example_columns, packed
+from tapeline.data.arrays import label_dtype
+from tapeline.gradients.per_example import example_columns, packed, per_example_plan
 from tapeline.model import mean_loss, per_example_loss
 
-BATCH_SPEC = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.uint8))
+
+def batch_spec(model: keras.Model) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    """The compiled steps' input signature: a batch of the model's input (as `model.inputs` declares it) and its labels."""
+    (image,) = model.inputs
+    return tf.TensorSpec([None, *image.shape[1:]], image.dtype), tf.TensorSpec([None], label_dtype(model.output_shape[-1]))
 
 
 def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile: bool = True, per_example: bool = True) -> Callable:
@@ -29,13 +33,13 @@ def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile:
     layers' outputs, from which each example's gradient norms follow: `examples`, a row
     per example (per_example.packed).
     """
-    tapped = TappedModel(model) if per_example else None
+    plan = _plan(model) if per_example else None
 
-    @tf.function(input_signature=BATCH_SPEC, jit_compile=jit_compile)
+    @tf.function(input_signature=batch_spec(model), jit_compile=jit_compile)
     def train_step(x, y):
         scale = _loss_scale(optimizer)
         with tf.GradientTape() as tape:
-            logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
+            logits, taps = plan.tapped(x, training=True) if plan else (model(x, training=True), None)
             loss = mean_loss(y, logits)
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
@@ -43,10 +47,10 @@ def make_train_step(model, optimizer, loss_metric, accuracy_metric, jit_compile:
         gradients = _unscaled(scaled_gradients, scale)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
-        if not tapped:
+        if not plan:
             return loss, gradients, None
         batch_size = tf.cast(tf.shape(y)[0], tf.float32)  # the loss is the batch's mean: each example's own is B times its share
-        squared_norms = tapped.squared_norms(taps, output_gradients, _unscaled([batch_size], scale)[0])
+        squared_norms = plan.squared_norms(taps, output_gradients, _unscaled([batch_size], scale)[0])
         losses = tf.cast(per_example_loss(y, logits), tf.float32)
         return loss, gradients, packed(example_columns(y, logits, losses), squared_norms)
 
@@ -73,22 +77,22 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
     statistics) and are dropped from the gathered rows: the step is one device's on
     the batch's real examples, and every sample of the epoch is trained on once.
     """
-    tapped = TappedModel(model) if per_example else None
+    plan = _plan(model) if per_example else None
     slice_size = -(-batch_size // strategy.num_replicas_in_sync)  # each replica's rows of the padded batch
     padded_size, classes = slice_size * strategy.num_replicas_in_sync, model.output_shape[-1]
 
     def replica_step(x, y, real, n, scale=None):
         x, y, real = (_replica_slice(rows, slice_size) for rows in (x, y, real))
         with tf.GradientTape() as tape:
-            logits, taps = tapped(x, training=True) if tapped else (model(x, training=True), [])
+            logits, taps = plan.tapped(x, training=True) if plan else (model(x, training=True), None)
             losses = per_example_loss(y, logits)
             loss = tf.reduce_sum(tf.where(real, losses, 0.0)) / tf.cast(n, losses.dtype)  # padding weighs 0
             scaled_loss = loss if scale is None else loss * scale
         scaled_gradients, output_gradients = _gradients(tape, scaled_loss, model.trainable_variables, taps)
         optimizer.apply_gradients(zip(scaled_gradients, model.trainable_variables))
-        if not tapped:
+        if not plan:
             return loss, scaled_gradients, logits, (losses,)
-        norms = tapped.squared_norms(taps, output_gradients, _unscaled([tf.cast(n, tf.float32)], scale)[0])
+        norms = plan.squared_norms(taps, output_gradients, _unscaled([tf.cast(n, tf.float32)], scale)[0])
         return loss, scaled_gradients, logits, (losses, norms)
 
     @tf.function
@@ -105,7 +109,7 @@ def make_distributed_train_step(strategy, model, optimizer, loss_metric, accurac
         logits, per_example_loss, squared_norms = tf.split(per_example, [classes, 1, -1], axis=1)
         loss_metric.update_state(loss)
         accuracy_metric.update_state(y, logits)
-        if not tapped:
+        if not plan:
             return loss, gradients, None
         return loss, gradients, packed(example_columns(y, logits, per_example_loss[:, 0]), squared_norms)
 
@@ -129,9 +133,18 @@ def _replica_slice(batch: tf.Tensor, size: int) -> tf.Tensor:
     return tf.reshape(batch, [-1, size, *batch.shape[1:]])[replica]
 
 
-def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps: list) -> tuple[list, list]:
-    """(the variables' gradients, the gradients at the tapped layers' outputs), from one `tape.gradient`."""
-    gradients = tape.gradient(loss, [*variables, *(output for _, output in taps)])
+def _plan(model):
+    """The model's per-example plan (per_example.py); a ValueError with its reason when the norms are not defined."""
+    plan = per_example_plan(model)
+    if plan.unsupported:
+        raise ValueError(f"per-example gradient norms are not defined for this model: {plan.unsupported}; train with --no-per-example-norms")
+    return plan
+
+
+def _gradients(tape: tf.GradientTape, loss: tf.Tensor, variables: list, taps) -> tuple[list, list]:
+    """(the variables' gradients, the gradients at the tapped tensors, `taps.targets`), from one `tape.gradient`."""
+    targets = taps.targets if taps else []
+    gradients = tape.gradient(loss, [*variables, *targets])
     return gradients[: len(variables)], gradients[len(variables) :]
 
 
@@ -155,7 +168,7 @@ def host_arrays(tensors, dtype: str) -> list[np.ndarray]:
 
 
 def make_eval_step(model, loss_metric, accuracy_metric) -> Callable:
-    @tf.function(input_signature=BATCH_SPEC)
+    @tf.function(input_signature=batch_spec(model))
     def eval_step(x, y):
         logits = model(x, training=False)
         # Per-example losses: under a distribution strategy Keras divides a reduced loss by the number of replicas.

@@ -4,6 +4,7 @@
     step/noise_scale_smoothed                 every 10th step: the gradient noise scale, EMA(tr Σ) / EMA(‖𝒢‖²)
                                               (tapeline/gradients/noise.py)
     step/noise_scale_raw                      every 10th step: the step's own B_simple, as estimated (≤ 0 at many steps)
+                                              (the step/ tags of `steps/` columns: schema.STEP_COLUMNS names them)
     gradients/<variable path>                 histogram of the variable's gradient values, at every full snapshot
     epoch/train_loss, train_accuracy,         at each epoch's last step
       val_loss, val_accuracy, learning_rate
@@ -47,6 +48,7 @@ from tensorboard.plugins.hparams import api_pb2
 
 from tapeline.config import HPARAM, Parameter, RunConfig, parameters_with
 from tapeline.gradients.noise import DECAY, NOISE_SCALE_METRIC, NoiseSmoother
+from tapeline.gradients.schema import STEP_COLUMNS
 from tapeline.reader import read_steps
 from tapeline.storage.root import Storage
 
@@ -69,11 +71,13 @@ class _Number(hp.Domain):
 
 
 def _hparam(parameter: Parameter) -> hp.HParam:
-    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, or a number."""
+    """A run parameter as TensorBoard's HParams dashboard shows it: its choices, true/false, a number, or any text."""
     if parameter.choices:
         domain = hp.Discrete(list(parameter.choices))
+    elif parameter.kind is bool:
+        domain = hp.Discrete([False, True])
     else:
-        domain = hp.Discrete([False, True]) if parameter.kind is bool else _Number()
+        domain = None if parameter.kind is str else _Number()  # text (a model spec, an image size): no domain to list
     return hp.HParam(parameter.name, domain, description=parameter.help)
 
 
@@ -93,10 +97,6 @@ METRICS = (
         display_name="noise scale (smoothed, median of last epoch)",
         description="the median over the last epoch of the smoothed gradient noise scale: run.json's " + NOISE_SCALE_METRIC,
     ),
-)
-RAW_NOISE = (
-    "Raw: B_simple = tr Σ / |G|² of this step alone, as estimated. Each estimate is a difference, so the ratio is "
-    "often ≤ 0 or huge; a NaN step is not written. The smoothed one is step/noise_scale_smoothed."
 )
 SMOOTHED_NOISE = (
     f"The gradient noise scale, smoothed: EMA(tr Σ) / EMA(|G|²) over every step so far, decay {DECAY:g}. Its median over "
@@ -150,29 +150,27 @@ class RunSummaries:
         """After a call of steps (a calls.CallResult): each step's scalars; the per-example norms for the epoch's histogram."""
         if self.writer is None:
             return
-        steps = zip(result.losses.tolist(), result.norms.tolist(), result.noise.tolist())
-        for i, (loss, norm, (variance, signal, noise_scale)) in enumerate(steps):  # result.noise: in NOISE_COLUMNS order
-            self.step(first_step + i, loss, norm, noise_scale, variance, signal)
+        columns = {name: column.tolist() for name, column in result.values.items()}
+        for i in range(result.steps):
+            self.step(first_step + i, {name: column[i] for name, column in columns.items()})
         if result.examples is not None:  # ‖gᵢ‖ over all variables, as the samples dataset's grad_norm
             self._example_norms.append(np.sqrt(np.asarray(result.examples.squared_norms, np.float64).sum(axis=1)))
 
-    def step(
-        self, step: int, loss: float, grad_norm: float,
-        noise_scale: float | None = None, grad_variance: float | None = None, grad_signal: float | None = None,
-    ) -> None:  # fmt: skip
-        """After every step: the EMAs take every step's noise estimates; the scalars are written every STEP_EVERY-th."""
+    def step(self, step: int, values: Mapping[str, float]) -> None:
+        """After every step, its `steps/` columns by name: the EMAs take every step's noise estimates; every
+        STEP_EVERY-th step, each value whose column has a tag (schema.STEP_COLUMNS) and the smoothed noise scale."""
         if self.writer is None:
             return
-        smoothed = self._noise.update(_or_nan(grad_variance), _or_nan(grad_signal))
+        smoothed = self._noise.update(_or_nan(values.get("grad_variance")), _or_nan(values.get("grad_signal")))
         if step % STEP_EVERY:
             return
         with self._writing(step):
-            tf.summary.scalar("step/loss", loss)
-            tf.summary.scalar("step/grad_norm", grad_norm)
+            for name, value in values.items():
+                column = STEP_COLUMNS.get(name)
+                if column and column.tag and (_finite(value) or not column.finite_only):
+                    tf.summary.scalar(column.tag, value, description=column.description)
             if _finite(smoothed):
                 tf.summary.scalar("step/noise_scale_smoothed", smoothed, description=SMOOTHED_NOISE)
-            if _finite(noise_scale):
-                tf.summary.scalar("step/noise_scale_raw", noise_scale, description=RAW_NOISE)
 
     def snapshot(self, step: int, variables: Sequence[str], gradients: Sequence[np.ndarray]) -> None:
         """At a step kept in full: a histogram of each variable's gradient values, from the snapshot's host copies."""
