@@ -57,18 +57,24 @@ def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 def write_flipped_dataset(directory: Path, fraction: float, seed: int) -> np.ndarray:
     """Fashion-MNIST with flipped training labels as an IDX directory; the flipped sample ids."""
+    labels = read_idx_gz(FASHION_MNIST_DIR / TRAIN_LABELS, ndim=1)
+    ids, flipped = flip_labels(labels, fraction, seed)
+    write_relabeled_dataset(directory, labels, ids, flipped)
+    return ids
+
+
+def write_relabeled_dataset(directory: Path, labels: np.ndarray, ids: np.ndarray, relabeled: np.ndarray) -> None:
+    """Fashion-MNIST as an IDX directory with the training labels `relabeled` (the original `labels` differ at `ids`),
+    Fashion-MNIST's `classes.txt`, and `flipped.csv` (sample_id, label, flipped_to)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in UNCHANGED:
         shutil.copyfile(FASHION_MNIST_DIR / name, directory / name)
-    labels = read_idx_gz(FASHION_MNIST_DIR / TRAIN_LABELS, ndim=1)
-    ids, flipped = flip_labels(labels, fraction, seed)
-    (directory / TRAIN_LABELS).write_bytes(gzip.compress(encode_idx(flipped), mtime=0))
+    (directory / TRAIN_LABELS).write_bytes(gzip.compress(encode_idx(relabeled), mtime=0))
     (directory / "classes.txt").write_text("".join(f"{name}\n" for name in FASHION_MNIST.classes))
     with (directory / "flipped.csv").open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["sample_id", "label", "flipped_to"])
-        writer.writerows(zip(ids.tolist(), labels[ids].tolist(), flipped[ids].tolist()))
-    return ids
+        writer.writerows(zip(ids.tolist(), labels[ids].tolist(), relabeled[ids].tolist()))
 
 
 def train(source: Path, storage: Path, run_name: str, args: argparse.Namespace) -> Path:

@@ -23,6 +23,7 @@ from prefect.exceptions import TerminationSignal
 
 from tapeline import config as param  # the parameters' types: constraints and help
 from tapeline.config import RunConfig
+from tapeline.curation.exclusion import ExclusionChoice, choose_exclusion
 from tapeline.data.sources import data_shape
 from tapeline.errors import ConfigError, NonFiniteError, TapelineError
 from tapeline.flows.prepare import prepare_elsewhere
@@ -33,10 +34,12 @@ from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start
 from tapeline.storage.lease import RunLease, RunLeaseHeld
 from tapeline.storage.root import Storage, utc_now
 from tapeline.storage.versioned import require_conditional_writes
+from tapeline.tasks.curation import curate
 from tapeline.tasks.download import download
 from tapeline.tasks.evaluate import evaluate
 from tapeline.tasks.export import export_gradients
 from tapeline.tasks.failures import log_expected_failures_without_traceback
+from tapeline.tasks.label_issues import report_label_issues
 from tapeline.tasks.preprocess import preprocess
 from tapeline.tasks.promote import promote, publish_model_registry
 from tapeline.tasks.runs import StageClock, choose_run_id, flow_run_name, tag_flow_run, with_parameter_help
@@ -76,6 +79,7 @@ def train_flow(
     promotion_margin: param.PromotionMargin = RunConfig.promotion_margin,
     warm_start: param.WarmStart = RunConfig.warm_start,
     warm_start_from: param.WarmStartFrom = RunConfig.warm_start_from,
+    exclude: param.Exclude = RunConfig.exclude,
     precision: param.Precision = RunConfig.precision,
     jit_compile: param.JitCompile = RunConfig.jit_compile,
     steps_per_call: param.StepsPerCall = RunConfig.steps_per_call,
@@ -94,9 +98,10 @@ def train_flow(
         return done
     # Chosen once, up front: a champion promoted while this run trains must not change where it started.
     start = choose_warm_start(Storage(config.storage), config.warm_start, config.warm_start_from, built["variables"])
+    exclusion = choose_exclusion(Storage(config.storage), config.exclude)  # the same: a champion promoted later changes nothing
     with RunLease(Storage(config.storage), run_id) as lease:  # one writer per run: a second process stops here
         try:  # again under the lease: the process that held it a moment ago may have completed the run
-            return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check))
+            return completed(config, run_id) or run_pipeline(config, run_id, started, start, StageClock(before_each=lease.check), exclusion)
         except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM, a cancel: the lease is released on the way out
             print(f"run {run_id} stopped; run it again (--run-name {run_id}) to resume from its last checkpoint")
             raise
@@ -110,8 +115,11 @@ def completed(config: RunConfig, run_id: str) -> dict | None:
     return manifest
 
 
-def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartChoice | None, stages: StageClock) -> dict:
-    """The stages, in order, for one run whose lease is held; `start`: what a warm start may start from."""
+def run_pipeline(
+    config: RunConfig, run_id: str, started: str, start: WarmStartChoice | None, stages: StageClock, exclusion: ExclusionChoice | None = None
+) -> dict:
+    """The stages, in order, for one run whose lease is held; `start`: what a warm start may start from; `exclusion`:
+    what `exclude` may leave out."""
     storage = config.storage
     if note := config.training_split().limit_note():
         print(note)
@@ -124,18 +132,21 @@ def run_pipeline(config: RunConfig, run_id: str, started: str, start: WarmStartC
     warm_start = start.record(files.train_set) if start else None  # the training data is known now
     if warm_start and warm_start["from"] is None:
         print(f"warm start: {warm_start['reason']}; starting from random weights")
+    exclusion = exclusion or ExclusionChoice(None, None, "none asked for")
+    curation = stages.run(curate, storage, run_id, exclusion, files.train_set, data.uris["train"], config.train_limit)
     try:
-        trained = stages.run(train, config, data, run_id, warm_start)
+        trained = stages.run(train, config, data, run_id, warm_start, curation)
     except NonFiniteError as error:
         stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
+    issues = stages.run(report_label_issues, storage, run_id, data.uris["train"], files.classes) if trained.model["per_example"]["norms"] else None
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"], config.model)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard
     promotion = stages.run(promote, storage, run_id, files, trained.model_uri, scores["accuracy"], config.promotion_margin)
 
-    manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record)
+    manifest = write_run_manifest(config, run_id, started, files, data, trained, exported, scores, promotion, stages.record, curation, issues)
     if not config.keep_checkpoints:  # a completed run is never resumed
         print(f"dropped the run's checkpoints: {drop_checkpoints(Storage(storage), run_id):,} bytes")
     publish_model_registry(storage)  # after run.json: the registry lists this run too

@@ -1,4 +1,4 @@
-"""The command line: `tapeline train | models | verify | samples | worker | gc`.
+"""The command line: `tapeline train | models | verify | samples | label-issues | worker | gc`.
 
 Each command reads and checks its arguments before it imports anything heavy:
 `--help` and a bad flag answer at once, and `tapeline train` imports the flow (and
@@ -33,6 +33,7 @@ COMMANDS = {
     "models": "list the model versions of a storage root; * marks the champion",
     "verify": "recompute a recorded snapshot's gradients from its weights and batch, and compare",
     "samples": "the training examples of a run ranked by mean per-example gradient norm: the hardest first",
+    "label-issues": "the training labels of a run that look wrong, the most suspect first: given, predicted, score",
     "worker": "join a multi-worker training run as a non-chief worker (TF_CONFIG)",
     "gc": "delete the runs, cache entries and prepared datasets the retention policy does not keep (a dry run without --yes)",
 }
@@ -47,10 +48,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        usage = "usage: tapeline {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(f"  {c:8} {h}" for c, h in COMMANDS.items())
+        usage = "usage: tapeline {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(f"  {c:12} {h}" for c, h in COMMANDS.items())
         print(usage, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    command = {"train": train, "models": models, "verify": verify, "samples": samples, "worker": worker, "gc": gc}[argv[0]]
+    command = {"train": train, "models": models, "verify": verify, "samples": samples, "label-issues": label_issues, "worker": worker, "gc": gc}[argv[0]]
     return command(argv[1:], prog=f"tapeline {argv[0]}")
 
 
@@ -162,13 +163,9 @@ def verify(argv: list[str], prog: str) -> int:
 
 def samples(argv: list[str], prog: str) -> int:
     parser = _Parser(prog=prog, description=COMMANDS["samples"] + " (then by mean loss)")
-    _add_run_arguments(parser)
-    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
-    parser.add_argument("--label", type=int, help="only examples of this label")
+    _add_ranking_arguments(parser, "only examples of this label")
     parser.add_argument("--epoch", type=int, help="the epoch to rank (default: the last)")
-    args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error("--top must be at least 1")
+    args = _parse_ranking_arguments(parser, argv)
     from tapeline.reader import class_names, rank_samples
 
     try:
@@ -184,6 +181,28 @@ def samples(argv: list[str], prog: str) -> int:
     return 0
 
 
+def label_issues(argv: list[str], prog: str) -> int:
+    parser = _Parser(prog=prog, description=COMMANDS["label-issues"])
+    _add_ranking_arguments(parser, "only examples given this label")
+    args = _parse_ranking_arguments(parser, argv)
+    from tapeline.curation.label_issues import read_label_issues
+    from tapeline.reader import class_names, read_run_json
+
+    try:
+        run = _find_run(args)
+        table, classes = read_label_issues(run, args.top, args.label), class_names(run)
+        summary = read_run_json(run).get("label_issues") or {}
+    except (TapelineError, OSError) as error:
+        return _failed(prog, 2, error)
+    if summary:
+        print(f"{summary['estimated']:,} of {summary['examples']:,} training labels estimated wrong ({summary['method']})")
+    print(f"{'rank':>5} {'sample_id':>9}  {'given':14} {'predicted':14} {'score':>7} {'aum':>7} {'flagged':>7}")
+    for row in table.to_pylist():
+        print(f"{row['rank']:>5} {row['sample_id']:>9}  {classes[row['label']]:14.14} {classes[row['predicted']]:14.14} "
+              f"{row['score']:>7.3f} {row['aum']:>7.2f} {'yes' if row['flagged'] else 'no':>7}")  # fmt: skip
+    return 0
+
+
 def predicted_name(row: dict, classes: list[str]) -> str:
     """The class a ranking row's example was predicted as, by name; "?" when wrong and the run did not record which."""
     if row["latest_predicted"] is not None:
@@ -194,6 +213,20 @@ def predicted_name(row: dict, classes: list[str]) -> str:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run id, looked up under --storage; or a run directory, its run.json, or s3://…/runs/<id>")
     parser.add_argument("--storage", help=f"the storage root to look a run id up in (default ${STORAGE_ENV} or {DEFAULT_STORAGE})")
+
+
+def _add_ranking_arguments(parser: argparse.ArgumentParser, label_help: str) -> None:
+    """RUN, --storage, and a ranking's --top and --label."""
+    _add_run_arguments(parser)
+    parser.add_argument("--top", type=int, default=20, help="how many examples (default: 20)")
+    parser.add_argument("--label", type=int, help=label_help)
+
+
+def _parse_ranking_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    return args
 
 
 def _find_run(args: argparse.Namespace) -> str:

@@ -164,6 +164,18 @@ WarmStartFrom = Annotated[
     ),
     RUN_NAME_RULE,
 ]
+# `none`, `auto`, a run id (one path segment) or a run's run.json (a path or URI ending in /run.json).
+EXCLUDE_PATTERN = r"^(?:[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?|.+/run\.json)$"
+Exclude = Annotated[
+    str,
+    Field(
+        pattern=EXCLUDE_PATTERN,
+        description="leave training examples out of the training split: none; a run id or run.json whose flagged label issues "
+        "are left out; auto, the champion's, when it was trained on the same training data",
+    ),
+    Rule("must be none, auto, a run id, or a path or URI ending in /run.json"),
+    RESUME,
+]
 Precision = Annotated[Literal[PRECISIONS], Field(description="compute precision; variables and exported gradients stay float32"), RESUME, HPARAM]
 JitCompile = Annotated[bool, Field(description="compile the train step with XLA, as one fused program")]
 StepsPerCall = Annotated[
@@ -215,6 +227,7 @@ class RunConfig:
     promotion_margin: PromotionMargin = 0.0
     warm_start: WarmStart = False
     warm_start_from: WarmStartFrom = None
+    exclude: Exclude = "none"
     precision: Precision = "float32"
     jit_compile: JitCompile = True
     steps_per_call: StepsPerCall = 50

@@ -34,6 +34,8 @@ def write_run_manifest(
     scores: dict,
     promotion: Promotion,
     stages: dict,
+    curation: dict | None = None,
+    label_issues: dict | None = None,
 ) -> dict:
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
@@ -51,9 +53,11 @@ def write_run_manifest(
             "image_shape": list(data.shape.image_shape),
             "test_split": files.test_split,
             "preprocessed": data.directory,
-            "train_samples": samples_used(data.counts["train"], config.train_limit),
+            "train_samples": samples_used(data.counts["train"], config.train_limit) - (curation or {}).get("count", 0),
         },
         "model": trained.model,
+        "curation": curation,
+        "label_issues": None if label_issues is None else {k: v for k, v in label_issues.items() if k != "uri"},
         "device": trained.device,
         "warm_start": trained.warm_start,
         "stages": stages,
@@ -71,6 +75,7 @@ def write_run_manifest(
             "steps": trained.steps_uri,
             "stats": storage.uri_of(run.stats),
             "samples": storage.uri_of(run.samples) if trained.model["per_example"]["norms"] else None,
+            "label_issues": label_issues["uri"] if label_issues else None,
             "tensorboard": trained.tensorboard_uri,
             **data.uris,
         },

@@ -137,6 +137,7 @@ def test_roles_are_marked_on_the_declared_parameters():
         "seed",
         "train_limit",
         "validation_size",
+        "exclude",
         "precision",
         "deterministic",
     ]

@@ -133,6 +133,7 @@ def test_scheduled_retraining_is_nightly_in_utc_and_never_overlaps(api):
     assert (deployment.work_pool_name, deployment.work_queue_name) == ("tapeline", "gpu")
     assert deployment.parameters["epochs"] >= 1 and deployment.parameters["promotion_margin"] > 0
     assert deployment.parameters["warm_start"] is True
+    assert deployment.parameters["exclude"] == "auto"
 
 
 def _prepare_runs(api) -> dict:
@@ -241,7 +242,7 @@ def test_stages_on_two_workers_that_share_only_a_bucket(env, api, s3, tmp_path, 
     assert re.search(r"a worker picked up prepare-data/cpu run \S+; waiting for it to end", log), log  # then as long as it takes
     manifest = read_run_json(f"{root}/runs/split")
     assert manifest["uris"]["model"] == f"{root}/runs/split/model.keras"
-    assert {"prepare-data", "download", "preprocess", "train", "export_gradients", "evaluate", "promote"} == set(manifest["stages"])
+    assert {"prepare-data", "download", "preprocess", "curate", "train", "export_gradients", "label_issues", "evaluate", "promote"} == set(manifest["stages"])
     # The GPU machine fetched and parsed nothing: the CPU machine did, into the bucket.
     assert manifest["stages"]["download"]["cached"] and manifest["stages"]["preprocess"]["cached"]
     assert list((tmp_path / "cpu" / "work").rglob("*.gz")) and not list((tmp_path / "gpu" / "work").rglob("*.gz"))

@@ -55,7 +55,7 @@ def test_end_to_end_on_fashion_mnist(first_run, storage):
     manifest = json.loads((storage / "runs" / "e2e" / "run.json").read_text())
     assert manifest == first_run
     assert manifest["metrics"]["test_accuracy"] >= 0.80
-    assert set(manifest["stages"]) == {"download", "preprocess", "train", "export_gradients", "evaluate", "promote"}
+    assert set(manifest["stages"]) == {"download", "preprocess", "curate", "train", "export_gradients", "label_issues", "evaluate", "promote"}
     assert manifest["promotion"]["promoted"] and manifest["promotion"]["reason"] == "no champion yet"
     assert (
         manifest["promotion"]["challenger"]["test_set"]

@@ -75,6 +75,14 @@ def test_every_stored_per_example_column_and_noise_estimate_matches_brute_force(
         chosen = logits[np.arange(len(predicted)), predicted]
         np.testing.assert_allclose(chosen, logits.max(axis=1), rtol=RTOL, atol=RTOL * np.abs(logits).max())
         assert rows.column("correct").to_numpy(zero_copy_only=False).tolist() == (predicted == labels[index]).tolist()
+
+        # The label's margin and softmax probability, from the same logits.
+        given = labels[index].astype(np.int64)
+        label_logit = logits[np.arange(len(given)), given]
+        others = np.where(np.eye(logits.shape[1], dtype=bool)[given], -np.inf, logits)
+        np.testing.assert_allclose(rows.column("margin").to_numpy(), label_logit - others.max(axis=1), rtol=RTOL, atol=RTOL * np.abs(logits).max())
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(rows.column("p_label").to_numpy(), shifted[np.arange(len(given)), given] / shifted.sum(axis=1), rtol=RTOL, atol=1e-6)
         wrong += int((predicted != labels[index]).sum())
 
         # The noise estimates, from the brute-force per-example gradients (McCandlish et al. 2018, appendix A).

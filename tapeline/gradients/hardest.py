@@ -66,9 +66,16 @@ class HardestReport:
     examples: HardestExamples
 
 
-def render_hardest(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, mean_norms: np.ndarray, classes, title: str = "") -> bytes:
+NORM_KEY = "each tile: its label / the model's prediction at its latest step of the epoch (red and framed: wrong) / its mean gradient norm"
+
+
+def render_hardest(
+    images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, mean_norms: np.ndarray, classes, title: str = "",
+    value_name: str = "‖g‖", key: str = NORM_KEY,
+) -> bytes:  # fmt: skip
     """A grid of `images` (uint8 [n, height, width] or [n, height, width, 1 or 3], in rank order), each titled with
-    its label, prediction and mean norm: grey images dark on light, colour images as they are."""
+    its label, prediction and mean norm (or another value per image: `value_name` on the tile, `key` says what the
+    tiles show): grey images dark on light, colour images as they are."""
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
@@ -100,15 +107,11 @@ def render_hardest(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
             for spine in axis.spines.values():
                 spine.set(color=WRONG, linewidth=2.5)
         axis.set_title(
-            f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n‖g‖ {mean_norms[index]:.3g}",
+            f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n{value_name} {mean_norms[index]:.3g}",
             fontsize=7, linespacing=1.2, color=WRONG if wrong else "black",
         )  # fmt: skip
     figure.suptitle(title or f"{count} hardest training examples", fontsize=9)
-    figure.text(
-        0.5, 0.005, "each tile: its label / the model's prediction at its latest step of the epoch (red and framed: wrong) "
-        "/ its mean gradient norm",
-        ha="center", va="bottom", fontsize=7, color="#555555",
-    )  # fmt: skip
+    figure.text(0.5, 0.005, key, ha="center", va="bottom", fontsize=7, color="#555555")
     return palette_png(figure)
 
 

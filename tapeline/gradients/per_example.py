@@ -196,8 +196,16 @@ def example_columns(labels: tf.Tensor, logits: tf.Tensor, losses: tf.Tensor) -> 
     """The step's EXAMPLE_COLUMNS (schema.py), each [B], from what it already has: the labels, the logits it
     trained on (before the update) and each example's own loss. O(B·classes): nothing the step did not compute."""
     labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return {"label": labels, "predicted": predicted, "loss": losses, "correct": tf.equal(predicted, labels)}
+    given = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    label_logit = tf.reduce_sum(tf.where(given, logits, 0.0), axis=-1)
+    other = tf.reduce_max(tf.where(given, logits.dtype.min, logits), axis=-1)  # the largest logit of another class
+    p_label = tf.reduce_sum(tf.where(given, tf.nn.softmax(logits), 0.0), axis=-1)
+    return {
+        "label": labels, "predicted": predicted, "loss": losses, "correct": tf.equal(predicted, labels),
+        "margin": label_logit - other, "p_label": p_label,
+    }  # fmt: skip
 
 
 def packed(columns: dict[str, tf.Tensor], squared_norms: tf.Tensor) -> tf.Tensor:

@@ -91,6 +91,8 @@ EXAMPLE_COLUMNS = {
     "predicted": np.uint8,  # the argmax of the example's logits at that step, before the update
     "loss": np.float32,  # the example's own loss at that step
     "correct": np.bool_,  # predicted == label
+    "margin": np.float32,  # the label's logit minus the largest other logit at that step (< 0: another class wins)
+    "p_label": np.float32,  # the softmax probability of the label at that step
 }
 SAMPLE_SCHEMA = pa.schema(
     [("step", pa.int64()), ("epoch", pa.int32()), ("sample_id", pa.int64())]

@@ -63,7 +63,7 @@ def choose_warm_start(storage: Storage, warm_start: bool, warm_start_from: str |
         raise TapelineError(f"warm start: the champion's model {champion['model']} is missing")
     if difference := _variables_difference(_recorded_variables(storage, champion["run_id"]), variables):
         return WarmStartChoice(None, None, f"the champion, run {champion['run_id']}, {difference}")
-    return WarmStartChoice(champion["run_id"], champion["model"], SAME_DATA, _champion_train_set(storage, champion))
+    return WarmStartChoice(champion["run_id"], champion["model"], SAME_DATA, champion_train_set(storage, champion))
 
 
 def _named_run(storage: Storage, run_id: str, variables: list[dict]) -> WarmStartChoice:
@@ -98,7 +98,7 @@ def _variable(variable: dict) -> str:
     return f"{variable['name']} {'x'.join(map(str, variable['shape'])) or 'scalar'}"
 
 
-def _champion_train_set(storage: Storage, champion: dict) -> str | None:
+def champion_train_set(storage: Storage, champion: dict) -> str | None:
     """The champion's training data: recorded in the pointer, or, in a pointer written before it was, in its run.json."""
     if champion.get("train_set"):
         return champion["train_set"]

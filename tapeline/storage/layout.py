@@ -18,6 +18,9 @@
     runs/<run_id>/gradient_norms.png        every layer's gradient norm at every step (by export_gradients)
     runs/<run_id>/hardest_examples.png      the training examples with the highest mean gradient norm (last epoch)
     runs/<run_id>/noise_scale.png           the gradient noise scale at every step: raw, smoothed, its median
+    runs/<run_id>/label_issues.parquet      one row per training example: its training dynamics, score, rank, flagged
+    runs/<run_id>/label_issues.png          the top suspects: image, given -> predicted class, score
+    runs/<run_id>/curation.json             --exclude: which examples training leaves out, chosen before it starts
     runs/<run_id>/cluster.json              multi-worker training only: the chief's job for the other workers
     runs/<run_id>/.lease                    who is writing the run, while it is (tapeline/storage/lease.py)
     runs/<run_id>/.deleting                 while gc deletes the run, its run.json first (tapeline/registry/retention.py)
@@ -121,6 +124,18 @@ class RunPaths:
     @property
     def noise_plot(self) -> PurePath:
         return self.directory / "noise_scale.png"
+
+    @property
+    def label_issues(self) -> PurePath:
+        return self.directory / "label_issues.parquet"
+
+    @property
+    def label_issues_plot(self) -> PurePath:
+        return self.directory / "label_issues.png"
+
+    @property
+    def curation(self) -> PurePath:
+        return self.directory / "curation.json"
 
     @property
     def cluster_job(self) -> PurePath:

@@ -122,9 +122,12 @@ def wait_for_job(storage: Storage, run_id: str, timeout: float, poll: float = 1.
     return storage.read_json(path)
 
 
-def job_for(config, data, run_id: str, warm_start: dict | None) -> dict:
-    """What every worker must agree on: the run's config, its prepared data, its warm start."""
-    return {"run_id": run_id, "config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "warm_start": warm_start}
+def job_for(config, data, run_id: str, warm_start: dict | None, curation: dict | None = None) -> dict:
+    """What every worker must agree on: the run's config, its prepared data, its warm start, the examples it leaves out."""
+    return {
+        "run_id": run_id, "config": dataclasses.asdict(config), "data": dataclasses.asdict(data),
+        "warm_start": warm_start, "curation": curation,
+    }  # fmt: skip
 
 
 def _create_strategy(cluster: Cluster, devices: list[str]):

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapeline.config import RESUME, RunConfig, parameters_with
+from tapeline.curation.exclusion import without_excluded
 from tapeline.data.shape import DataShape
 from tapeline.data.splits import read_split, single_label_warning
 from tapeline.errors import NonFiniteError
@@ -65,21 +66,23 @@ def train_model(
     run_id: str,
     warm_start: dict | None = None,
     on_progress: Callable[[int, int, float], None] | None = None,
+    curation: dict | None = None,
 ) -> TrainedModel:
     """Train, resuming from the run's latest checkpoint if it has one; `on_progress(step, last_step, loss)` each step.
 
     `warm_start`, run.json's record of it (tapeline/registry/warm_start.py), names the model whose weights training starts
-    from instead of random ones (`from`, `model`; none when `from` is None).
+    from instead of random ones (`from`, `model`; none when `from` is None). `curation`, run.json's record of
+    `exclude` (tapeline/curation/exclusion.py), names the training examples left out.
     """
     storage = Storage(config.storage)
     run = storage.layout.run(run_id)
     # Place: the devices, and, when TF_CONFIG names a cluster, this worker's place in it.
-    devices, cluster, strategy = _place(config, data, run_id, warm_start, storage)
+    devices, cluster, strategy = _place(config, data, run_id, warm_start, storage, curation)
     writes = cluster is None or cluster.chief  # the other workers run every step and collective, and write nothing
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    images, labels, sample_ids = read_split(data.uris["train"], config.train_limit)
+    images, labels, sample_ids = without_excluded(curation, *read_split(data.uris["train"], config.train_limit))
     if (warning := single_label_warning(labels)) and writes:
         print(warning)
     val_images, val_labels, _ = read_split(data.uris["validation"])
@@ -89,7 +92,7 @@ def train_model(
         model, optimizer, train_step, eval_step, train_metrics, val_metrics, per_example = build_training(config, data.shape, strategy)
         if warm_start and warm_start["from"]:
             _load_warm_start(model, storage, warm_start)
-        resume_parameters = _resume_parameters(config, data, model)
+        resume_parameters = _resume_parameters(config, data, model, curation)
         shadow = model_and_optimizer(config, data.shape) if strategy is None else None  # checkpoints written in the background from it
         checkpoint = TrainingCheckpoint(storage, run.checkpoints, model, optimizer, train_metrics, resume_parameters, writes, shadow)
         step, history = checkpoint.restore()
@@ -131,14 +134,14 @@ def train_model(
 
 
 def _place(
-    config: RunConfig, data: PreparedData, run_id: str, warm_start: dict | None, storage: Storage
+    config: RunConfig, data: PreparedData, run_id: str, warm_start: dict | None, storage: Storage, curation: dict | None = None
 ) -> tuple[list[str], Cluster | None, tf.distribute.Strategy | None]:
     """(devices, cluster, strategy): MirroredStrategy over several local devices; when TF_CONFIG names
     two or more workers, the cluster joined and its MultiWorkerMirroredStrategy; no strategy on one device."""
     devices = resolve_devices(config.device, config.devices)
     cluster = check_cluster(devices, run_id)
     if cluster:
-        strategy = join_cluster(cluster, storage, job_for(config, data, run_id, warm_start), devices)
+        strategy = join_cluster(cluster, storage, job_for(config, data, run_id, warm_start, curation), devices)
     else:
         strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else None
     print(f"training on {', '.join(devices)} ({tf.config.list_physical_devices('GPU') or 'no GPU visible'})")
@@ -192,11 +195,13 @@ def model_and_optimizer(config: RunConfig, shape: DataShape) -> tuple[keras.Mode
     return model, optimizer
 
 
-def _resume_parameters(config: RunConfig, data: PreparedData, model: keras.Model) -> dict:
-    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME, the prepared data
-    and the model's architecture (a spec's file may have changed since)."""
+def _resume_parameters(config: RunConfig, data: PreparedData, model: keras.Model, curation: dict | None = None) -> dict:
+    """What a checkpoint must have been trained with to be resumed: the parameters marked RESUME, the prepared data,
+    the model's architecture (a spec's file may have changed since), and the examples left out (their digest) when
+    there are any."""
     recorded = {p.name: getattr(config, p.name) for p in parameters_with(RESUME)}
-    return recorded | {"data": Path(data.directory).name, "architecture": architecture_digest(model)}
+    excluded = {"excluded": curation["digest"]} if curation and curation.get("count") else {}
+    return recorded | {"data": Path(data.directory).name, "architecture": architecture_digest(model)} | excluded
 
 
 def _trained_model(

@@ -29,4 +29,4 @@ def work(storage: str | None, run_name: str, wait_seconds: float) -> TrainedMode
         train_model,  # TensorFlow: only once the job is there
     )
 
-    return train_model(RunConfig(**job["config"]), PreparedData.from_json(job["data"]), job["run_id"], job["warm_start"])
+    return train_model(RunConfig(**job["config"]), PreparedData.from_json(job["data"]), job["run_id"], job["warm_start"], curation=job.get("curation"))
