@@ -45,8 +45,8 @@ SIGNALS = ("aum", "confidence", "variability", "forgetting", "mean_loss", "mean_
 LABEL_ISSUES_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
-        ("label", pa.uint8()),
-        ("predicted", pa.uint8()),  # at the example's latest step
+        ("label", pa.uint16()),
+        ("predicted", pa.uint16()),  # at the example's latest step
         ("aum", pa.float32()),
         ("confidence", pa.float32()),
         ("variability", pa.float32()),

@@ -87,8 +87,8 @@ def step_schema() -> pa.Schema:
 # them (per_example.packed), with the numpy type each is stored as. A new per-example column is a line here, one in
 # example_columns, and its row in docs/data-format.md.
 EXAMPLE_COLUMNS = {
-    "label": np.uint8,
-    "predicted": np.uint8,  # the argmax of the example's logits at that step, before the update
+    "label": np.uint16,  # any number of classes up to 65,536 (the splits' label is uint8 up to 256)
+    "predicted": np.uint16,  # the argmax of the example's logits at that step, before the update
     "loss": np.float32,  # the example's own loss at that step
     "correct": np.bool_,  # predicted == label
     "margin": np.float32,  # the label's logit minus the largest other logit at that step (< 0: another class wins)
