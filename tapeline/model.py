@@ -123,8 +123,10 @@ def check_model(spec: str, shape: DataShape, precision: str) -> keras.Model:
     if ModelSpec(spec).is_file and precision != "float32":
         raise ModelError(f"model {spec!r}: a .keras file computes in the precision it was saved with; train it with --precision float32")
     model = ModelSpec(spec).build(shape, precision)
-    if len(getattr(model, "inputs", None) or ()) != 1:
-        raise ModelError(f"model {spec!r} must declare one input, keras.Input({shape.image_shape}, dtype='uint8'), for the compiled step")
+    inputs = getattr(model, "inputs", None) or ()
+    if len(inputs) != 1 or inputs[0].dtype != INPUT_DTYPE:
+        declared = f"declares {len(inputs)} inputs" if len(inputs) != 1 else f"declares its input as {inputs[0].dtype}"
+        raise ModelError(f"model {spec!r} {declared}: the compiled step feeds it the data's images, keras.Input({shape.image_shape}, dtype='uint8')")
     try:
         logits = model(np.zeros((2, *shape.image_shape), INPUT_DTYPE), training=False)
     except Exception as error:  # the user's model: whatever it raises means it does not take these images

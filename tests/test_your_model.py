@@ -43,6 +43,10 @@ def frozen(input_shape, num_classes):
     inputs = keras.Input(input_shape, dtype="uint8")
     return keras.Model(inputs, keras.layers.Dense(num_classes, trainable=False)(keras.layers.Flatten()(inputs)))
 
+def floats(input_shape, num_classes):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs)))
+
 def raises(input_shape, num_classes):
     raise ValueError("no such layer size")
 """
@@ -67,6 +71,7 @@ def bad_models(tmp_path_factory) -> Path:
         ("{dir}/bad_models.py:not_a_model", "model '{dir}/bad_models.py:not_a_model' returned str, not a Keras model"),
         ("{dir}/bad_models.py:twelve_outputs", "returns 12 values per image; the data has 10 classes: return one logit per class"),
         ("{dir}/bad_models.py:colour_only", "does not take the data's images (28x28x1, uint8)"),
+        ("{dir}/bad_models.py:floats", "declares its input as float32: the compiled step feeds it the data's images, keras.Input((28, 28, 1), dtype='uint8')"),
         ("{dir}/bad_models.py:frozen", "has no trainable variables: there is nothing to train"),
         ("{dir}/bad_models.py:raises", "failed to build for images (28, 28, 1) and 10 classes: ValueError: no such layer size"),
         ("{dir}/garbage.keras", "model file {dir}/garbage.keras does not load:"),
