@@ -229,3 +229,19 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def fresh_process_accuracy(run: Path, manifest: dict) -> float:
+    """The test accuracy of a run's model.keras loaded in a new Python process by the model card's own code (its
+    `load.code`, which imports the model's module first when it has classes of its own), on the run's test split."""
+    card = json.loads((run / "model.json").read_text())
+    score = f"""
+import numpy as np, pyarrow.parquet as pq
+{card["load"]["code"].replace("model.keras", manifest["uris"]["model"])}
+model = keras.models.load_model({manifest["uris"]["model"]!r})
+test = pq.read_table({manifest["uris"]["test"]!r})
+images = test.column("image").combine_chunks().to_numpy_ndarray()
+print(float(np.mean(np.argmax(model.predict(images, verbose=0), axis=1) == test.column("label").to_numpy())))
+"""
+    result = subprocess.run([sys.executable, "-c", score], capture_output=True, text=True, cwd="/", check=True)
+    return float(result.stdout.split()[-1])

@@ -5,13 +5,7 @@ run.json's test accuracy in a fresh process."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +22,7 @@ from tapeline.model import ModelSpec, per_example_loss
 from tapeline.reader import gradient_arrays, read_samples
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.helpers import image_folder, tiny_arrays, write_own_dir
+from tests.helpers import fresh_process_accuracy, image_folder, kill_when, spawn_training, tiny_arrays, write_own_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models.py"
@@ -90,17 +84,7 @@ def test_verify_recomputes_a_snapshot(trained):
 
 def test_model_keras_scores_the_recorded_test_accuracy_in_a_fresh_process(trained):
     _, run, manifest = trained
-    card = json.loads((run / "model.json").read_text())
-    score = f"""
-import numpy as np, pyarrow.parquet as pq
-{card["load"]["code"].replace("model.keras", manifest["uris"]["model"])}
-model = keras.models.load_model({manifest["uris"]["model"]!r})
-test = pq.read_table({manifest["uris"]["test"]!r})
-images = test.column("image").combine_chunks().to_numpy_ndarray()
-print(float(np.mean(np.argmax(model.predict(images, verbose=0), axis=1) == test.column("label").to_numpy())))
-"""
-    result = subprocess.run([sys.executable, "-c", score], capture_output=True, text=True, cwd="/", check=True)
-    assert float(result.stdout.split()[-1]) == manifest["metrics"]["test_accuracy"]
+    assert fresh_process_accuracy(run, manifest) == manifest["metrics"]["test_accuracy"]
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -113,16 +97,9 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(kind, tmp_path, fashion_mn
     data = prepare(fetch_files(config.data, storage), storage, config.seed, config.validation_size)
     straight = train_model(config, data, "straight")
 
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": dataclasses.asdict(config), "data": dataclasses.asdict(data), "run_id": "killed"}))
-    worker = subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(job)], cwd=ROOT, stderr=subprocess.DEVNULL)
-    checkpoints = storage.layout.run("killed").checkpoints
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "checkpoint").exists() and worker.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
-    assert worker.returncode == -signal.SIGKILL  # killed before it finished: 8 steps, a checkpoint every 2
+    checkpoint = storage.layout.run("killed").checkpoints / "checkpoint"
+    worker = spawn_training(config, data, "killed", tmp_path)
+    assert kill_when(worker, checkpoint.exists) == -signal.SIGKILL  # killed before it finished: 8 steps, a checkpoint every 2
 
     resumed = train_model(config, data, "killed")
     assert 0 < resumed.resumed_from < straight.steps == resumed.steps

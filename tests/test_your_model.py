@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tapeline.registry.listing import model_registry, registry_lines
 from tapeline.registry.warm_start import choose_warm_start
 from tapeline.storage.root import Storage
 from tapeline.training.loop import train_model
-from tests.helpers import tiny_arrays, tiny_prepared, write_idx_dir
+from tests.helpers import fresh_process_accuracy, tiny_arrays, tiny_prepared, write_idx_dir
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "models.py"
 MNIST_SHAPE = DataShape((28, 28, 1), tuple("0123456789"))
@@ -134,16 +133,7 @@ def test_model_keras_loads_in_a_fresh_process_as_the_card_says(simple_run):
     card = json.loads((storage / "runs" / "simple" / "model.json").read_text())
     assert card["input"]["shape"] == [None, 28, 28, 1] and card["output"]["shape"] == [None, 10]
     assert card["load"]["import"] == str(EXAMPLES)
-    score = f"""
-import numpy as np, pyarrow.parquet as pq
-{card["load"]["code"].replace("model.keras", manifest["uris"]["model"])}
-model = keras.models.load_model({manifest["uris"]["model"]!r})
-test = pq.read_table({manifest["uris"]["test"]!r})
-images = test.column("image").combine_chunks().to_numpy_ndarray()
-print(float(np.mean(np.argmax(model.predict(images, verbose=0), axis=1) == test.column("label").to_numpy())))
-"""
-    result = subprocess.run([sys.executable, "-c", score], capture_output=True, text=True, cwd="/", check=True)
-    assert float(result.stdout.split()[-1]) == pytest.approx(manifest["metrics"]["test_accuracy"], abs=1e-9)
+    assert fresh_process_accuracy(storage / "runs" / "simple", manifest) == pytest.approx(manifest["metrics"]["test_accuracy"], abs=1e-9)
 
 
 def test_a_warm_start_takes_only_a_model_with_the_same_variables(simple_run):
