@@ -33,3 +33,14 @@ def test_tapeline_is_the_only_installed_import_name():
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert listing.stdout.split("\n")[0] == "['tapeline'] ['tapeline.flows', 'tapeline.tasks']", listing.stderr
+
+
+def test_every_package_of_the_source_tree_is_installed():
+    """A subpackage missing from pyproject's list imports from a checkout and fails in an installed copy."""
+    listing = subprocess.run(
+        [sys.executable, "-c", "import setuptools.config.pyprojecttoml as t; print(*t.read_configuration('pyproject.toml')['tool']['setuptools']['packages'])"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=True,
+    )  # fmt: skip
+    found = {".".join(("tapeline", *init.parent.relative_to(ROOT / "tapeline").parts)).rstrip(".") for init in (ROOT / "tapeline").rglob("__init__.py")}
+    found |= {f"tapeline.{layer}" for layer in ("flows", "tasks")}
+    assert set(listing.stdout.split()) == found
