@@ -79,8 +79,7 @@ def train_model(
     # Place: the devices, and, when TF_CONFIG names a cluster, this worker's place in it.
     devices, cluster, strategy = _place(config, data, run_id, warm_start, storage, curation)
     writes = cluster is None or cluster.chief  # the other workers run every step and collective, and write nothing
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    _op_determinism(config.deterministic)
     keras.utils.set_random_seed(config.seed)
     images, labels, sample_ids = without_excluded(curation, *read_split(data.uris["train"], config.train_limit))
     if (warning := single_label_warning(labels)) and writes:
@@ -131,6 +130,17 @@ def train_model(
         with storage.atomic(run.model, suffix=".keras") as temporary:  # Keras saves only to a .keras name
             model.save(temporary)
     return dataclasses.replace(trained, model_uri=storage.uri_of(run.model), steps=step, epochs=history)
+
+
+def _op_determinism(deterministic: bool) -> None:
+    """Deterministic ops for this run, or not: the setting is the process's, so a run that does not ask for it must
+    not inherit it from an earlier one in the process (XLA has no deterministic max-pooling gradient, for one)."""
+    from tensorflow.python.framework import config as tf_config  # the public API can enable it, not disable it
+
+    if deterministic:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def _place(
