@@ -7,9 +7,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import types
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +29,31 @@ SYSTEM_FIXTURES = {"prefect_api", "s3", "fashion_mnist_dir", "small_disk"}
 SYSTEM_NAMES = {"subprocess", "spawn_training", "holder_process", "run_with_imports", "train_model", "train_flow", "getfixturevalue"}
 
 
+def pytest_configure(config) -> None:
+    """One XLA compilation cache for the session, shared by its xdist workers and by every process a test starts: each
+    step compiles once per model, shape and option in the session, not once per test. Set in the controller (or the
+    one process without xdist) before any worker starts, so all inherit it; removed when the session ends."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        config.xla_cache = tempfile.mkdtemp(prefix="tapeline-tests-xla-")
+        flags = os.environ.get("TF_XLA_FLAGS", "")
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={config.xla_cache}".strip()
+
+
+def pytest_unconfigure(config) -> None:
+    if cache := getattr(config, "xla_cache", None):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items) -> None:
     """Mark `system` every test that starts a process, trains, or uses a real service: `pytest -m "not system"` is the
-    quick loop of unit tests, `pytest -m system` the rest."""
+    quick loop of unit tests, `pytest -m system` the rest. Then the modules with the most system tests go first, so
+    that xdist hands out the longest ones while every worker is still free (each module keeps its order)."""
+    mark_system(items)
+    system = Counter(item.module.__name__ for item in items if item.get_closest_marker("system"))
+    items.sort(key=lambda item: -system[item.module.__name__])
+
+
+def mark_system(items) -> None:
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         functions = [item.function] if isinstance(item, pytest.Function) else []
