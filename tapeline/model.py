@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import random
 import sys
 import tempfile
 from collections.abc import Callable
@@ -76,9 +77,10 @@ class ModelSpec:
     def is_file(self) -> bool:
         return self.spec.endswith(".keras")
 
-    def build(self, shape: DataShape, precision: str = "float32") -> keras.Model:
-        """A new model for `shape` under `precision`, its layers named the same in every build and every process."""
-        with _fresh_names(), _dtype_policy(precision):
+    def build(self, shape: DataShape, precision: str = "float32", seed: int | None = None) -> keras.Model:
+        """A new model for `shape` under `precision`, its layers named the same in every build and every process; with
+        a `seed`, its initial weights are that seed's in any process, whatever its other threads do."""
+        with _fresh_names(), _dtype_policy(precision), _seeded_defaults(seed):
             model = _load_keras_file(self.spec) if self.is_file else self._call_builder(shape)
         if not isinstance(model, keras.Model):
             raise ModelError(f"model {self.spec!r} returned {type(model).__name__}, not a Keras model")
@@ -199,6 +201,24 @@ def _fresh_names():
         yield
     finally:
         global_state.set_global_attribute("object_name_uids", before)
+
+
+@contextlib.contextmanager
+def _seeded_defaults(seed: int | None):
+    """Keras draws the seed of every initializer given none from Python's global `random`, which any other thread of
+    the process draws from too (Prefect's, during a flow run): a build's weights then depend on timing. With a seed,
+    the build draws from a generator of its own, which gives what the global one gives after `random.seed(seed)`."""
+    if seed is None:
+        yield
+        return
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 @contextlib.contextmanager

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
+import threading
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -98,6 +101,24 @@ def test_every_build_names_the_variables_alike():
     first, second = spec.build(MNIST_SHAPE), spec.build(MNIST_SHAPE)  # a second build in one process: no "conv2d_1"
     assert [v.path for v in first.trainable_variables] == [v.path for v in second.trainable_variables]
     assert first.trainable_variables[0].path == "simple_model/conv2d/kernel"
+
+
+def test_a_seeded_build_has_its_seeds_weights_while_another_thread_draws_from_random():
+    """In a flow run Prefect's threads draw from Python's global `random`, from which Keras takes each initializer's
+    seed: a thread doing so throughout two builds with one seed leaves their weights equal, and equal to a build in
+    a quiet process after `keras.utils.set_random_seed` (what the tests of the starting weights compare with)."""
+    spec, stop = ModelSpec(f"{EXAMPLES}:simple_model"), threading.Event()
+    drawing = threading.Thread(target=lambda: [random.random() for _ in iter(stop.is_set, True)], daemon=True)
+    drawing.start()
+    try:
+        builds = [spec.build(MNIST_SHAPE, seed=7) for _ in range(2)]
+    finally:
+        stop.set()
+        drawing.join()
+    keras.utils.set_random_seed(7)
+    quiet = spec.build(MNIST_SHAPE)
+    for model in builds:
+        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.weights, quiet.weights, strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,7 @@ def coupling(model: keras.Model) -> tuple[PerExamplePlan | None, str | None]:
 
 def model_and_optimizer(config: RunConfig, shape: DataShape) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     """The run's model for data of `shape` and its optimizer, its slots created (so a checkpoint can fill them)."""
-    model = ModelSpec(config.model).build(shape, config.precision)
+    model = ModelSpec(config.model).build(shape, config.precision, config.seed)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if config.precision == "mixed_float16":  # float16's range needs the loss scaled up, the gradients back down
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
