@@ -29,6 +29,8 @@ from tapeline.storage.root import Storage
 HARDEST = 32  # tiles in the grid
 COLUMNS = 8
 WRONG = "#c62828"  # a wrong prediction: its text and its tile's frame
+FRAME = 3  # the frame's width, in pixels
+DPI = 90  # a tile is DPI pixels wide
 UNKNOWN = -1  # a prediction the run did not record (samples written before the `predicted` column)
 
 
@@ -85,34 +87,48 @@ def render_hardest(
         raise HardestReportError(
             f"hardest examples: {images.shape} images need as many labels, predictions and norms, got {len(labels)}, {len(predictions)} and {len(mean_norms)}"
         )
-    plt = pyplot()
     columns = min(COLUMNS, count)
     rows = math.ceil(count / columns)
     # In inches: square tiles 1 wide, a gap above each for its three lines of text, room for the title and the key.
-    tile, gap, top, bottom = 1.0, 0.5, 0.78, 0.28
-    width = tile * (columns + (columns - 1) * 0.12) + 0.2
-    height = tile * rows + gap * (rows - 1) + top + bottom
-    figure, axes = plt.subplots(rows, columns, figsize=(width, height), dpi=90, squeeze=False)
-    figure.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, top=1 - top / height, bottom=bottom / height, wspace=0.12, hspace=gap / tile)
-    for index, axis in enumerate(axes.flat):
-        axis.set_axis_off()
-        if index >= count:
-            continue
+    tile, space, gap, top, bottom, margin = 1.0, 0.12, 0.5, 0.78, 0.28, 0.1
+    width, height = columns * (tile + space) - space + 2 * margin, rows * (tile + gap) - gap + top + bottom
+    figure = pyplot().figure(figsize=(width, height), dpi=DPI)
+    # One image of the whole figure, the tiles pasted in, and text: no axes, whose ticks and layout would cost most.
+    pixels = np.full((math.ceil(height * DPI), math.ceil(width * DPI), 3), 255, np.uint8)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        left, upper = margin + column * (tile + space), top + row * (tile + gap)  # from the figure's top left
         label, predicted = int(labels[index]), int(predictions[index])
         wrong = label != predicted  # UNKNOWN only where the run recorded a wrong prediction
-        axis.imshow(images[index], cmap="gray_r" if images.ndim == 3 else None, vmin=0, vmax=255, interpolation="nearest")
-        if wrong:  # a frame, not only coloured text: visible at a glance, and without colour vision
-            axis.set_axis_on()
-            axis.set_xticks([]), axis.set_yticks([])
-            for spine in axis.spines.values():
-                spine.set(color=WRONG, linewidth=2.5)
-        axis.set_title(
-            f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n{value_name} {mean_norms[index]:.3g}",
-            fontsize=7, linespacing=1.2, color=WRONG if wrong else "black",
+        # A frame, not only coloured text: visible at a glance, and without colour vision.
+        paste(pixels, as_rgb(images[index]), round(upper * DPI), round(left * DPI), round(tile * DPI), framed=wrong)
+        figure.text(
+            left + tile / 2, height - upper + 6 / 72, transform=figure.dpi_scale_trans, ha="center", va="bottom", fontsize=7, linespacing=1.2,
+            s=f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n{value_name} {mean_norms[index]:.3g}",
+            color=WRONG if wrong else "black",
         )  # fmt: skip
+    figure.figimage(pixels, origin="upper")
     figure.suptitle(title or f"{count} hardest training examples", fontsize=9)
     figure.text(0.5, 0.005, key, ha="center", va="bottom", fontsize=7, color="#555555")
     return palette_png(figure)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A tile's pixels: a grey image dark on light (its values inverted), a colour image as it is."""
+    return np.repeat(255 - image[..., None], 3, axis=2) if image.ndim == 2 else image
+
+
+def paste(pixels: np.ndarray, image: np.ndarray, top: int, left: int, size: int, framed: bool) -> None:
+    """`image` scaled (nearest pixel, its aspect kept) into the `size`-pixel square at (top, left) of `pixels`, centred;
+    with `framed`, a WRONG frame of FRAME pixels just outside it."""
+    scale = size / max(image.shape[:2])
+    height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    top, left = top + (size - height) // 2, left + (size - width) // 2
+    if framed:
+        red = [int(WRONG[i : i + 2], 16) for i in (1, 3, 5)]
+        pixels[top - FRAME : top + height + FRAME, left - FRAME : left + width + FRAME] = red
+    rows, columns = np.arange(height) * image.shape[0] // height, np.arange(width) * image.shape[1] // width
+    pixels[top : top + height, left : left + width] = image[rows[:, None], columns[None, :]]
 
 
 def hardest_examples(run: str | Path, train_uri: str, classes, top: int = HARDEST, epoch: int | None = None) -> HardestExamples:
