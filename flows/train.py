@@ -29,6 +29,7 @@ from tapeline.errors import ConfigError, NonFiniteError, TapelineError
 from tapeline.flows.prepare import prepare_elsewhere
 from tapeline.manifest import completed_run, final_metrics, run_manifest_uri, write_run_manifest
 from tapeline.model import check_determinism, check_model, model_record
+from tapeline.registry.champion import current_champion
 from tapeline.registry.retention import drop_checkpoints
 from tapeline.registry.warm_start import WarmStartChoice, choose_warm_start
 from tapeline.storage.lease import RunLease, RunLeaseHeld
@@ -155,13 +156,15 @@ def run_pipeline(
 
 def check_before_any_stage(config: RunConfig) -> dict:
     """What a run needs beyond its parameters' own rules: a model that takes the data, devices and cluster, and a
-    store that keeps writers apart. Returns the model's record (run.json's `model`), as built for the data."""
+    store that keeps writers apart, whose champion pointer reads. Returns the model's record (run.json's `model`), as
+    built for the data."""
     model = check_model(config.model, data_shape(config), config.precision)
     check_determinism(config.model, model, config.deterministic, config.jit_compile)
     if config.devices > 1 and (coupled := coupling(model)[1]):
         raise ConfigError(f"--devices {config.devices} would train another model than one device: {coupled}; train on one device")
     check_placement(config)
     require_conditional_writes(config.storage, config.accept_unlocked_storage)
+    current_champion(Storage(config.storage))  # a pointer that cannot be read stops the run here, not at its promotion
     return model_record(config.model, model)
 
 
@@ -175,6 +178,9 @@ def main(parameters: dict, prog: str) -> int:
     try:
         config = RunConfig(**parameters).validated()
         check_before_any_stage(config)  # needs TensorFlow, so not in tapeline/cli.py
+    except TapelineError as error:  # nothing was done
+        return _failed(prog, 2, error)
+    try:
         try:
             manifest = train_flow(**parameters)
         finally:

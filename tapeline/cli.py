@@ -26,7 +26,7 @@ from tapeline.config import (
     run_parameters,
     storage_root,
 )
-from tapeline.errors import ConfigError, Stopped, TapelineError
+from tapeline.errors import ConfigError, CorruptFileError, Stopped, TapelineError
 
 COMMANDS = {
     "train": "train a model: the train-flow pipeline (`tapeline train --help` lists the parameters)",
@@ -277,6 +277,8 @@ def gc(argv: list[str], prog: str) -> int:
             print(*(removal_line(removal, "delete") for removal in planned.removals), total_line(planned.removals, dry_run=True), sep="\n")
             return 0
         removed = collect(storage, planned, on_removed=lambda removal: print(removal_line(removal, "deleted"), flush=True))
+    except CorruptFileError as error:  # before any deletion: run again, it would stop there again
+        return _failed(prog, 1, error)
     except (TapelineError, OSError) as error:  # OSError: an unreachable store, a file it refused to delete
         return _failed(prog, 1, f"{' '.join(str(error).split())}; run it again to finish")
     print(total_line(removed, dry_run=False))

@@ -11,6 +11,10 @@ class ConfigError(TapelineError, ValueError):
     """A run parameter is invalid."""
 
 
+class CorruptFileError(TapelineError):
+    """A file is there but cannot be read: truncated or corrupt."""
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM or Ctrl-C, raised in the main thread (tapeline/cli.py): a KeyboardInterrupt, so everything that
     unwinds on Ctrl-C (Prefect's crash report, `finally`, context managers) unwinds on SIGTERM too."""

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from tapeline.errors import TapelineError
+from tapeline.errors import CorruptFileError, TapelineError
 from tapeline.gradients.schema import (
     GRADIENT_SCHEMA,
     PARTITIONING,
@@ -56,10 +56,6 @@ def find_run(run: str, storage: str) -> str:
         here = f" (for the directory {run} here, write ./{run})" if Path(run).is_dir() else ""
         raise NoRunError(f"no run {run} under {storage}{here}")
     return found
-
-
-class CorruptFileError(TapelineError):
-    """A file of the run is there but cannot be read: truncated or corrupt."""
 
 
 def read_run_json(run: str | Path, name: str | None = None) -> dict:

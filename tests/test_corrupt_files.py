@@ -15,6 +15,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
+from tapeline.cli import main
 from tapeline.flows.train import train_flow
 from tapeline.reader import CorruptFileError, read_gradients, read_samples, read_steps
 from tests.helpers import tiny_arrays, write_own_dir
@@ -146,3 +147,25 @@ def test_verify_names_a_truncated_run_json(copy_of_first):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"tapeline verify: error: {broken}: cannot read it, the file is truncated or corrupt (")
     assert "Traceback" not in result.stderr
+
+
+def listing(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_a_torn_champion_pointer_is_named_in_one_line_and_nothing_is_deleted_or_trained(first, source, storage, tmp_path, capsys):
+    """`models/current` cut off half-way: `models` and `gc` say so in one line, gc deletes nothing (it cannot tell
+    which run is the champion), and `train` stops before any stage rather than at promotion, hours later."""
+    root = Path(shutil.copytree(storage, tmp_path / "root"))
+    pointer = truncate(root / "models" / "current")
+    before = listing(root)
+    expected = f"{pointer} is not valid JSON ("
+    advice = "restore it from a backup, or remove it (then no model is current until a run is promoted)"
+    for command, code in ((["models", str(root)], 2), (["gc", str(root), "--keep-last", "0", "--yes"], 1)):
+        result = tapeline(*command)
+        assert (result.returncode, result.stdout) == (code, ""), result.stderr[-3000:]
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"tapeline {command[0]}: error: {expected}") and line.endswith(advice)
+    assert main(["train", "--dataset", "idx", "--source", str(source), "--storage", str(root), "--validation-size", "50"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"tapeline train: error: {expected}")
+    assert listing(root) == before

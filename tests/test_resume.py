@@ -130,7 +130,7 @@ def test_killed_while_a_checkpoint_is_written_resumes(setup, uninterrupted, tmp_
 
     assert kill_when(worker, writing, poll=0) == -signal.SIGKILL and writing()
     killed_at = latest_checkpoint_step(run_dir)
-    resumed = train_model(config, data, "killed-writing")
+    resumed = train_model(setup[0], data, "killed-writing")  # a checkpoint every 20 steps again: how often is no resume parameter
     assert resumed.resumed_from >= killed_at >= 30 and resumed.steps == uninterrupted.steps
     for a, b in zip(weights(uninterrupted), weights(resumed)):
         assert np.array_equal(a, b)

@@ -12,6 +12,8 @@ from tapeline.storage.versioned import VersionedObject
 
 
 class ChampionPointer(VersionedObject):
+    if_removed = " (then no model is current until a run is promoted)"
+
     def __init__(self, storage: Storage):
         super().__init__(storage, storage.layout.champion)
 

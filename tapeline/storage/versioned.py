@@ -18,7 +18,7 @@ import fcntl
 import json
 from pathlib import Path
 
-from tapeline.errors import ConfigError
+from tapeline.errors import ConfigError, CorruptFileError
 from tapeline.storage.layout import is_remote
 from tapeline.storage.root import Storage
 
@@ -45,6 +45,8 @@ def require_conditional_writes(storage: str, accept_unlocked: bool) -> None:
 
 
 class VersionedObject:
+    if_removed = ""  # what removing the object means, for the message that asks a user to
+
     def __init__(self, storage: Storage, path: Path):
         self.storage, self.path = storage, path
         self._s3 = storage.remote and storage.uri.startswith("s3://")
@@ -56,7 +58,22 @@ class VersionedObject:
         if not self.storage.exists(self.path):
             return None, None
         text = self.storage.fetch(self.path).read_text()
-        return json.loads(text), text
+        return self._parsed(text), text
+
+    def _parsed(self, text: str | bytes) -> dict:
+        """The object's value; CorruptFileError, in one line, when it is not a JSON object (torn, or edited by hand)."""
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            value, reason = None, f"not valid JSON ({error})"
+        else:
+            reason = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+        if reason:
+            raise CorruptFileError(
+                f"{self.storage.uri_of(self.path)} is {reason}: tapeline replaces it whole, so it was damaged or edited by hand; "
+                f"restore it from a backup, or remove it{self.if_removed}"
+            )
+        return value
 
     def swap(self, value: dict, version: str | None) -> str | None:
         """Write `value` if the object is still at `version` (None: only if absent).
@@ -101,7 +118,7 @@ class VersionedObject:
             response = client.get_object(Bucket=bucket, Key=key)
         except client.exceptions.NoSuchKey:
             return None, None
-        return json.loads(response["Body"].read()), response["ETag"]
+        return self._parsed(response["Body"].read()), response["ETag"]
 
     def _swap_s3(self, value: dict, version: str | None) -> str | None:
         client, bucket, key = self._s3_object()
