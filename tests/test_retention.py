@@ -322,7 +322,7 @@ def test_a_killed_run_keeps_its_checkpoints_through_gc_and_resumes(where, tmp_pa
     write_idx_dir(tmp_path / "a", tiny_arrays(n_train=2000, n_test=100))
     root = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3").uri(f"killed-run-{tmp_path.name}")
     flags = dict(
-        dataset="idx", source=str(tmp_path / "a"), storage=root, run_name="killed", epochs=1, validation_size=100, checkpoint_every=5,
+        dataset="idx", source=str(tmp_path / "a"), storage=root, run_name="killed", epochs=1, validation_size=100, checkpoint_every=20,
         jit_compile=False,
     )  # fmt: skip
     command = [sys.executable, "-m", "tapeline.cli", "train", "--no-jit-compile"]
