@@ -98,9 +98,10 @@ def prefect_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prefect-home")
 
 
-def run_cli(tmp_path: Path, prefect_home: Path, mirrors: list[str], flags: list[str]) -> tuple[int, list[str]]:
-    """Exit code and the output lines (stdout and stderr as one stream, as in a terminal), with no Prefect API set."""
-    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+def run_cli(tmp_path: Path, prefect_home: Path, mirrors: list[str], flags: list[str], api: str | None = None) -> tuple[int, list[str]]:
+    """Exit code and the output lines (stdout and stderr as one stream, as in a terminal), with the Prefect API `api`
+    (default: none set, so the run starts a temporary one, as on a first contact)."""
+    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"} | ({"PREFECT_API_URL": api} if api else {})
     environment.update(
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",  # a new database's migrations, on a busy machine
@@ -125,11 +126,15 @@ def test_offline_default_ends_in_one_line_saying_to_pass_source(tmp_path, prefec
     assert "Task run failed with exception: DownloadError" in output  # Prefect did log the failure, in one line
 
 
-def test_checksum_mismatch_ends_in_one_line(tmp_path, prefect_home):
+def test_checksum_mismatch_ends_in_one_line(tmp_path, prefect_home, prefect_api):
+    """On the session's API: the test above shows a temporary one's logs, and another would cost a server's start."""
+    from prefect.settings import PREFECT_API_URL
+
     source = tmp_path / "source"
     source.mkdir()
     (source / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"not the MNIST training images"))
-    code, lines = run_cli(tmp_path, prefect_home, [UNREACHABLE], ["--source", str(source), "--storage", str(tmp_path / "store")])
+    flags = ["--source", str(source), "--storage", str(tmp_path / "store")]
+    code, lines = run_cli(tmp_path, prefect_home, [UNREACHABLE], flags, api=PREFECT_API_URL.value())
     output = "\n".join(lines)
     assert code == 1, output
     assert "Traceback" not in output
