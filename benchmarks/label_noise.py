@@ -43,7 +43,7 @@ from label_flip import FASHION_MNIST_DIR, TRAIN_LABELS, flip_labels, machine, wr
 
 from tapeline.config import RunConfig  # noqa: E402
 from tapeline.curation.exclusion import ids_digest  # noqa: E402
-from tapeline.curation.label_issues import label_issues  # noqa: E402
+from tapeline.curation.label_issues import label_issues, learning_epochs  # noqa: E402
 from tapeline.data.idx import read_idx_gz  # noqa: E402
 from tapeline.data.sources import fetch_files  # noqa: E402
 from tapeline.data.splits import prepare, read_split  # noqa: E402
@@ -123,12 +123,16 @@ def train_arm(args, storage: Storage, source: Path, data, run_id: str, seed: int
     from tapeline.evaluation import evaluate_model
     from tapeline.training.loop import train_model
 
-    run = storage.layout.run(run_id)
+    run, history = storage.layout.run(run_id), storage.root.parent / f"{run_id}.history.json"
     started = time.perf_counter()
     if not storage.exists(run.model):
-        train_model(run_config(args, source, storage, seed, run_id), data, run_id, curation=curation)
+        trained = train_model(run_config(args, source, storage, seed, run_id), data, run_id, curation=curation)
+        history.write_text(json.dumps(trained.epochs))
     scores = evaluate_model(run.model, data.uris["test"])
-    return {"test_accuracy": scores["accuracy"], "left_out": curation["count"] if curation else 0, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "test_accuracy": scores["accuracy"], "left_out": curation["count"] if curation else 0, "seconds": round(time.perf_counter() - started, 1),
+        "history": json.loads(history.read_text()),
+    }  # fmt: skip
 
 
 def one_condition(args, seed: int, condition: str) -> dict:
@@ -143,9 +147,9 @@ def one_condition(args, seed: int, condition: str) -> dict:
     trained_ids = read_split(data.uris["train"], args.train_limit)[2]
     result = {"seed": seed, "condition": condition, "train_limit": args.train_limit, "epochs": args.epochs, "arms": {}}
     result["arms"]["noisy"] = train_arm(args, storage, source, data, "noisy", seed, None)
-    issues = label_issues(storage.root / "runs" / "noisy")
+    issues = label_issues(storage.root / "runs" / "noisy", learning_epochs(result["arms"]["noisy"]["history"]))
     result["detection"] = detection(issues.table, flipped)
-    result["method"] = issues.method
+    result["method"], result["epochs_read"] = issues.method, issues.epochs
     table = issues.table
     flagged = table.filter(table.column("flagged")).column("sample_id").to_numpy()
     truly = np.intersect1d(flipped, trained_ids)

@@ -141,7 +141,9 @@ def run_pipeline(
         stages.run(export_gradients, storage, error.trained, data.uris["train"], files.classes)  # the failing step's gradients: the snapshot most needed
         raise
     exported = stages.run(export_gradients, storage, trained, data.uris["train"], files.classes)
-    issues = stages.run(report_label_issues, storage, run_id, data.uris["train"], files.classes) if trained.model["per_example"]["norms"] else None
+    issues = None
+    if trained.model["per_example"]["norms"]:
+        issues = stages.run(report_label_issues, storage, run_id, data.uris["train"], files.classes, trained.epochs)
     scores = stages.run(evaluate, storage, trained.model_uri, data.uris["test"], config.model)
     print(f"test accuracy {scores['accuracy']:.4f} on {scores['samples']} samples")
     write_run_metrics(Storage(storage), run_id, trained.steps, final_metrics(scores, exported))  # TensorBoard

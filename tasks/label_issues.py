@@ -11,10 +11,11 @@ from tapeline.tasks.export import embedded_png
 
 
 @task(name="label_issues")
-def report_label_issues(storage: str, run_id: str, train_uri: str, classes: tuple[str, ...]) -> dict:
-    """Write the run's label_issues table and picture; the artifact; run.json's `label_issues`."""
+def report_label_issues(storage: str, run_id: str, train_uri: str, classes: tuple[str, ...], history: list[dict]) -> dict:
+    """Write the run's label_issues table and picture (over the epochs before memorisation, read from its `history`);
+    the artifact; run.json's `label_issues`."""
     root = Storage(storage)
-    report = write_label_issues(root, run_id, train_uri, classes)
+    report = write_label_issues(root, run_id, train_uri, classes, history)
     issues = report.issues
     print(f"label issues: {issues.estimated:,} of {issues.examples:,} training labels estimated wrong ({issues.method})")
     create_markdown_artifact(key="label-issues", markdown=label_issues_markdown(root, run_id, report, classes),

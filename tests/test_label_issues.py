@@ -22,6 +22,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from tapeline.cli import main
 from tapeline.curation.exclusion import ids_digest
+from tapeline.curation.label_issues import learning_epochs
 from tapeline.flows.train import train_flow
 from tapeline.reader import read_samples, read_steps
 from tapeline.registry.champion import ChampionPointer
@@ -73,9 +74,12 @@ def run_dir(manifest: dict) -> str:
 def test_each_row_is_the_examples_training_dynamics_recomputed_from_its_samples(noisy):
     _, manifest, _ = noisy
     table = issues_table(manifest)
+    read = manifest["label_issues"]["epochs"]  # up to the lowest validation loss
+    assert read == learning_epochs(manifest["metrics"]["epochs"]) and read[0] == 1
     by_example = defaultdict(list)
     for row in sorted(read_samples(run_dir(manifest)).to_pylist(), key=lambda row: row["step"]):
-        by_example[row["sample_id"]].append(row)
+        if row["epoch"] in read:
+            by_example[row["sample_id"]].append(row)
     assert table.num_rows == len(by_example) == manifest["dataset"]["train_samples"]
     for got in table.to_pylist():
         rows = by_example[got["sample_id"]]
@@ -100,6 +104,16 @@ def test_each_row_is_the_examples_training_dynamics_recomputed_from_its_samples(
     estimated = manifest["label_issues"]["estimated"]
     assert table.column("flagged").to_pylist() == [rank <= estimated for rank in range(1, table.num_rows + 1)]
     assert manifest["label_issues"]["examples"] == table.num_rows and "mixture" in manifest["label_issues"]["method"]
+
+
+def test_the_signals_are_read_up_to_the_lowest_validation_loss():
+    """Memorising the wrong labels begins where the validation loss turns up: the epochs after its (first) lowest are
+    left out; every epoch is read without a validation split."""
+    history = [{"epoch": epoch, "val_loss": loss} for epoch, loss in enumerate([0.49, 0.47, 0.47, 0.49, 0.51, 0.46, 0.6], start=1)]
+    assert learning_epochs(history) == [1, 2, 3, 4, 5, 6]
+    assert learning_epochs(history[:5]) == [1, 2]
+    assert learning_epochs([{"epoch": epoch, "val_loss": None} for epoch in (1, 2, 3)]) == [1, 2, 3]
+    assert learning_epochs([]) == []
 
 
 def test_the_flipped_labels_rank_first_and_their_count_is_estimated(noisy):

@@ -15,6 +15,11 @@ Per example (`example_dynamics`):
 - `mean_loss`, `mean_grad_norm`: over every step it was in;
 - `predicted`: its class at the latest of them.
 
+All of them read the epochs before memorisation (`learning_epochs`): up to the one with the
+lowest validation loss. A network fits the clean labels first and the wrong ones later
+(Arpit et al. 2017); once the validation loss turns up it is memorising them, and a wrong
+label's loss and margin there look like a clean one's.
+
 The combined `score` (`combined_score`) ranks them; the estimated count N of wrong labels
 (`estimated_count`) flags the N highest scores, so the flagged examples are exactly the
 top of the ranking. benchmarks/label_noise.py measures both, docs/performance.md has the
@@ -71,6 +76,7 @@ class LabelIssues:
 
     table: pa.Table
     method: str
+    epochs: list[int]  # the epochs read
 
     @property
     def estimated(self) -> int:
@@ -83,12 +89,23 @@ class LabelIssues:
 
     def record(self, uri: str) -> dict:
         """run.json's `label_issues`."""
-        return {"estimated": self.estimated, "examples": self.examples, "method": self.method, "uri": uri}
+        return {"estimated": self.estimated, "examples": self.examples, "method": self.method, "epochs": self.epochs, "uri": uri}
 
 
-def read_dynamics_rows(run: str | Path) -> pa.Table:
-    """The run's samples, the columns the label issues need; LabelIssuesError when it has no margins."""
-    table = reader.read_samples(run, columns=list(NEEDED))
+def learning_epochs(history: list[dict]) -> list[int]:
+    """The epochs of a run's `history` (TrainedModel.epochs) that its label issues read: up to and including the first
+    with the lowest validation loss, where memorising the wrong labels begins; all of them without a validation split."""
+    epochs = [row["epoch"] for row in history]
+    losses = [row["val_loss"] for row in history]
+    if not epochs or None in losses:
+        return epochs
+    return epochs[: losses.index(min(losses)) + 1]
+
+
+def read_dynamics_rows(run: str | Path, epochs: list[int] | None = None) -> pa.Table:
+    """The run's samples of `epochs` (default: all), the columns the label issues need; LabelIssuesError when it has no
+    margins."""
+    table = reader.read_samples(run, epochs, columns=list(NEEDED))
     if table.num_rows == 0:
         raise LabelIssuesError(f"{run} has no per-example rows")
     if table.column("margin").null_count == table.num_rows:
@@ -132,11 +149,12 @@ def example_dynamics(rows: pa.Table) -> dict[str, np.ndarray]:
 
 
 CONFIDENCE_CEILING = 0.25  # a flagged label has, on average over training, less than this probability
+COMPONENTS = 3  # clean and easy, clean and hard, wrong
 SCORE_METHOD = (
-    "score: z(-aum) + z(mean_loss); flagged: the top N by score, N the examples in the upper component of a 2-component "
+    f"score: z(-aum) + z(mean_loss); flagged: the top N by score, N the examples in the upper component of a {COMPONENTS}-component "
     f"Gaussian mixture on logit(1 - confidence) with confidence below {CONFIDENCE_CEILING:g}"
 )
-EM_ITERATIONS = 200
+EM_ITERATIONS = 300
 
 
 def combined_score(dynamics: dict[str, np.ndarray]) -> np.ndarray:
@@ -146,9 +164,10 @@ def combined_score(dynamics: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def estimated_count(dynamics: dict[str, np.ndarray]) -> int:
-    """How many labels look wrong: the examples a two-component Gaussian mixture on logit(1 - confidence) puts in its
+    """How many labels look wrong: the examples a Gaussian mixture of COMPONENTS on logit(1 - confidence) puts in its
     upper component (posterior above one half) whose confidence is also below CONFIDENCE_CEILING. Clean examples sit
-    low, confidently right; mislabeled ones high, the model confidently preferring another class. Where classes are
+    low, confidently right, the easy ones lower than the hard ones (two components: one would take the hard ones' long
+    tail into the upper); mislabeled ones high, the model confidently preferring another class. Where classes are
     confusable the upper component also takes in the ambiguous examples, near even between two classes: hard, not
     wrong, and the ceiling keeps them (docs/performance.md has the class-conditional case that needs it)."""
     confidence = np.clip(dynamics["confidence"], 1e-6, 1 - 1e-6)
@@ -156,14 +175,14 @@ def estimated_count(dynamics: dict[str, np.ndarray]) -> int:
     return int(np.count_nonzero((posterior > 0.5) & (confidence < CONFIDENCE_CEILING)))
 
 
-def upper_posterior(x: np.ndarray) -> np.ndarray:
-    """Each value's posterior of the upper component of a two-component 1-D Gaussian mixture fit by EM (zeros when
-    the values do not spread)."""
+def upper_posterior(x: np.ndarray, components: int = COMPONENTS) -> np.ndarray:
+    """Each value's posterior of the upper component of a 1-D Gaussian mixture of `components`, fit by EM from means
+    spread over the values' percentiles 10 to 99.5 (zeros when the values do not spread)."""
     x = np.asarray(x, np.float64)
-    if len(x) < 2 or np.ptp(x) == 0:
+    if len(x) < components or np.ptp(x) == 0:
         return np.zeros(len(x))
     spread = x.std()
-    mean, sd, weight = np.percentile(x, [50.0, 99.5]), np.array([spread, spread]), np.array([0.95, 0.05])
+    mean, sd, weight = np.percentile(x, np.linspace(10, 99.5, components)), np.full(components, spread), np.full(components, 1 / components)
     for _ in range(EM_ITERATIONS):
         density = weight * np.exp(-0.5 * ((x[:, None] - mean) / sd) ** 2) / sd
         responsibility = density / np.maximum(density.sum(axis=1, keepdims=True), 1e-300)
@@ -178,16 +197,18 @@ def _z(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / spread if spread > 0 else np.zeros(len(values))
 
 
-def label_issues(run: str | Path) -> LabelIssues:
-    """The run's label issues, computed from its samples dataset."""
-    dynamics = example_dynamics(read_dynamics_rows(run))
+def label_issues(run: str | Path, epochs: list[int] | None = None) -> LabelIssues:
+    """The run's label issues, computed from its samples dataset: of `epochs` (`learning_epochs`), or of all its epochs."""
+    rows = read_dynamics_rows(run, epochs)
+    dynamics = example_dynamics(rows)
     score = combined_score(dynamics)
     order = np.lexsort((dynamics["sample_id"], -score))  # ties: the lower sample_id first
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(1, len(order) + 1)
     columns = dynamics | {"score": score, "rank": rank, "flagged": rank <= estimated_count(dynamics)}
     table = pa.table({field.name: pa.array(columns[field.name], field.type) for field in LABEL_ISSUES_SCHEMA}, schema=LABEL_ISSUES_SCHEMA)
-    return LabelIssues(table.take(order), SCORE_METHOD)
+    read = sorted(pc.unique(rows.column("epoch")).to_pylist())
+    return LabelIssues(table.take(order), f"{SCORE_METHOD}; over epochs {reader.spans(read)}", read)
 
 
 @dataclass(frozen=True)
@@ -198,10 +219,11 @@ class LabelIssuesReport:
     grid_png: bytes
 
 
-def write_label_issues(storage: Storage, run_id: str, train_uri: str, classes, top: int = TOP) -> LabelIssuesReport:
-    """Compute the run's label issues, write `label_issues.parquet` and the picture of its `top` suspects under the run."""
+def write_label_issues(storage: Storage, run_id: str, train_uri: str, classes, history: list[dict], top: int = TOP) -> LabelIssuesReport:
+    """Compute the run's label issues over its `learning_epochs(history)`, write `label_issues.parquet` and the picture
+    of its `top` suspects under the run."""
     run = storage.layout.run(run_id)
-    issues = label_issues(storage.uri_of(run.directory))
+    issues = label_issues(storage.uri_of(run.directory), learning_epochs(history))
     with storage.atomic(run.label_issues) as temporary:
         pq.write_table(issues.table, temporary)
     suspects = issues.table.slice(0, top)

@@ -20,6 +20,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import ImageColor
 
 from tapeline import reader
 from tapeline.errors import TapelineError
@@ -31,6 +32,7 @@ COLUMNS = 8
 WRONG = "#c62828"  # a wrong prediction: its text and its tile's frame
 FRAME = 3  # the frame's width, in pixels
 DPI = 90  # a tile is DPI pixels wide
+TEXT_PAD = 6 / 72  # inches between a tile's text and the tile (6 points)
 UNKNOWN = -1  # a prediction the run did not record (samples written before the `predicted` column)
 
 
@@ -103,7 +105,7 @@ def render_hardest(
         # A frame, not only coloured text: visible at a glance, and without colour vision.
         paste(pixels, as_rgb(images[index]), round(upper * DPI), round(left * DPI), round(tile * DPI), framed=wrong)
         figure.text(
-            left + tile / 2, height - upper + 6 / 72, transform=figure.dpi_scale_trans, ha="center", va="bottom", fontsize=7, linespacing=1.2,
+            left + tile / 2, height - upper + TEXT_PAD, transform=figure.dpi_scale_trans, ha="center", va="bottom", fontsize=7, linespacing=1.2,
             s=f"{classes[label]}\npred: {classes[predicted] if predicted != UNKNOWN else '?'}\n{value_name} {mean_norms[index]:.3g}",
             color=WRONG if wrong else "black",
         )  # fmt: skip
@@ -125,8 +127,7 @@ def paste(pixels: np.ndarray, image: np.ndarray, top: int, left: int, size: int,
     height, width = round(image.shape[0] * scale), round(image.shape[1] * scale)
     top, left = top + (size - height) // 2, left + (size - width) // 2
     if framed:
-        red = [int(WRONG[i : i + 2], 16) for i in (1, 3, 5)]
-        pixels[top - FRAME : top + height + FRAME, left - FRAME : left + width + FRAME] = red
+        pixels[top - FRAME : top + height + FRAME, left - FRAME : left + width + FRAME] = ImageColor.getrgb(WRONG)
     rows, columns = np.arange(height) * image.shape[0] // height, np.arange(width) * image.shape[1] // width
     pixels[top : top + height, left : left + width] = image[rows[:, None], columns[None, :]]
 
