@@ -8,7 +8,8 @@ For each seed and each noise condition:
    moved to one of the other two. The seed draws the flips and is the run's seed.
 2. The noisy arm: `train_model` (the flow's train stage) on it, `--epochs` epochs on the
    first `--train-limit` samples of the training split; its label issues
-   (tapeline.curation.label_issues) from the run's samples dataset.
+   (tapeline.curation.label_issues) from the run's samples dataset, over the epochs up to its
+   lowest validation loss (`learning_epochs`, as a flow run reads them).
 3. Detection, K = the flipped labels among the samples trained on: precision at K, AUROC
    and AUPRC of each signal and of the combined score; the estimated count (flagged) against K.
 4. Retrain arms, same seed and epochs, each leaving examples out of the training split
@@ -21,7 +22,7 @@ Results go to `<work>/results.jsonl` (one line per seed and condition); a rerun 
 same `--work` reuses what is there, so the phases can run apart (`--arms noisy` first).
 
     python benchmarks/label_noise.py [--seeds 0 1 2] [--conditions uniform-3 uniform-10 uniform-20 shirts]
-        [--train-limit 20000] [--epochs 3] [--work DIR] [--arms noisy curated random oracle]
+        [--train-limit 20000] [--epochs 10] [--work DIR] [--arms noisy curated random oracle]
 
 Numbers: docs/performance.md, "Label issues: finding flipped labels, and leaving them out".
 """
@@ -202,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="noisy always trains: the others need its label issues")
     parser.add_argument("--train-limit", type=int, default=None, help="train on the first N samples of the training split (default: all 55,000)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10, help="enough to memorise the flips (docs/performance.md says why)")
     parser.add_argument("--work", type=Path, default=Path("label-noise-work"), help="where the datasets, runs and results.jsonl go (reused)")
     return parser.parse_args(argv)
 

@@ -51,7 +51,7 @@ LABEL_ISSUES_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
         ("label", pa.uint16()),
-        ("predicted", pa.uint16()),  # at the example's latest step
+        ("predicted", pa.uint16()),  # at the example's latest step of the epochs read
         ("aum", pa.float32()),
         ("confidence", pa.float32()),
         ("variability", pa.float32()),
@@ -232,7 +232,7 @@ def write_label_issues(storage: Storage, run_id: str, train_uri: str, classes, h
         split_images(train_uri, ids), suspects.column("label").to_numpy(), suspects.column("predicted").to_numpy(),
         suspects.column("score").to_numpy(), classes, value_name="score",
         title=f"Run {run_id}: the {len(ids)} most suspect labels; {issues.estimated:,} of {issues.examples:,} training labels estimated wrong",
-        key="each tile: its given label / the class predicted at its latest step (red and framed: another) / its label-issue score",
+        key="each tile: its given label / the class predicted at its latest step read (red and framed: another) / its label-issue score",
     )  # fmt: skip
     save_png(storage, run.label_issues_plot, grid)
     return LabelIssuesReport(issues, storage.uri_of(run.label_issues), run.label_issues_plot, grid)
