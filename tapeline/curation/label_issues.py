@@ -148,7 +148,7 @@ def example_dynamics(rows: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
-CONFIDENCE_CEILING = 0.25  # a flagged label has, on average over training, less than this probability
+CONFIDENCE_CEILING = 0.25  # a flagged label has, on average over the epochs read, less than this probability
 COMPONENTS = 3  # clean and easy, clean and hard, wrong
 SCORE_METHOD = (
     f"score: z(-aum) + z(mean_loss); flagged: the top N by score, N the examples in the upper component of a {COMPONENTS}-component "
@@ -166,8 +166,8 @@ def combined_score(dynamics: dict[str, np.ndarray]) -> np.ndarray:
 def estimated_count(dynamics: dict[str, np.ndarray]) -> int:
     """How many labels look wrong: the examples a Gaussian mixture of COMPONENTS on logit(1 - confidence) puts in its
     upper component (posterior above one half) whose confidence is also below CONFIDENCE_CEILING. Clean examples sit
-    low, confidently right, the easy ones lower than the hard ones (two components: one would take the hard ones' long
-    tail into the upper); mislabeled ones high, the model confidently preferring another class. Where classes are
+    low, confidently right, the easy ones lower than the hard ones (with one component for both, the upper one took in
+    the hard ones' long tail); mislabeled ones high, the model confidently preferring another class. Where classes are
     confusable the upper component also takes in the ambiguous examples, near even between two classes: hard, not
     wrong, and the ceiling keeps them (docs/performance.md has the class-conditional case that needs it)."""
     confidence = np.clip(dynamics["confidence"], 1e-6, 1 - 1e-6)
