@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from tapeline.cli import main
 from tapeline.curation.exclusion import ids_digest
-from tapeline.curation.label_issues import learning_epochs
+from tapeline.curation.label_issues import combined_score, learning_epochs, wrong_posterior
 from tapeline.flows.train import train_flow
 from tapeline.reader import read_samples, read_steps
 from tapeline.registry.champion import ChampionPointer
@@ -114,6 +114,21 @@ def test_the_signals_are_read_up_to_the_lowest_validation_loss():
     assert learning_epochs(history[:5]) == [1, 2]
     assert learning_epochs([{"epoch": epoch, "val_loss": None} for epoch in (1, 2, 3)]) == [1, 2, 3]
     assert learning_epochs([]) == []
+
+
+def test_a_doubt_in_a_pair_the_network_often_confuses_ranks_below_the_same_doubt_in_a_pair_it_never_does():
+    """Two examples with the same loss and margin: one given shirt and predicted T-shirt, among many clean shirts the
+    network half takes for T-shirts; one given sneaker and predicted trouser, where only wrong labels sit. The second is
+    the likelier wrong label, and its score is higher."""
+    t_shirt, trouser, shirt, sneaker, bag = 0, 1, 6, 7, 8
+    easy, confused, wrong = 300, 60, 20
+    label = np.r_[np.full(easy, bag), np.full(confused + 1, shirt), np.full(wrong + 1, sneaker)]
+    predicted = np.r_[np.full(easy, bag), np.full(confused + 1, t_shirt), np.full(wrong + 1, trouser)]
+    confidence = np.r_[np.full(easy, 0.97), np.full(confused, 0.4), 0.1, np.full(wrong, 0.02), 0.1]
+    dynamics = {"label": label, "predicted": predicted, "confidence": confidence, "aum": np.log(confidence), "mean_loss": -np.log(confidence)}
+    score = combined_score(dynamics, wrong_posterior(dynamics))
+    doubted_shirt, doubted_sneaker = easy + confused, len(label) - 1
+    assert score[doubted_sneaker] > score[doubted_shirt]
 
 
 def test_the_flipped_labels_rank_first_and_their_count_is_estimated(noisy):

@@ -150,29 +150,48 @@ def example_dynamics(rows: pa.Table) -> dict[str, np.ndarray]:
 
 CONFIDENCE_CEILING = 0.25  # a flagged label has, on average over the epochs read, less than this probability
 COMPONENTS = 3  # clean and easy, clean and hard, wrong
+PAIR_PRIOR = 5  # a pair's share of wrong labels starts from the run's, as if from this many examples
 SCORE_METHOD = (
-    f"score: z(-aum) + z(mean_loss); flagged: the top N by score, N the examples in the upper component of a {COMPONENTS}-component "
-    f"Gaussian mixture on logit(1 - confidence) with confidence below {CONFIDENCE_CEILING:g}"
+    "score: z(-aum) + z(mean_loss) + z(the log odds of a wrong label among the examples of its (given, predicted) pair); "
+    f"flagged: the top N by score, N the examples in the upper component of a {COMPONENTS}-component Gaussian mixture on "
+    f"logit(1 - confidence) with confidence below {CONFIDENCE_CEILING:g}"
 )
 EM_ITERATIONS = 300
 
 
-def combined_score(dynamics: dict[str, np.ndarray]) -> np.ndarray:
-    """Higher: more likely mislabeled. The sum of two standardized signals over the run's examples: the negated AUM and
-    the mean loss (each its z-score, so neither's scale dominates)."""
-    return _z(-dynamics["aum"]) + _z(dynamics["mean_loss"])
+def combined_score(dynamics: dict[str, np.ndarray], wrong: np.ndarray) -> np.ndarray:
+    """Higher: more likely mislabeled. The sum of three standardized signals over the run's examples (each its z-score,
+    so none's scale dominates): the negated AUM, the mean loss, and how often a label is wrong among the examples of its
+    (given, predicted) pair (`pair_log_odds`)."""
+    return _z(-dynamics["aum"]) + _z(dynamics["mean_loss"]) + _z(pair_log_odds(dynamics, wrong))
 
 
-def estimated_count(dynamics: dict[str, np.ndarray]) -> int:
-    """How many labels look wrong: the examples a Gaussian mixture of COMPONENTS on logit(1 - confidence) puts in its
-    upper component (posterior above one half) whose confidence is also below CONFIDENCE_CEILING. Clean examples sit
-    low, confidently right, the easy ones lower than the hard ones (with one component for both, the upper one took in
-    the hard ones' long tail); mislabeled ones high, the model confidently preferring another class. Where classes are
+def pair_log_odds(dynamics: dict[str, np.ndarray], wrong: np.ndarray) -> np.ndarray:
+    """Per example, the log odds that a label is wrong among the examples of its (given label, predicted class) pair:
+    the mean of their `wrong` posteriors, shrunk toward the run's mean by PAIR_PRIOR examples. Where the network
+    confuses two classes that look alike (shirt and T-shirt), many clean labels sit in the pair and one example's low
+    confidence says less than where it never does (sneaker given, trouser predicted): the noise counted per pair of
+    given and true class, as in confident learning (Northcutt et al. 2021)."""
+    label, predicted = dynamics["label"].astype(np.int64), dynamics["predicted"].astype(np.int64)
+    _, pair = np.unique(label * (max(label.max(), predicted.max()) + 1) + predicted, return_inverse=True)
+    rate = (np.bincount(pair, wrong) + PAIR_PRIOR * wrong.mean()) / (np.bincount(pair) + PAIR_PRIOR)
+    return np.log(rate[pair] + 1e-4) - np.log(1 - rate[pair] + 1e-4)
+
+
+def wrong_posterior(dynamics: dict[str, np.ndarray]) -> np.ndarray:
+    """Per example, the posterior that its label is wrong: of the upper component of a Gaussian mixture of COMPONENTS
+    on logit(1 - confidence), and zero at a confidence of CONFIDENCE_CEILING or more. Clean examples sit low,
+    confidently right, the easy ones lower than the hard ones (with one component for both, the upper one took in the
+    hard ones' long tail); mislabeled ones high, the model confidently preferring another class. Where classes are
     confusable the upper component also takes in the ambiguous examples, near even between two classes: hard, not
     wrong, and the ceiling keeps them (docs/performance.md has the class-conditional case that needs it)."""
     confidence = np.clip(dynamics["confidence"], 1e-6, 1 - 1e-6)
-    posterior = upper_posterior(np.log((1 - confidence) / confidence))
-    return int(np.count_nonzero((posterior > 0.5) & (confidence < CONFIDENCE_CEILING)))
+    return upper_posterior(np.log((1 - confidence) / confidence)) * (dynamics["confidence"] < CONFIDENCE_CEILING)
+
+
+def estimated_count(wrong: np.ndarray) -> int:
+    """How many labels look wrong: the examples whose `wrong_posterior` is above one half."""
+    return int(np.count_nonzero(wrong > 0.5))
 
 
 def upper_posterior(x: np.ndarray, components: int = COMPONENTS) -> np.ndarray:
@@ -201,11 +220,12 @@ def label_issues(run: str | Path, epochs: list[int] | None = None) -> LabelIssue
     """The run's label issues, computed from its samples dataset: of `epochs` (`learning_epochs`), or of all its epochs."""
     rows = read_dynamics_rows(run, epochs)
     dynamics = example_dynamics(rows)
-    score = combined_score(dynamics)
+    wrong = wrong_posterior(dynamics)
+    score = combined_score(dynamics, wrong)
     order = np.lexsort((dynamics["sample_id"], -score))  # ties: the lower sample_id first
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(1, len(order) + 1)
-    columns = dynamics | {"score": score, "rank": rank, "flagged": rank <= estimated_count(dynamics)}
+    columns = dynamics | {"score": score, "rank": rank, "flagged": rank <= estimated_count(wrong)}
     table = pa.table({field.name: pa.array(columns[field.name], field.type) for field in LABEL_ISSUES_SCHEMA}, schema=LABEL_ISSUES_SCHEMA)
     read = sorted(pc.unique(rows.column("epoch")).to_pylist())
     return LabelIssues(table.take(order), f"{SCORE_METHOD}; over epochs {reader.spans(read)}", read)
