@@ -30,18 +30,21 @@ SYSTEM_NAMES = {"subprocess", "spawn_training", "holder_process", "run_with_impo
 
 
 def pytest_configure(config) -> None:
-    """One XLA compilation cache for the session, shared by its xdist workers and by every process a test starts: each
-    step compiles once per model, shape and option in the session, not once per test. Set in the controller (or the
-    one process without xdist) before any worker starts, so all inherit it; removed when the session ends."""
+    """Two directories for the session, made in the controller (or the one process without xdist) before any worker
+    starts, so that its workers and every process a test starts inherit them, and removed when the session ends:
+    - one XLA compilation cache: each step compiles once per model, shape and option in the session, not once per test;
+    - TMPDIR: TensorFlow writes AutoGraph's generated code there and removes it at exit, which a process the tests
+      SIGKILL never reaches; without it, those files stay in /tmp."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
-        config.xla_cache = tempfile.mkdtemp(prefix="tapeline-tests-xla-")
+        config.session_directories = [tempfile.mkdtemp(prefix=f"tapeline-tests-{name}-") for name in ("xla", "tmp")]
+        xla_cache, os.environ["TMPDIR"] = config.session_directories
         flags = os.environ.get("TF_XLA_FLAGS", "")
-        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={config.xla_cache}".strip()
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={xla_cache}".strip()
 
 
 def pytest_unconfigure(config) -> None:
-    if cache := getattr(config, "xla_cache", None):
-        shutil.rmtree(cache, ignore_errors=True)
+    for directory in getattr(config, "session_directories", []):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items) -> None:
