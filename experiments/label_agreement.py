@@ -49,6 +49,34 @@ def precision_at_k(suspicion: np.ndarray, truth: np.ndarray) -> float:
     return float(truth[np.argsort(-suspicion, kind="stable")[: truth.sum()]].mean())
 
 
+def clean_in_top_k(table, flipped: np.ndarray) -> set[int]:
+    """The clean examples among the K highest scores, K the flipped ones trained on."""
+    ids = table.column("sample_id").to_numpy()
+    top = ids[np.argsort(-table.column("score").to_numpy(), kind="stable")[: np.isin(ids, flipped).sum()]]
+    return set(top[~np.isin(top, flipped)].tolist())
+
+
+def precision_without(table, flipped: np.ndarray, left_out: set[int]) -> dict[str, float]:
+    """Precision at K of the score and of mean loss, the clean examples in `left_out` not counted."""
+    ids = table.column("sample_id").to_numpy()
+    truth = np.isin(ids, flipped)
+    kept = ~np.isin(ids, list(left_out)) | truth
+    return {name: precision_at_k(table.column(name).to_numpy()[kept], truth[kept]) for name in ("score", "mean_loss")}
+
+
+def draw(tables: dict, seeds: list[int], every: list[int], condition: str) -> bytes:
+    """The clean examples in every seed's top K: their Fashion-MNIST label, the first seed's prediction and score."""
+    first = tables[seeds[0]][0]
+    rows = np.searchsorted(first.column("sample_id").to_numpy(), every)
+    images = read_idx_gz(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz", ndim=3)[every]
+    labels = read_idx_gz(FASHION_MNIST_DIR / TRAIN_LABELS, ndim=1)[every]
+    return render_hardest(
+        images, labels, first.column("predicted").to_numpy()[rows], first.column("score").to_numpy()[rows], FASHION_MNIST.classes,
+        value_name="score", title=f"{len(every)} clean labels in the top K of seeds {', '.join(map(str, seeds))} ({condition})",
+        key=f"each tile: its Fashion-MNIST label / the class seed {seeds[0]} predicts / its score there",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("label-noise-work"))
@@ -56,33 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--picture", type=Path, default=Path("agreement.png"))
     args = parser.parse_args(argv)
-    tables, clean_top = {}, {}
-    for seed in args.seeds:
-        table, flipped = tables[seed] = seed_table(args.work, seed, args.condition)
-        ids, truth = table.column("sample_id").to_numpy(), np.isin(table.column("sample_id").to_numpy(), flipped)
-        top = ids[np.argsort(-table.column("score").to_numpy(), kind="stable")[: truth.sum()]]
-        clean_top[seed] = set(top[~np.isin(top, flipped)].tolist())
-        print(f"seed {seed}: K {truth.sum()}, clean examples in the top K {len(clean_top[seed])}")
+    tables = {seed: seed_table(args.work, seed, args.condition) for seed in args.seeds}
+    clean_top = {seed: clean_in_top_k(*tables[seed]) for seed in args.seeds}
     for seed, (table, flipped) in tables.items():
-        agreed = set.intersection(*(clean_top[other] for other in args.seeds if other != seed))
-        ids = table.column("sample_id").to_numpy()
-        truth = np.isin(ids, flipped)
-        kept = ~np.isin(ids, list(agreed)) | truth
-        cells = {name: precision_at_k(sign * table.column(name).to_numpy()[kept], truth[kept]) for name, sign in (("score", 1), ("mean_loss", 1))}
-        print(f"seed {seed}: leaving out the {(~kept).sum()} clean examples the other seeds agree on, precision at K "
-              + ", ".join(f"{name} {value:.3f}" for name, value in cells.items()))  # fmt: skip
+        trained_clean = set(table.column("sample_id").to_pylist()) - set(flipped.tolist())
+        agreed = set.intersection(*(clean_top[other] for other in args.seeds if other != seed)) & trained_clean
+        cells = precision_without(table, flipped, agreed)
+        print(f"seed {seed}: {len(clean_top[seed])} clean examples in the top K; leaving out the {len(agreed)} the other "
+              "seeds agree on, precision at K " + ", ".join(f"{name} {value:.3f}" for name, value in cells.items()))  # fmt: skip
     every = sorted(set.intersection(*clean_top.values()))
     print(f"clean examples in the top K of every seed: {len(every)}")
-    first = tables[args.seeds[0]][0]
-    rows = np.searchsorted(first.column("sample_id").to_numpy(), every)
-    images = read_idx_gz(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz", ndim=3)[every]
-    labels = read_idx_gz(FASHION_MNIST_DIR / TRAIN_LABELS, ndim=1)[every]
-    picture = render_hardest(
-        images, labels, first.column("predicted").to_numpy()[rows], first.column("score").to_numpy()[rows], FASHION_MNIST.classes,
-        value_name="score", title=f"{len(every)} clean labels in the top K of seeds {', '.join(map(str, args.seeds))} ({args.condition})",
-        key=f"each tile: its Fashion-MNIST label / the class seed {args.seeds[0]} predicts / its score there",
-    )  # fmt: skip
-    args.picture.write_bytes(picture)
+    args.picture.write_bytes(draw(tables, args.seeds, every, args.condition))
     print(f"picture: {args.picture}")
     return 0
 
