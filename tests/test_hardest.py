@@ -102,6 +102,21 @@ def test_the_grid_of_real_images_is_a_small_png(fashion):
     assert decode(png).shape[0] > 400  # legible: about 90 pixels per tile
 
 
+@pytest.mark.parametrize("count", [3, 80])
+def test_the_title_stays_whole_above_the_tiles_text_however_few_or_many_tiles(count):
+    """A narrow grid wraps a long title rather than cutting it at the edges; a tall one keeps it clear of the first
+    row's text (its height in inches grows with the rows, so a title placed by fraction of it would sink)."""
+    labels = np.arange(count) % 10
+    title = "Run 0123456789abcdef: the most suspect labels; 1,234 of 55,000 training labels estimated wrong"
+    pixels = decode(render_hardest(np.full((count, 28, 28), 255, np.uint8), labels, labels, np.ones(count), FASHION_MNIST.classes, title=title))
+    ink = (pixels < 128).any(axis=2)
+    assert not ink[:, :3].any() and not ink[:, -3:].any(), "text cut at the figure's edge"
+    first_tile = min(tiles(pixels))[0]
+    lines = runs(ink[:first_tile].any(axis=1))  # the title's lines, then the first row's three lines of text
+    gaps = [start - end for (_, end), (start, _) in zip(lines, lines[1:])]
+    assert len(lines) >= 4 and max(gaps) >= 8, f"no gap between the title and the tiles' text: {lines}"
+
+
 def test_the_grid_takes_the_split_shape_and_refuses_mismatched_inputs(fashion):
     images, labels = fashion
     assert decode(render_hardest(images[:4, :, :, None], labels[:4], labels[:4], np.ones(4), FASHION_MNIST.classes)).size

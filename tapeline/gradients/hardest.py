@@ -14,6 +14,7 @@ grid and saves it beside the run's other files (a palette PNG: plotting.py).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -93,7 +94,11 @@ def render_hardest(
     rows = math.ceil(count / columns)
     # In inches: square tiles 1 wide, a gap above each for its three lines of text, room for the title and the key.
     tile, space, gap, top, bottom, margin = 1.0, 0.12, 0.5, 0.78, 0.28, 0.1
-    width, height = columns * (tile + space) - space + 2 * margin, rows * (tile + gap) - gap + top + bottom
+    width = columns * (tile + space) - space + 2 * margin
+    # The title (9 points) and the key (7 points) wrapped to the width: a character about 0.075 and 0.06 inch wide.
+    title_lines, key_lines = textwrap.wrap(title or f"{count} hardest training examples", int(width / 0.075)), textwrap.wrap(key, int(width / 0.06))
+    top, bottom = top + (len(title_lines) - 1) * 0.16, bottom + (len(key_lines) - 1) * 0.13
+    height = rows * (tile + gap) - gap + top + bottom
     figure = pyplot().figure(figsize=(width, height), dpi=DPI)
     # One image of the whole figure, the tiles pasted in, and text: no axes, whose ticks and layout would cost most.
     pixels = np.full((math.ceil(height * DPI), math.ceil(width * DPI), 3), 255, np.uint8)
@@ -110,8 +115,8 @@ def render_hardest(
             color=WRONG if wrong else "black",
         )  # fmt: skip
     figure.figimage(pixels, origin="upper")
-    figure.suptitle(title or f"{count} hardest training examples", fontsize=9)
-    figure.text(0.5, 0.005, key, ha="center", va="bottom", fontsize=7, color="#555555")
+    figure.suptitle("\n".join(title_lines), fontsize=9, y=1 - space / height)  # a fixed gap above it, at any size
+    figure.text(0.5, 0.005, "\n".join(key_lines), ha="center", va="bottom", fontsize=7, color="#555555")
     return palette_png(figure)
 
 
