@@ -62,9 +62,10 @@ def cnn(input_shape, num_classes) -> keras.Model:
     )
 
 
-def build_model(precision: str = "float32", shape: DataShape | None = None, spec: str = DEFAULT_MODEL) -> keras.Model:
-    """The model of `spec` for data of `shape` (default: 28x28 grey images, ten classes) under `precision`."""
-    return ModelSpec(spec).build(shape or DataShape((28, 28, 1), tuple(str(label) for label in range(10))), precision)
+def build_model(precision: str = "float32", shape: DataShape | None = None, spec: str = DEFAULT_MODEL, seed: int | None = None) -> keras.Model:
+    """The model of `spec` for data of `shape` (default: 28x28 grey images, ten classes) under `precision`; with a
+    `seed`, the initial weights a run of that seed starts from."""
+    return ModelSpec(spec).build(shape or DataShape((28, 28, 1), tuple(str(label) for label in range(10))), precision, seed)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_first_snapshot_is_exactly_tape_gradient(trained):
     rows = [position[sid] for sid in batch_ids]
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model()
+    model = build_model(seed=config.seed)
     with tf.GradientTape() as tape:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels[rows], model(images[rows], training=True))
     expected = tape.gradient(loss, model.trainable_variables)
